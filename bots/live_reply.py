@@ -1,0 +1,480 @@
+"""LiveReply: a turn's events become one chat reply, progressively edited.
+
+The agent calls the `TurnEvents` methods from its read loop; they only update the
+reply's state and wake the flusher, so the provider is never slowed by the platform.
+The flusher is a small reconciler: it computes what the chat *should* show (the reply
+document laid out over messages), compares it with what the chat *does* show, and
+performs the single most urgent platform call to close the gap -- after taking a token
+from the chat's `Pacer`, and recomputing once the token is granted, so an interim edit
+always carries the newest text and everything that arrived while waiting collapses into
+it. Because every decision derives from "desired vs shown", the same loop handles
+streaming, overflow into continuation messages, hiding pre-tool text, replacing a
+preview after a fallback, the final formatted edit, a deleted live message and 429
+pauses, and a reply is delivered complete and exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from agent.events import ToolCall, ToolResult
+from bots.clock import REAL_CLOCK, Clock, TimerHandle
+from bots.errors import (
+    BadFormatting,
+    NotModified,
+    OutboxError,
+    RateLimited,
+    TargetGone,
+    TooLong,
+    Transient,
+    Undeliverable,
+)
+from bots.outbox import ChatRef, MessageRef, Outbox
+from bots.pacing import Pacer, Priority
+from bots.render import Layout, Piece, text_length
+
+log = logging.getLogger(__name__)
+
+STOPPED_MARKER = "⏹️ stopped"
+EMPTY_REPLY = "(The model returned an empty reply.)"
+
+
+class ReplyObserver(Protocol):
+    """Where a reply reports what it did (metrics)."""
+
+    def on_call(self, kind: str) -> None: ...
+
+    def on_rate_limited(self, retry_after: float) -> None: ...
+
+    def on_lateness(self, seconds: float) -> None: ...
+
+    def on_first_visible(self) -> None: ...
+
+
+class NullObserver:
+    def on_call(self, kind: str) -> None:
+        pass
+
+    def on_rate_limited(self, retry_after: float) -> None:
+        pass
+
+    def on_lateness(self, seconds: float) -> None:
+        pass
+
+    def on_first_visible(self) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyOptions:
+    """How a chat wants its replies to look (config `chat.*`, `telegram.drafts`)."""
+
+    pre_tool_text: Literal["hide", "keep"] = "hide"
+    show_reasoning: bool = False
+    drafts: bool = False  # stream with ephemeral drafts, persist with one send (Telegram DMs)
+    reasoning_chars: int = 600  # how much of the reasoning tail to show
+    give_up_after: float = 180.0  # seconds of consecutive transient failures before giving up
+    draft_refresh: float = 20.0  # drafts expire after 30 s without an update
+
+
+@dataclass(slots=True)
+class Delivery:
+    """How the reply ended: `complete` means the final state reached the chat."""
+
+    complete: bool
+    message_ids: list[str]
+    text: str
+    failure: str | None = None
+
+
+@dataclass(slots=True)
+class _Shown:
+    ref: MessageRef | None
+    text: str
+    markdown: bool
+
+
+@dataclass(slots=True)
+class _Op:
+    kind: Literal["send", "edit", "delete", "draft"]
+    index: int
+    text: str = ""
+    markdown: bool = False
+
+    @property
+    def priority(self) -> Priority:
+        if self.kind == "draft":
+            return Priority.INTERIM
+        if self.kind == "edit" and not self.markdown:
+            return Priority.INTERIM
+        return Priority.FINAL
+
+
+@dataclass(slots=True)
+class _Step:
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+
+
+class LiveReply:
+    """The `TurnEvents` of one turn in one chat. Use `start()`, feed events, `await finish()`."""
+
+    wants_deltas = True
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        chat: ChatRef,
+        pacer: Pacer,
+        *,
+        reply_to: str | None = None,
+        options: ReplyOptions = ReplyOptions(),
+        clock: Clock = REAL_CLOCK,
+        observer: ReplyObserver | None = None,
+    ) -> None:
+        self._outbox = outbox
+        self._chat = chat
+        self._pacer = pacer
+        self._reply_to = reply_to
+        self._opts = options
+        self._clock = clock
+        self._obs: ReplyObserver = observer or NullObserver()
+        limits = outbox.limits
+        utf16 = limits.utf16
+        self._layout = Layout(
+            limits.max_message_len,
+            lambda t: text_length(t, utf16=utf16),
+            lambda t: outbox.measure(t, markdown=True),
+        )
+        self._steps: list[_Step] = [_Step()]
+        self._after_tools = False
+        self._tools: list[tuple[ToolCall, str]] = []  # call, status: running|ok|error
+        self._final = False
+        self._interrupted = False
+        self._notice: str | None = None
+        self._shown: list[_Shown] = []
+        self._plain_only: set[int] = set()
+        self._drafts = options.drafts and chat.is_private
+        self._draft: str | None = None  # text of the live draft on screen
+        self._draft_at = 0.0
+        self._draft_timer: TimerHandle | None = None
+        self._dirty = asyncio.Event()
+        self._done = asyncio.Event()
+        self._failure: str | None = None
+        self._visible = False
+        self._flusher: asyncio.Task[None] | None = None
+        self._typing: asyncio.Task[None] | None = None
+
+    # ---- TurnEvents ------------------------------------------------------------------
+
+    def on_text(self, delta: str) -> None:
+        self._step_for_output().text.append(delta)
+        self._dirty.set()
+
+    def on_reasoning(self, delta: str) -> None:
+        self._step_for_output().reasoning.append(delta)
+        if self._opts.show_reasoning:
+            self._dirty.set()
+
+    def on_first_delta(self) -> None:
+        self._step_for_output()
+
+    def on_tool_started(self, call: ToolCall) -> None:
+        self._after_tools = True
+        self._tools.append((call, "running"))
+        self._dirty.set()
+
+    def on_tool_finished(self, call: ToolCall, result: ToolResult) -> None:
+        for i, (known, _) in enumerate(self._tools):
+            if known is call or known.id == call.id:
+                self._tools[i] = (known, "error" if result.is_error else "ok")
+        self._dirty.set()
+
+    def on_fallback(self, final_text: str) -> None:
+        step = self._step_for_output()
+        step.text[:] = [final_text]
+        self._dirty.set()
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin flushing, and show "typing" until something is visible."""
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_loop(), name=f"live-reply:{self._chat.key}")
+            self._typing = asyncio.create_task(self._typing_loop(), name=f"typing:{self._chat.key}")
+
+    async def finish(
+        self,
+        final_text: str | None = None,
+        *,
+        interrupted: bool = False,
+        notice: str | None = None,
+    ) -> Delivery:
+        """Make the last edits and wait until the chat shows the complete reply.
+
+        `final_text` is the turn's authoritative answer: if the stream missed something,
+        it wins. `interrupted` adds the stopped marker; `notice` (an error line) is
+        appended below whatever is visible.
+        """
+        if final_text is not None and not interrupted:
+            # The turn's answer is authoritative: if the stream missed anything, it wins.
+            current = None if self._after_tools else self._steps[-1]
+            if current is None or "".join(current.text) != final_text:
+                self._step_for_output().text[:] = [final_text]
+        self._interrupted = interrupted
+        self._notice = notice
+        self._final = True
+        self._dirty.set()
+        self.start()
+        assert self._flusher is not None
+        await asyncio.shield(self._flusher)
+        await self._stop_typing()
+        return Delivery(
+            complete=self._failure is None,
+            message_ids=[s.ref.message_id for s in self._shown if s.ref is not None],
+            text=self.document(final=True),
+            failure=self._failure,
+        )
+
+    async def aclose(self) -> None:
+        """Abandon the reply without finishing it (used only when the process dies)."""
+        for task in (self._flusher, self._typing):
+            if task is not None:
+                task.cancel()
+        for task in (self._flusher, self._typing):
+            if task is not None:
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+
+    @property
+    def visible(self) -> bool:
+        """Whether anything of this reply has reached the chat."""
+        return self._visible
+
+    # ---- the document ----------------------------------------------------------------
+
+    def _step_for_output(self) -> _Step:
+        if self._after_tools:
+            self._after_tools = False
+            self._steps.append(_Step())
+        return self._steps[-1]
+
+    def document(self, *, final: bool) -> str:
+        """What the reply should show right now, as one Markdown text."""
+        # Right after a tool call starts, the last step's text is pre-tool text.
+        current = None if self._after_tools else self._steps[-1]
+        answer = "".join(current.text) if current is not None else ""
+        parts: list[str] = []
+        if self._opts.show_reasoning and current is not None and current.reasoning:
+            parts.append(self._quote("".join(current.reasoning)))
+        if self._opts.pre_tool_text == "keep":
+            parts.extend(t for t in ("".join(s.text).strip() for s in self._steps) if t)
+        elif answer.strip():
+            parts.append(answer)
+        if self._tools and not answer.strip():
+            parts.append(self._progress())
+        if final:
+            if not parts and not self._notice and not self._interrupted:
+                parts.append(EMPTY_REPLY)
+            if self._interrupted:
+                parts.append(STOPPED_MARKER)
+            if self._notice:
+                parts.append(self._notice)
+        return "\n\n".join(parts)
+
+    def _quote(self, reasoning: str) -> str:
+        tail = reasoning.strip()
+        if len(tail) > self._opts.reasoning_chars:
+            tail = "…" + tail[-self._opts.reasoning_chars :]
+        return "\n".join("> " + line for line in tail.splitlines() if line.strip())
+
+    def _progress(self) -> str:
+        icons = {"running": "⚙️", "ok": "✅", "error": "⚠️"}
+        lines = [f"{icons[status]} {call.name}{'…' if status == 'running' else ''}" for call, status in self._tools[-8:]]
+        if len(self._tools) > 8:
+            lines.insert(0, f"… {len(self._tools) - 8} earlier tool calls")
+        return "\n".join(lines)
+
+    # ---- reconciliation ----------------------------------------------------------------
+
+    def _desired(self) -> list[tuple[Piece, str, bool]]:
+        """(piece, text to show, as markdown) for every message the reply should have."""
+        out = []
+        for i, piece in enumerate(self._layout.pieces(self.document(final=self._final), final=self._final)):
+            markdown = self._final or piece.committed
+            text = piece.text
+            if markdown and i in self._plain_only:
+                text, markdown = self._outbox.plain(piece.text), False
+            out.append((piece, text, markdown))
+        return out
+
+    def _next_op(self) -> _Op | None:
+        desired = self._desired()
+        for i, (piece, text, markdown) in enumerate(desired):
+            shown = self._shown[i] if i < len(self._shown) else None
+            live_draft = self._drafts and not markdown and i == len(desired) - 1
+            if live_draft and (shown is None or shown.ref is None):
+                if self._draft != text or self._clock.now() - self._draft_at >= self._opts.draft_refresh:
+                    return _Op("draft", i, text)
+                return None
+            if shown is None or shown.ref is None:
+                return _Op("send", i, text, markdown)
+            if shown.text != text or shown.markdown != markdown:
+                return _Op("edit", i, text, markdown)
+        if len(self._shown) > len(desired):
+            return _Op("delete", len(self._shown) - 1)
+        return None
+
+    async def _flush_loop(self) -> None:
+        failing_since: float | None = None
+        backoff = 0.5
+        while True:
+            op = self._next_op()
+            if op is None:
+                if self._final:
+                    return
+                self._dirty.clear()
+                await self._dirty.wait()
+                continue
+            allowed_at = await self._pacer.acquire(op.priority)
+            op = self._next_op()  # the newest state wins: coalesce what arrived meanwhile
+            if op is None:
+                continue
+            self._obs.on_lateness(max(0.0, self._clock.now() - allowed_at))
+            try:
+                await self._apply(op)
+            except RateLimited as exc:
+                self._obs.on_rate_limited(exc.retry_after)
+                self._pacer.pause(exc.retry_after, scope=exc.scope)
+                continue
+            except Undeliverable as exc:
+                self._give_up(str(exc))
+                return
+            except Exception as exc:  # Transient, or a connector bug: back off and retry
+                if isinstance(exc, Transient):
+                    log.info("chat %s: %s failed (%s); retrying in %.1fs", self._chat.key, op.kind, exc, backoff)
+                else:
+                    log.exception("chat %s: unexpected error during %s", self._chat.key, op.kind)
+                now = self._clock.now()
+                failing_since = now if failing_since is None else failing_since
+                if now - failing_since >= self._opts.give_up_after:
+                    self._give_up(f"{op.kind} kept failing for {now - failing_since:.0f}s")
+                    return
+                await self._clock.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            failing_since, backoff = None, 0.5
+
+    async def _apply(self, op: _Op) -> None:
+        """One platform call, and what it means for `_shown`. Raises what the loop handles."""
+        i = op.index
+        try:
+            if op.kind == "draft":
+                await self._apply_draft(op)
+            elif op.kind == "send":
+                self._obs.on_call("send")
+                ref = await self._outbox.send(
+                    self._chat, op.text, markdown=op.markdown, reply_to=self._reply_to if i == 0 else None
+                )
+                shown = _Shown(ref, op.text, op.markdown)
+                if i < len(self._shown):
+                    self._shown[i] = shown
+                else:
+                    self._shown.append(shown)
+                if self._drafts and i == len(self._shown) - 1:
+                    self._draft = None  # the draft of this piece is now persisted
+                self._mark_visible()
+            elif op.kind == "edit":
+                self._obs.on_call("edit")
+                ref = self._shown[i].ref
+                assert ref is not None
+                try:
+                    await self._outbox.edit(ref, op.text, markdown=op.markdown)
+                except NotModified:
+                    pass
+                self._shown[i] = _Shown(ref, op.text, op.markdown)
+            else:  # delete
+                self._obs.on_call("delete")
+                ref = self._shown[i].ref
+                if ref is not None:
+                    try:
+                        await self._outbox.delete(ref)
+                    except TargetGone:
+                        pass
+                self._shown.pop(i)
+                self._plain_only.discard(i)
+        except TargetGone:
+            # The user deleted the message we were editing: continue in a new one.
+            self._shown[i].ref = None
+        except BadFormatting:
+            if not op.markdown:
+                raise Undeliverable("the platform rejected plain text") from None
+            log.info("chat %s: formatting rejected; resending as plain text", self._chat.key)
+            self._plain_only.add(i)
+        except TooLong:
+            log.info("chat %s: message %d too long after rendering; cutting smaller", self._chat.key, i)
+            self._layout.uncommit(i)
+            self._layout.shrink()
+
+    async def _apply_draft(self, op: _Op) -> None:
+        self._obs.on_call("draft")
+        try:
+            await self._outbox.draft(self._chat, self._draft_id(op.index), op.text)
+        except (RateLimited, Transient):
+            raise
+        except OutboxError as exc:
+            log.info("chat %s: drafts failed (%s); streaming by edits instead", self._chat.key, exc)
+            self._drafts = False
+            return
+        self._draft = op.text
+        self._draft_at = self._clock.now()
+        self._mark_visible()
+        self._schedule_draft_refresh()
+
+    def _draft_id(self, index: int) -> int:
+        return (id(self) % 1_000_000) * 100 + index + 1
+
+    def _schedule_draft_refresh(self) -> None:
+        if self._draft_timer is not None:
+            self._draft_timer.cancel()
+        self._draft_timer = self._clock.call_at(self._draft_at + self._opts.draft_refresh, self._dirty.set)
+
+    def _mark_visible(self) -> None:
+        if not self._visible:
+            self._visible = True
+            self._obs.on_first_visible()
+
+    def _give_up(self, why: str) -> None:
+        self._failure = why
+        log.warning("chat %s: reply not delivered completely: %s", self._chat.key, why)
+
+    # ---- typing ----------------------------------------------------------------------
+
+    async def _typing_loop(self) -> None:
+        interval = self._outbox.limits.typing_interval
+        while not self._visible and not self._final:
+            if self._pacer.try_acquire():
+                self._obs.on_call("typing")
+                try:
+                    await self._outbox.typing(self._chat)
+                except OutboxError as exc:
+                    if isinstance(exc, RateLimited):
+                        self._pacer.pause(exc.retry_after, scope=exc.scope)
+                    elif isinstance(exc, Undeliverable):
+                        return
+            await self._clock.sleep(interval)
+
+    async def _stop_typing(self) -> None:
+        if self._draft_timer is not None:
+            self._draft_timer.cancel()
+        if self._typing is not None and not self._typing.done():
+            self._typing.cancel()
+            try:
+                await self._typing
+            except asyncio.CancelledError:
+                pass

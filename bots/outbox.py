@@ -1,0 +1,78 @@
+"""The Outbox: what every connector offers the rest of parley for writing to a chat.
+
+A connector (Telegram, Discord, console) implements `Outbox`; LiveReply, the gateway and
+the command replies only ever talk to this protocol. Every call may raise one of the
+errors in `bots.errors`; none may raise a platform library's exception.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRef:
+    """Where a reply goes: one chat, optionally one thread/topic in it."""
+
+    platform: str
+    chat_id: str
+    thread_id: str | None = None
+    is_private: bool = True
+
+    @property
+    def key(self) -> str:
+        """A stable string naming this chat (and thread) across restarts."""
+        base = f"{self.platform}:{self.chat_id}"
+        return f"{base}:{self.thread_id}" if self.thread_id else base
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRef:
+    """A message parley sent; `handle` is connector-private (e.g. a cached platform object)."""
+
+    chat: ChatRef
+    message_id: str
+    handle: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformLimits:
+    """Hard facts of a platform that shape how replies are laid out."""
+
+    max_message_len: int
+    utf16: bool  # measure text in UTF-16 code units (Telegram) rather than code points
+    typing_interval: float  # how often to refresh the typing indicator, seconds
+
+
+class Outbox(Protocol):
+    """Write access to one platform.
+
+    `markdown=True` asks the connector to render the text's Markdown natively
+    (Telegram: entities; Discord: as-is). `markdown=False` sends it verbatim.
+    """
+
+    platform: str
+    limits: PlatformLimits
+
+    async def send(
+        self, chat: ChatRef, text: str, *, markdown: bool = False, reply_to: str | None = None
+    ) -> MessageRef: ...
+
+    async def edit(self, ref: MessageRef, text: str, *, markdown: bool = False) -> None: ...
+
+    async def delete(self, ref: MessageRef) -> None: ...
+
+    async def typing(self, chat: ChatRef) -> None: ...
+
+    async def draft(self, chat: ChatRef, draft_id: int, text: str) -> None:
+        """Show an ephemeral, animated draft (Telegram private chats); others raise Undeliverable."""
+        ...
+
+    def measure(self, text: str, *, markdown: bool) -> int:
+        """The length the platform will count for `text` once rendered."""
+        ...
+
+    def plain(self, text: str) -> str:
+        """Readable plain text for Markdown `text`, used when the platform rejects formatting."""
+        ...
