@@ -1,0 +1,1119 @@
+"""parley's settings: one YAML file, environment overrides, a `.env` file, validated once.
+
+Operators run parley from a YAML file (`parley.yaml`), from environment variables only
+(`pip install` + tokens in the environment = running), or from both. Everything is
+checked at start-up, before any connection is made, and *every* problem is reported at
+once as `key.path: what is wrong` -- a typo must never be silently ignored, and a bad
+value must never surface an hour later as a confusing runtime error.
+
+Where values come from, highest priority first:
+
+1. keyword arguments to `Settings(...)` (tests, programmatic use);
+2. environment variables `PARLEY_<SECTION>__<KEY>` (`__` separates nesting levels,
+   names are case-insensitive), e.g. `PARLEY_TELEGRAM__TOKEN`, `PARLEY_PROVIDER__MODEL`;
+3. the same variables in a `.env` file **in the current working directory** (where Docker
+   Compose reads its `.env` too, and where systemd's `WorkingDirectory=` points);
+4. the YAML file: the explicit path (the CLI's `--config`), else `PARLEY_CONFIG`, else
+   `./parley.yaml` if it exists, else none (defaults + environment only);
+5. the defaults below -- each one safe to run with.
+
+Secrets (platform tokens, the provider API key, the webhook secret, the store URL) may be
+written `env:NAME`: the value is read from the environment (or the `.env` file) at load
+time, so the YAML file can be committed without secrets. A platform whose token resolves
+to nothing is simply not configured (not started); a missing provider key is an error only
+when `provider.base_url` is OpenAI's (local servers usually need none). Secrets are
+`SecretStr` (or `StoreUrl`, which masks the password), so `repr`, `str` and logs never
+show them; `Settings.secrets()` lists their values for the log redactor.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, NamedTuple, TextIO
+from urllib.parse import quote, urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import core_schema
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings.exceptions import SettingsError
+
+from bots.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agent.config import ProviderConfig
+    from bots.access import AccessPolicy
+    from bots.pacing import Budget, PacingPolicy
+
+__all__ = [
+    "DEFAULT_CONFIG_FILE",
+    "ENV_PREFIX",
+    "NO_API_KEY",
+    "AccessSettings",
+    "AgentSettings",
+    "ChatSettings",
+    "ConfigProblems",
+    "DiscordPacing",
+    "DiscordSettings",
+    "Listen",
+    "LoggingSettings",
+    "MetricsSettings",
+    "Problem",
+    "ProviderSettings",
+    "PacingSettings",
+    "Rate",
+    "Settings",
+    "StoreUrl",
+    "TelegramPacing",
+    "TelegramSettings",
+    "WebhookSettings",
+    "env_ref",
+    "find_config_file",
+    "load_config",
+    "report_config_error",
+]
+
+ENV_PREFIX = "PARLEY_"
+ENV_DELIMITER = "__"
+CONFIG_ENV_VAR = "PARLEY_CONFIG"
+DEFAULT_CONFIG_FILE = "parley.yaml"
+DEFAULT_ENV_FILE = ".env"
+ENV_REF = "env:"
+
+PLATFORMS = ("telegram", "discord")
+OPENAI_HOSTS = frozenset({"api.openai.com"})
+# Sent to keyless local servers: the openai SDK refuses to start without some key.
+NO_API_KEY = "no-key"
+TELEGRAM_CLOUD_HOSTS = frozenset({"api.telegram.org"})
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+# --------------------------------------------------------------------------- problems
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with the configuration: where (`key`) and what."""
+
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}"
+
+
+class ConfigProblems(ConfigError):
+    """The configuration is invalid; `str()` lists every problem, one `key: what` per line.
+
+    `problems` keeps them structured (for `parley check`'s table); `source` is the YAML
+    file that was read, if any, so the CLI can say which file to fix.
+    """
+
+    def __init__(self, problems: Sequence[Problem], source: Path | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def report_config_error(error: ConfigError, stream: TextIO | None = None) -> int:
+    """Print `error` for an operator and return the exit code the CLI should use (2).
+
+    Kept here so every entry point (`parley run`, `chat`, `check`) words it the same way:
+    which file, then one problem per line.
+    """
+    out = stream if stream is not None else sys.stderr
+    source = getattr(error, "source", None)
+    where = f" in {source}" if source else ""
+    lines = str(error).splitlines() or ["(no details)"]
+    print(f"parley: invalid configuration{where}:", file=out)
+    for line in lines:
+        print(f"  {line}", file=out)
+    return 2
+
+
+class _SectionProblems(ValueError):
+    """Raised by a section's cross-field checks; carries keys *relative to the section*.
+
+    Pydantic reports it at the section's location; `_problems_from_validation` appends
+    each relative key, so the operator reads `telegram.webhook.url: ...`, not `telegram`.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{k}: {m}" for k, m in problems))
+
+
+# --------------------------------------------------------------------------- load context
+
+
+@dataclass(frozen=True, slots=True)
+class _LoadOptions:
+    """What one load reads: the environment it sees, the `.env` values, the YAML data."""
+
+    environ: Mapping[str, str]
+    dotenv: Mapping[str, str]
+    yaml_data: Mapping[str, Any]
+    yaml_path: Path | None
+
+    @property
+    def lookup(self) -> dict[str, str]:
+        """Where `env:NAME` is resolved: the environment wins over the `.env` file."""
+        return {**self.dotenv, **self.environ}
+
+
+# `Settings()` runs pydantic-settings' sources and validators; they read the load's
+# options from here, so `load_config(env=...)` never has to touch `os.environ`.
+_LOAD: ContextVar[_LoadOptions | None] = ContextVar("parley_config_load", default=None)
+
+
+def _read_dotenv(path: Path | None) -> dict[str, str]:
+    if path is None or not path.is_file():
+        return {}
+    from dotenv import dotenv_values  # a pydantic-settings dependency
+
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def _default_options(*, with_yaml: bool) -> _LoadOptions:
+    """Options outside `load_config`: the real environment, `./.env`, file discovery."""
+    environ = dict(os.environ)
+    dotenv = _read_dotenv(Path(DEFAULT_ENV_FILE))
+    path = find_config_file(None, {**dotenv, **environ}) if with_yaml else None
+    return _LoadOptions(environ, dotenv, _read_yaml(path) if path else {}, path)
+
+
+def _options() -> _LoadOptions:
+    opts = _LOAD.get()
+    # A section built on its own (e.g. `TelegramSettings()` in a test) still resolves env:.
+    return opts if opts is not None else _default_options(with_yaml=False)
+
+
+@contextmanager
+def _loading(opts: _LoadOptions) -> Iterator[None]:
+    token = _LOAD.set(opts)
+    try:
+        yield
+    finally:
+        _LOAD.reset(token)
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def env_ref(value: Any) -> str | None:
+    """The variable name of an `env:NAME` reference, or None if `value` is not one."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, str) and value.strip().startswith(ENV_REF):
+        return value.strip()[len(ENV_REF) :].strip()
+    return None
+
+
+def _resolve_secret_text(value: Any) -> str | None:
+    """Plain text of a secret setting, with `env:NAME` resolved; None when it is empty/unset."""
+    if value is None:
+        return None
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if not isinstance(value, str):
+        raise ValueError("must be a string (or env:NAME to read it from the environment)")
+    value = value.strip()
+    name = env_ref(value)
+    if name is not None:
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"env: reference {value!r} must name a variable, like env:OPENAI_API_KEY")
+        value = _options().lookup.get(name, "").strip()
+    return value or None
+
+
+def _optional_secret(value: Any) -> SecretStr | None:
+    text = _resolve_secret_text(value)
+    return SecretStr(text) if text else None
+
+
+class _SecretField:
+    """Marks a field as a secret: `env:` is resolved and an unset variable is remembered."""
+
+    __slots__ = ()
+
+
+OptionalSecret = Annotated[SecretStr | None, BeforeValidator(_optional_secret), _SecretField()]
+"""A secret that may be absent: an unset `env:` variable gives None (the section decides)."""
+
+
+class StoreUrl:
+    """The store's database URL: behaves like a secret, but shows where data lives.
+
+    `str()`/`repr()` mask only the password (`postgresql://parley:***@db/parley`), which
+    keeps logs useful; `get_secret_value()` returns the full URL, which is what
+    `bots.store` takes. Parsing is the store's own (`bots.store.resolve_url`), so a URL
+    the store would refuse is refused here, at start-up, under the key `store`.
+    """
+
+    __slots__ = ("_url", "_resolved")
+
+    def __init__(self, url: str) -> None:
+        from bots.store import resolve_url
+
+        try:
+            self._resolved = resolve_url(url)
+        except ConfigError as exc:
+            message = str(exc)
+            raise ValueError(message[len("store: ") :] if message.startswith("store: ") else message) from None
+        self._url = url
+
+    @property
+    def kind(self) -> Literal["sqlite", "postgresql"]:
+        return "sqlite" if self._resolved.get_backend_name() == "sqlite" else "postgresql"
+
+    @property
+    def password(self) -> str | None:
+        return self._resolved.password or None
+
+    @property
+    def database(self) -> str | None:
+        """The database name, or for SQLite the file path (relative to the working directory)."""
+        return self._resolved.database
+
+    def get_secret_value(self) -> str:
+        return self._url
+
+    def masked(self) -> str:
+        from bots.store import redact_url
+
+        return redact_url(self._url)
+
+    def __str__(self) -> str:
+        return self.masked()
+
+    def __repr__(self) -> str:
+        return f"StoreUrl({self.masked()!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StoreUrl) and other._url == self._url
+
+    def __hash__(self) -> int:
+        return hash(self._url)
+
+    @classmethod
+    def _validate(cls, value: Any) -> StoreUrl:
+        if isinstance(value, StoreUrl):
+            return value
+        name = env_ref(value)
+        text = _resolve_secret_text(value)
+        if text is None:
+            if name:
+                raise ValueError(f"environment variable {name} is not set (referenced as env:{name})")
+            raise ValueError("must not be empty; e.g. sqlite:///data/parley.db")
+        return cls(text)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            cls._validate,
+            serialization=core_schema.plain_serializer_function_ser_schema(str, when_used="always"),
+        )
+
+
+# --------------------------------------------------------------------------- small types
+
+
+class Listen(NamedTuple):
+    """A `host:port` to listen on. Port 0 asks the OS for a free port (tests)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @classmethod
+    def parse(cls, value: Any) -> Listen | None:
+        """`"127.0.0.1:9464"`, `"[::1]:9464"`, `"0.0.0.0:80"`; `off`/`none`/empty give None."""
+        if value is None or isinstance(value, Listen):
+            return value
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            value = f"{value[0]}:{value[1]}"
+        if not isinstance(value, str):
+            raise ValueError("must be host:port, e.g. 127.0.0.1:9464")
+        text = value.strip()
+        if text.lower() in ("", "off", "none", "null", "false"):
+            return None
+        host, sep, port = text.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            sep = ""  # an unbracketed IPv6 address is ambiguous
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(
+                f"must be host:port, e.g. 127.0.0.1:9464 (0.0.0.0 listens on every interface), got {value!r}"
+            )
+        return cls(host, int(port))
+
+
+ListenAddr = Annotated[Listen, NoDecode, BeforeValidator(Listen.parse), PlainSerializer(str)]
+
+
+def _split_list(value: Any) -> Any:
+    """Lists from the environment: JSON (`["a","b"]`) or comma-separated (`a,b`)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a valid JSON list: {exc.msg}") from None
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+StrList = Annotated[list[str], NoDecode, BeforeValidator(_split_list)]
+
+
+def _platform_id(value: str, *, what: str, allow_negative: bool) -> str:
+    platform, sep, ident = value.strip().partition(":")
+    platform = platform.strip().lower()
+    ident = ident.strip()
+    number = ident[1:] if allow_negative and ident.startswith("-") else ident
+    if not sep or platform not in PLATFORMS or not number.isdigit():
+        example = "telegram:-1001234567890" if allow_negative else "telegram:123456"
+        raise ValueError(f"must be 'platform:{what}' with platform {' or '.join(PLATFORMS)}, e.g. {example!r}")
+    return f"{platform}:{ident}"
+
+
+def _owner(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be 'platform:user_id' as a quoted string, e.g. 'telegram:123456'")
+    return _platform_id(value, what="user_id", allow_negative=False)
+
+
+def _chat(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be 'platform:chat_id' as a quoted string, e.g. 'telegram:-1001234567890'")
+    return _platform_id(value, what="chat_id", allow_negative=True)
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"must be an http(s) URL, got {value!r}")
+    return value.strip().rstrip("/")
+
+
+def _ws_url(value: str) -> str:
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("ws", "wss") or not parts.netloc:
+        raise ValueError(f"must be a ws:// or wss:// URL, got {value!r}")
+    return value.strip()
+
+
+def _log_level(value: Any) -> str:
+    text = str(value).strip().upper()
+    if text == "WARN":
+        text = "WARNING"
+    if text not in _LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
+    return text
+
+
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+WsUrl = Annotated[str, AfterValidator(_ws_url)]
+LogLevel = Annotated[str, BeforeValidator(_log_level)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class _Section(BaseModel):
+    """Base of every config section: unknown keys are errors, defaults are validated.
+
+    It also remembers which `env:` references resolved to nothing (`unset_env`), so a
+    cross-check can name the variable, and `parley check` can say why a platform is off.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, validate_by_name=True, serialize_by_alias=True)
+
+    _unset_env: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def unset_env(self) -> dict[str, str]:
+        """Secret fields whose `env:NAME` variable was unset: field name -> variable name."""
+        return dict(self._unset_env)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _validate_section(cls, data: Any, handler: Callable[[Any], Any]) -> Any:
+        if isinstance(data, cls):
+            return handler(data)
+        if data is None:  # `telegram:` with every key commented out
+            data = {}
+        model = handler(data)
+        if isinstance(data, Mapping):
+            for name, info in cls.model_fields.items():
+                if any(isinstance(m, _SecretField) for m in info.metadata):
+                    raw = data.get(name, info.default)
+                    var = env_ref(raw)
+                    if var and getattr(model, name) is None:
+                        model._unset_env[name] = var
+        problems = model._cross_check()
+        if problems:
+            raise _SectionProblems(problems)
+        return model
+
+    def _cross_check(self) -> list[tuple[str, str]]:
+        """Checks spanning several keys of this section: (relative key, message) pairs."""
+        return []
+
+
+class Rate(_Section):
+    """A token bucket: `rate` operations per second sustained, `burst` at once."""
+
+    rate: float = Field(gt=0)
+    burst: int = Field(ge=1)
+
+    def budget(self) -> Budget:
+        """This rate as a `bots.pacing.Budget`."""
+        from bots.pacing import Budget
+
+        return Budget(rate=self.rate, burst=self.burst)
+
+
+class PacingSettings(_Section):
+    """Outbound budgets of one platform: per private chat, per group chat, for the whole bot.
+
+    Subclasses set `DEFAULTS`; what the operator writes is merged over them, so
+    `pacing: {group: {rate: 0.2}}` changes one number and keeps the rest.
+    """
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    private: Rate
+    group: Rate
+    global_: Rate = Field(alias="global")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_defaults(cls, data: Any) -> Any:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            return data
+        merged: dict[str, Any] = {k: dict(v) for k, v in cls.DEFAULTS.items()}
+        for key, value in data.items():
+            if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        return merged
+
+    def policy(self) -> PacingPolicy:
+        """These budgets as a `bots.pacing.PacingPolicy`."""
+        from bots.pacing import PacingPolicy
+
+        return PacingPolicy(private=self.private.budget(), group=self.group.budget(), platform=self.global_.budget())
+
+
+class Timeouts(_Section):
+    connect: Seconds = 10.0
+    first_token: Seconds = 90.0
+    idle: Seconds = 90.0
+    total: Seconds = 600.0
+
+
+class Price(_Section):
+    prompt: float = Field(ge=0)
+    completion: float = Field(ge=0)
+
+
+class ProviderSettings(_Section):
+    """The OpenAI-compatible provider every turn runs against."""
+
+    base_url: HttpUrl = "https://api.openai.com/v1"
+    api_key: OptionalSecret = Field(default=f"{ENV_REF}OPENAI_API_KEY")
+    model: str = Field(default="gpt-4.1-mini", min_length=1)
+    models: StrList = Field(default_factory=list)
+    api: Literal["chat_completions", "responses"] = "chat_completions"
+    extra_params: dict[str, Any] = Field(default_factory=dict)
+    timeouts: Timeouts = Field(default_factory=dict)
+    max_retries: int = Field(default=2, ge=0, le=10)
+    stream: bool = True
+    stream_failure_threshold: int = Field(default=3, ge=1)
+    stream_cooldown: float = Field(default=300.0, ge=0)
+    prices: dict[str, Price] = Field(default_factory=dict)
+
+    @property
+    def is_openai(self) -> bool:
+        return (urlsplit(self.base_url).hostname or "").lower() in OPENAI_HOSTS
+
+    @property
+    def allowed_models(self) -> list[str]:
+        """Models `/model` may switch to: `model` first, then `models`, without duplicates."""
+        return list(dict.fromkeys([self.model, *self.models]))
+
+    def agent_config(self, model: str | None = None) -> ProviderConfig:
+        """The agent's `ProviderConfig` for `model` (default: `model`), key resolved.
+
+        Without a key (a local server) the placeholder `NO_API_KEY` is sent, because the
+        openai SDK will not construct a client without one.
+        """
+        from agent.config import ProviderConfig
+        from agent.config import Timeouts as AgentTimeouts
+
+        t = self.timeouts
+        return ProviderConfig(
+            base_url=self.base_url,
+            api_key=self.api_key.get_secret_value() if self.api_key is not None else NO_API_KEY,
+            model=model or self.model,
+            api=self.api,
+            extra_params=dict(self.extra_params),
+            timeouts=AgentTimeouts(connect=t.connect, first_token=t.first_token, idle=t.idle, total=t.total),
+            max_retries=self.max_retries,
+            stream=self.stream,
+            stream_failure_threshold=self.stream_failure_threshold,
+            stream_cooldown=self.stream_cooldown,
+        )
+
+    def _cross_check(self) -> list[tuple[str, str]]:
+        if self.api_key is None and self.is_openai:
+            var = self._unset_env.get("api_key")
+            why = f"environment variable {var} is not set" if var else "is empty"
+            return [("api_key", f"{why}; {self.base_url} requires an API key")]
+        return []
+
+
+class FetchUrlTool(_Section):
+    enabled: bool = False
+    max_bytes: int = Field(default=200_000, ge=1)
+    timeout: Seconds = 10.0
+    allow_private: bool = False
+
+
+class ToolsSettings(_Section):
+    datetime: bool = True
+    fetch_url: FetchUrlTool = Field(default_factory=dict)
+
+
+class HistorySettings(_Section):
+    max_messages: int = Field(default=40, ge=1)
+    max_tokens: int = Field(default=12_000, ge=1)
+
+
+class AgentSettings(_Section):
+    system_prompt: str = "You are a helpful assistant."
+    max_steps: int = Field(default=8, ge=1)
+    history: HistorySettings = Field(default_factory=dict)
+    tools: ToolsSettings = Field(default_factory=dict)
+
+
+class ChatSettings(_Section):
+    """Defaults for every chat; admins override some per chat (/model /system /mode /stream)."""
+
+    busy_policy: Literal["queue", "interrupt"] = "queue"
+    queue_max: int = Field(default=5, ge=0)
+    streaming: bool = True
+    pre_tool_text: Literal["hide", "keep"] = "hide"
+    show_reasoning: bool = False
+    sessions_per_user_in_groups: bool = False
+    error_cooldown: float = Field(default=60.0, ge=0)
+
+
+class WebhookSettings(_Section):
+    url: HttpUrl | None = None
+    listen: ListenAddr = Listen("127.0.0.1", 8443)
+    path: str = "/telegram"
+    secret_token: OptionalSecret = Field(default=f"{ENV_REF}TELEGRAM_WEBHOOK_SECRET")
+
+    def _cross_check(self) -> list[tuple[str, str]]:
+        problems = []
+        if not self.path.startswith("/"):
+            problems.append(("path", f"must start with '/', got {self.path!r}"))
+        if self.secret_token is not None and not _WEBHOOK_SECRET.fullmatch(self.secret_token.get_secret_value()):
+            problems.append(("secret_token", "must be 1-256 characters of A-Z, a-z, 0-9, _ and - (Telegram's rule)"))
+        return problems
+
+
+class TelegramPacing(PacingSettings):
+    """Telegram: ~1 message/s per private chat, 20/min per group, ~30/s per bot (docs)."""
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        "private": {"rate": 1.0, "burst": 2},
+        "group": {"rate": 0.3, "burst": 2},
+        "global": {"rate": 25.0, "burst": 25},
+    }
+
+
+class DiscordPacing(PacingSettings):
+    """Discord: 5 messages per 5 s per channel (DMs and guild channels alike), 50/s per bot."""
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        "private": {"rate": 0.9, "burst": 4},
+        "group": {"rate": 0.9, "burst": 4},
+        "global": {"rate": 40.0, "burst": 40},
+    }
+
+
+class TelegramSettings(_Section):
+    token: OptionalSecret = Field(default=f"{ENV_REF}TELEGRAM_BOT_TOKEN")
+    api_base: HttpUrl = "https://api.telegram.org"
+    mode: Literal["polling", "webhook"] = "polling"
+    webhook: WebhookSettings = Field(default_factory=dict)
+    drafts: bool = False
+    group_trigger: Literal["mention", "all"] = "mention"
+    pacing: TelegramPacing = Field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        """A platform without a token is not started."""
+        return self.token is not None
+
+    @property
+    def uses_cloud_api(self) -> bool:
+        """True for Telegram's own servers (not a local Bot API server or a fake)."""
+        return (urlsplit(self.api_base).hostname or "").lower() in TELEGRAM_CLOUD_HOSTS
+
+    @property
+    def bot_base_url(self) -> str:
+        """PTB's `base_url`: PTB appends the token, giving `<api_base>/bot<token>/<method>`."""
+        return f"{self.api_base}/bot"
+
+    @property
+    def file_base_url(self) -> str:
+        """PTB's `base_file_url`: PTB does not derive it from `base_url`, so set both."""
+        return f"{self.api_base}/file/bot"
+
+    def _cross_check(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        if self.api_base.endswith("/bot"):
+            problems.append(("api_base", "drop the trailing /bot: parley appends /bot<token> itself"))
+        if self.mode == "webhook":
+            if self.webhook.url is None:
+                problems.append(
+                    ("webhook.url", "required when telegram.mode is webhook (the public URL Telegram posts to)")
+                )
+            elif urlsplit(self.webhook.url).scheme != "https" and self.uses_cloud_api:
+                problems.append(("webhook.url", "Telegram's cloud API only delivers webhooks to https URLs"))
+            if self.enabled and self.webhook.secret_token is None:
+                var = self.webhook.unset_env.get("secret_token")
+                why = f" (environment variable {var} is not set)" if var else ""
+                problems.append(
+                    (
+                        "webhook.secret_token",
+                        f"required when telegram.mode is webhook, so forged updates are rejected{why}",
+                    )
+                )
+        return problems
+
+
+class DiscordSettings(_Section):
+    token: OptionalSecret = Field(default=f"{ENV_REF}DISCORD_BOT_TOKEN")
+    api_base: HttpUrl = "https://discord.com/api/v10"
+    gateway_url: WsUrl = "wss://gateway.discord.gg/"
+    command_prefix: str = Field(default="!", min_length=1)
+    slash_commands: bool = True
+    pacing: DiscordPacing = Field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        """A platform without a token is not started."""
+        return self.token is not None
+
+
+class AccessSettings(_Section):
+    """Who may talk to the bot. Deny by default: with no owners, nobody but allowed chats."""
+
+    owners: Annotated[list[Annotated[str, BeforeValidator(_owner)]], NoDecode, BeforeValidator(_split_list)] = Field(
+        default_factory=list
+    )
+    allow_everyone: bool = False
+    allowed_chats: Annotated[list[Annotated[str, BeforeValidator(_chat)]], NoDecode, BeforeValidator(_split_list)] = (
+        Field(default_factory=list)
+    )
+
+    def is_owner(self, platform: str, user_id: str | int) -> bool:
+        return f"{platform}:{user_id}" in self.owners
+
+    def policy(self) -> AccessPolicy:
+        """This section as the `bots.access.AccessPolicy` the gateway checks against."""
+        from bots.access import AccessPolicy
+
+        return AccessPolicy(
+            owners=frozenset(self.owners),
+            allow_everyone=self.allow_everyone,
+            allowed_chats=frozenset(self.allowed_chats),
+        )
+
+
+class MetricsSettings(_Section):
+    listen: Annotated[ListenAddr | None, NoDecode, BeforeValidator(Listen.parse)] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen is not None
+
+
+class LoggingSettings(_Section):
+    level: LogLevel = "INFO"
+    format: Literal["text", "json"] = "text"
+    loggers: dict[str, LogLevel] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping instead of `os.environ`.
+
+    Used twice: for the process environment (or `load_config(env=...)`) and for the
+    `.env` file, so both follow exactly the same `PARLEY_` / `__` rules.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], mapping: Mapping[str, str]) -> None:
+        self._mapping = mapping
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._mapping.items() if v != ""}
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """The parsed YAML file, handed over as-is so unknown top-level keys are reported."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: Mapping[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = dict(data)
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The YAML file as a mapping, or `ConfigProblems` saying exactly what is wrong with it."""
+    key = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigProblems([Problem(key, "config file not found")], source=path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigProblems([Problem(key, f"cannot read the config file: {exc}")], source=path) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        detail = f"{problem} ({context})" if context else problem
+        raise ConfigProblems([Problem(key, f"malformed YAML{where}: {detail}")], source=path) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigProblems(
+            [Problem(key, f"the file must be a mapping of keys (like `provider:`), not a {type(data).__name__}")],
+            source=path,
+        )
+    return data
+
+
+def find_config_file(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:
+    """The YAML file to read: `path`, else `$PARLEY_CONFIG`, else `./parley.yaml` if present."""
+    if path is not None and str(path) != "":
+        return Path(path)
+    from_env = environ.get(CONFIG_ENV_VAR, "").strip()
+    if from_env:
+        return Path(from_env)
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+# --------------------------------------------------------------------------- settings
+
+
+class Settings(BaseSettings):
+    """Everything parley needs to run. Build it with `load_config()`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        case_sensitive=False,
+        extra="forbid",
+        validate_default=True,
+        env_ignore_empty=True,
+    )
+
+    provider: ProviderSettings = Field(default_factory=dict)
+    agent: AgentSettings = Field(default_factory=dict)
+    chat: ChatSettings = Field(default_factory=dict)
+    telegram: TelegramSettings = Field(default_factory=dict)
+    discord: DiscordSettings = Field(default_factory=dict)
+    access: AccessSettings = Field(default_factory=dict)
+    store: StoreUrl = Field(default_factory=lambda: StoreUrl("sqlite:///data/parley.db"))
+    data_dir: Path = Path("data")
+    metrics: MetricsSettings = Field(default_factory=dict)
+    logging: LoggingSettings = Field(default_factory=dict)
+    shutdown_timeout: Seconds = 20.0
+
+    _config_file: Path | None = PrivateAttr(default=None)
+
+    def __init__(self, **values: Any) -> None:
+        # A bare `Settings()` behaves like `load_config()` minus the error formatting.
+        if _LOAD.get() is None:
+            with _loading(_default_options(with_yaml=True)):
+                super().__init__(**values)
+        else:
+            super().__init__(**values)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        opts = _options()
+        return (
+            init_settings,
+            _MappingEnvSource(settings_cls, opts.environ),
+            _MappingEnvSource(settings_cls, opts.dotenv),
+            _YamlSource(settings_cls, opts.yaml_data),
+        )
+
+    @property
+    def config_file(self) -> Path | None:
+        """The YAML file these settings were read from, if any."""
+        return self._config_file
+
+    def enabled_platforms(self) -> list[str]:
+        """The platforms with a token, in a stable order: the ones `parley run` starts."""
+        return [name for name in PLATFORMS if getattr(self, name).enabled]
+
+    def secrets(self) -> list[str]:
+        """Every secret value in these settings, for the log redactor (longest first)."""
+        values: list[str] = []
+        for secret in (
+            self.provider.api_key,
+            self.telegram.token,
+            self.telegram.webhook.secret_token,
+            self.discord.token,
+        ):
+            if secret is not None:
+                values.append(secret.get_secret_value())
+        password = self.store.password
+        if password:
+            values.append(password)
+            values.append(quote(password, safe=""))  # how it appears inside the URL
+        return sorted(set(values), key=len, reverse=True)
+
+
+# --------------------------------------------------------------------------- load_config
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    env_file: str | os.PathLike[str] | None = DEFAULT_ENV_FILE,
+) -> Settings:
+    """Read, merge and validate the configuration; raise `ConfigProblems` listing every problem.
+
+    `path` is the CLI's `--config`; without it `PARLEY_CONFIG`, then `./parley.yaml`, are
+    tried, and no file at all is fine. `env` replaces `os.environ` (tests, embedding);
+    `env_file` is the `.env` file to read (relative to the working directory; None: none).
+    Nothing here opens a network connection.
+    """
+    environ = {k: v for k, v in (os.environ if env is None else env).items() if isinstance(v, str)}
+    dotenv = _read_dotenv(Path(env_file)) if env_file is not None else {}
+    yaml_path = find_config_file(path, {**dotenv, **environ})
+    yaml_data = _read_yaml(yaml_path) if yaml_path is not None else {}
+    opts = _LoadOptions(environ=environ, dotenv=dotenv, yaml_data=yaml_data, yaml_path=yaml_path)
+
+    problems = _env_typos(environ, "environment variable") + _env_typos(dotenv, f"{env_file} variable")
+    settings: Settings | None = None
+    with _loading(opts):
+        try:
+            settings = Settings()
+        except ValidationError as exc:
+            problems.extend(_problems_from_validation(exc, opts))
+        except SettingsError as exc:
+            problems.extend(_problems_from_settings_error(exc, opts))
+    if problems or settings is None:
+        raise ConfigProblems(problems, source=yaml_path)
+    settings._config_file = yaml_path
+    return settings
+
+
+def _env_typos(mapping: Mapping[str, str], where: str) -> list[Problem]:
+    """`PARLEY_TELEGRAM_TOKEN` (one underscore) would be silently ignored: say so instead.
+
+    Only names that are unmistakably a section key with the wrong separator are flagged;
+    other `PARLEY_*` variables (e.g. test switches) are left alone.
+    """
+    problems = []
+    sections = {name: info.annotation for name, info in Settings.model_fields.items()}
+    for var in mapping:
+        upper = var.upper()
+        if not upper.startswith(ENV_PREFIX) or ENV_DELIMITER in upper[len(ENV_PREFIX) :]:
+            continue
+        rest = upper[len(ENV_PREFIX) :].lower()
+        for section, annotation in sections.items():
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                continue
+            if rest.startswith(section + "_") and rest[len(section) + 1 :] in annotation.model_fields:
+                key = rest[len(section) + 1 :]
+                fixed = f"{ENV_PREFIX}{section.upper()}{ENV_DELIMITER}{key.upper()}"
+                problems.append(
+                    Problem(f"{section}.{key}", f"{where} {var} is ignored: nesting uses two underscores, {fixed}")
+                )
+    return problems
+
+
+def _loc_to_key(loc: Sequence[str | int]) -> str:
+    key = ""
+    for part in loc:
+        if isinstance(part, int):
+            key += f"[{part}]"
+        else:
+            key += f".{part}" if key else str(part)
+    return key
+
+
+def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The settings model that owns the key at `loc` (for "did you mean" hints)."""
+    model: type[BaseModel] = Settings
+    for part in loc:
+        if isinstance(part, int):
+            return None
+        fields = {info.alias or name: info for name, info in model.model_fields.items()}
+        info = fields.get(part)
+        annotation = info.annotation if info is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _did_you_mean(loc: Sequence[str | int]) -> str:
+    model = _model_at(loc[:-1])
+    if model is None or not isinstance(loc[-1], str):
+        return ""
+    names = [info.alias or name for name, info in model.model_fields.items()]
+    close = difflib.get_close_matches(loc[-1].lower(), names, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+_SECRET_KEYS = frozenset({"token", "api_key", "secret_token", "store"})
+
+
+def _env_var_for(loc: Sequence[str | int], opts: _LoadOptions) -> str | None:
+    """Which environment/`.env` variable set the value at `loc`, if one did."""
+    if any(isinstance(part, int) for part in loc):
+        return None
+    wanted = (ENV_PREFIX + ENV_DELIMITER.join(str(p) for p in loc)).upper()
+    for label, mapping in (("environment variable", opts.environ), (".env variable", opts.dotenv)):
+        for var in mapping:
+            if var.upper() == wanted:
+                return f"{label} {var}"
+    return None
+
+
+def _problems_from_validation(exc: ValidationError, opts: _LoadOptions) -> list[Problem]:
+    problems: list[Problem] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, _SectionProblems):
+            for rel, message in cause.problems:
+                problems.append(Problem(_loc_to_key((*loc, *rel.split("."))), message))
+            continue
+        key = _loc_to_key(loc)
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            message = "unknown key" + _did_you_mean(loc)
+        elif kind == "value_error" and cause is not None:
+            message = str(cause)
+        elif kind == "model_type":
+            message = "must be a mapping of keys"
+        else:
+            message = err["msg"]
+            value = err.get("input")
+            secret = any(str(part) in _SECRET_KEYS for part in loc)
+            if not secret and isinstance(value, (str, int, float, bool)) and kind != "missing":
+                shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+                message += f" (got {shown})"
+        source = _env_var_for(loc, opts)
+        if source:
+            message += f" [set by {source}]"
+        problems.append(Problem(key, message))
+    return problems
+
+
+def _wants_json(path: Sequence[str]) -> bool:
+    """Whether the key at `path` is a mapping or a section, which the environment gives as JSON."""
+    model = _model_at(path[:-1])
+    if model is None:
+        return False
+    fields = {(info.alias or name): info for name, info in model.model_fields.items()}
+    info = fields.get(path[-1])
+    if info is None:
+        return False
+    annotation = info.annotation
+    is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    return is_model or getattr(annotation, "__origin__", None) is dict
+
+
+def _problems_from_settings_error(exc: SettingsError, opts: _LoadOptions) -> list[Problem]:
+    """pydantic-settings gives up on a mapping/list variable that is not JSON; name which one."""
+    match = re.search(r'field "([^"]+)"', str(exc))
+    section = match.group(1) if match else ""
+    head = f"{ENV_PREFIX}{section}".upper()
+    problems = []
+    for label, mapping in (("environment variable", opts.environ), (".env variable", opts.dotenv)):
+        for var, value in mapping.items():
+            upper = var.upper()
+            if section and (upper == head or upper.startswith(head + ENV_DELIMITER)):
+                path = upper[len(ENV_PREFIX) :].lower().split(ENV_DELIMITER)
+                if not _wants_json(path):
+                    continue
+                try:
+                    json.loads(value)
+                except ValueError:
+                    key = ".".join(path)
+                    problems.append(
+                        Problem(key, f"{label} {var} must be JSON here, e.g. '{{\"temperature\": 0.2}}'")
+                    )
+    return problems or [Problem(section or "environment", f"cannot read the environment: {exc}")]

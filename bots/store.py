@@ -1,0 +1,1023 @@
+"""parley's persistent state behind one interface: SQLite by default, PostgreSQL by URL.
+
+The store keeps what must survive a restart: chats and their settings, conversation
+history, token usage, access lists, known users, and the ids of processed platform
+updates (so a redelivered update never produces a second reply). One code path
+serves both databases — SQLAlchemy Core over `aiosqlite` or `asyncpg` — and the
+schema is migrated to head by alembic every time the store opens.
+
+Every public method is one transaction. SQLite transactions that write start with
+`BEGIN IMMEDIATE`, so a read-then-write can never fail half-way with "database is
+locked" (SQLite cannot upgrade a WAL read snapshot to a write once another writer has
+committed); reads use a plain deferred `BEGIN` and never block.
+
+Errors: invalid arguments raise `ValueError` (a programming error in the caller);
+anything the database does wrong raises `StoreError` (or a subclass), never a raw
+SQLAlchemy or driver exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Self
+
+import sqlalchemy as sa
+from alembic.util import CommandError as AlembicCommandError
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from bots import migrations
+from bots.errors import ConfigError, ParleyError
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, Any]
+WallClock = Callable[[], datetime]
+"""Returns the current time, timezone-aware (wall time: unlike `bots.clock.Clock`, not monotonic)."""
+
+ROLES = ("admin", "user", "blocked")
+"""Roles the store keeps. Owners come from the configuration only and are never stored."""
+BUSY_POLICIES = ("queue", "interrupt")
+TURN_RUNNING = "running"
+TURN_FINISHED_STATUSES = ("ok", "interrupted", "error")
+TURN_SUPERSEDED = "superseded"
+"""A finished turn replaced by /retry: kept in the database, no longer part of the conversation."""
+CHAT_SETTING_FIELDS = ("model", "system_prompt", "busy_policy", "streaming", "allowed")
+
+SQLITE_BUSY_TIMEOUT_MS = 5000
+"""How long a SQLite writer waits for another writer's lock before failing."""
+PG_CONNECT_TIMEOUT_S = 10.0
+"""How long to wait for a PostgreSQL connection (override with `?timeout=` in the URL)."""
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class StoreError(ParleyError):
+    """The database failed or refused an operation (unreachable, locked, constraint)."""
+
+
+class TurnStateError(StoreError):
+    """The turn does not exist, or is not running any more (finished twice?)."""
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class ChatSettings:
+    """Per-chat overrides; None means "use the configured default"."""
+
+    model: str | None = None
+    system_prompt: str | None = None
+    busy_policy: str | None = None
+    streaming: bool | None = None
+    allowed: bool = False  # a group allowed as a whole
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One exchange: the user message (first) and whatever the model and tools added."""
+
+    id: int
+    status: str  # "running" | "ok" | "interrupted" | "error" | "superseded"
+    messages: list[Message]
+    created_at: datetime
+    user_key: str = ""
+    update_id: str | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """Token usage of one model summed over a period; `cost` is None when no price was known."""
+
+    model: str
+    prompt: int
+    completion: int
+    reasoning: int
+    cost: float | None
+    turns: int
+
+
+# --------------------------------------------------------------------------- schema
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Timezone-aware UTC in and out, on both backends.
+
+    PostgreSQL stores `timestamptz`; SQLite has no time zones, so values are stored as
+    naive UTC text (which still sorts and compares correctly) and re-tagged on read.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the store needs timezone-aware values")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# Must match migrations/versions/*: tests/test_store.py compares the two.
+_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+metadata = sa.MetaData()
+
+processed_updates = sa.Table(
+    "processed_updates",
+    metadata,
+    sa.Column("platform", sa.String(32), nullable=False),
+    sa.Column("update_id", sa.String(128), nullable=False),
+    sa.Column("seen_at", UTCDateTime(), nullable=False),
+    sa.PrimaryKeyConstraint("platform", "update_id", name="pk_processed_updates"),
+    sa.Index("ix_processed_updates_seen_at", "seen_at"),
+)
+
+chats = sa.Table(
+    "chats",
+    metadata,
+    sa.Column("chat_key", sa.String(255), nullable=False),
+    sa.Column("model", sa.String(255), nullable=True),
+    sa.Column("system_prompt", sa.Text(), nullable=True),
+    sa.Column("busy_policy", sa.String(32), nullable=True),
+    sa.Column("streaming", sa.Boolean(), nullable=True),
+    sa.Column("allowed", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.PrimaryKeyConstraint("chat_key", name="pk_chats"),
+)
+
+sessions = sa.Table(
+    "sessions",
+    metadata,
+    sa.Column("id", _ID, autoincrement=True, nullable=False),
+    sa.Column("session_key", sa.String(255), nullable=False),
+    sa.Column("number", sa.Integer(), nullable=False),  # 1, 2, ... per session_key
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.PrimaryKeyConstraint("id", name="pk_sessions"),
+    sa.UniqueConstraint("session_key", "number", name="uq_sessions_session_key_number"),
+)
+
+turns = sa.Table(
+    "turns",
+    metadata,
+    sa.Column("id", _ID, autoincrement=True, nullable=False),
+    sa.Column("session_id", _ID, nullable=False),
+    sa.Column("user_key", sa.String(255), nullable=False),
+    sa.Column("update_id", sa.String(128), nullable=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("finished_at", UTCDateTime(), nullable=True),
+    sa.PrimaryKeyConstraint("id", name="pk_turns"),
+    sa.ForeignKeyConstraint(["session_id"], ["sessions.id"], name="fk_turns_session_id_sessions", ondelete="CASCADE"),
+    sa.Index("ix_turns_session_id_id", "session_id", "id"),
+    sa.Index(
+        "ix_turns_running",
+        "id",
+        sqlite_where=sa.text("status = 'running'"),
+        postgresql_where=sa.text("status = 'running'"),
+    ),
+)
+
+turn_messages = sa.Table(
+    "messages",
+    metadata,
+    sa.Column("id", _ID, autoincrement=True, nullable=False),
+    sa.Column("turn_id", _ID, nullable=False),
+    sa.Column("seq", sa.Integer(), nullable=False),  # 0 = the user message
+    sa.Column("message", sa.JSON(), nullable=False),  # Chat Completions shape
+    sa.PrimaryKeyConstraint("id", name="pk_messages"),
+    sa.ForeignKeyConstraint(["turn_id"], ["turns.id"], name="fk_messages_turn_id_turns", ondelete="CASCADE"),
+    sa.UniqueConstraint("turn_id", "seq", name="uq_messages_turn_id_seq"),
+)
+
+usage = sa.Table(
+    "usage",
+    metadata,
+    sa.Column("id", _ID, autoincrement=True, nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("user_key", sa.String(255), nullable=False),
+    sa.Column("chat_key", sa.String(255), nullable=False),
+    sa.Column("model", sa.String(255), nullable=False),
+    sa.Column("prompt_tokens", sa.Integer(), nullable=False),
+    sa.Column("completion_tokens", sa.Integer(), nullable=False),
+    sa.Column("reasoning_tokens", sa.Integer(), nullable=False),
+    sa.Column("cost", sa.Float(), nullable=True),
+    sa.PrimaryKeyConstraint("id", name="pk_usage"),
+    sa.Index("ix_usage_user_key_created_at", "user_key", "created_at"),
+    sa.Index("ix_usage_chat_key_created_at", "chat_key", "created_at"),
+    sa.Index("ix_usage_created_at", "created_at"),
+)
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("user_key", sa.String(255), nullable=False),
+    sa.Column("platform", sa.String(32), nullable=False),
+    sa.Column("username", sa.String(255), nullable=True),  # as the platform spells it, no "@"
+    sa.Column("username_folded", sa.String(255), nullable=True),  # casefolded, for lookups
+    sa.Column("display_name", sa.Text(), nullable=True),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.PrimaryKeyConstraint("user_key", name="pk_users"),
+    sa.Index("ix_users_platform_username_folded", "platform", "username_folded"),
+)
+
+roles = sa.Table(
+    "roles",
+    metadata,
+    sa.Column("user_key", sa.String(255), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("granted_by", sa.String(255), nullable=True),
+    sa.Column("granted_at", UTCDateTime(), nullable=False),
+    sa.PrimaryKeyConstraint("user_key", name="pk_roles"),
+    sa.Index("ix_roles_role", "role"),
+)
+
+budgets = sa.Table(
+    "budgets",
+    metadata,
+    sa.Column("user_key", sa.String(255), nullable=False),
+    sa.Column("tokens_per_day", sa.BigInteger(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.PrimaryKeyConstraint("user_key", name="pk_budgets"),
+)
+
+
+# --------------------------------------------------------------------------- URLs and engine
+
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def redact_url(url: str | URL) -> str:
+    """The URL with its password masked: the only form of a store URL fit for logs."""
+    try:
+        parsed = url if isinstance(url, URL) else make_url(url)
+    except Exception:  # an unparsable URL may still hold a secret: show none of it
+        return "<unparsable store URL>"
+    return parsed.render_as_string(hide_password=True)
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    url: URL  # with the async driver; without our own "schema" parameter
+    schema: str | None  # PostgreSQL schema (search_path) to use
+    sqlite_path: Path | None  # the database file, for SQLite
+
+
+def resolve_url(url: str) -> URL:
+    """Map a user's store URL to SQLAlchemy's async form, or raise `ConfigError`.
+
+    Accepts `sqlite:///relative/path.db`, `sqlite:////absolute/path.db`,
+    `postgresql://user:pw@host[:port]/db` (also `postgres://`), and the explicit
+    `+aiosqlite` / `+asyncpg` forms. PostgreSQL URLs may carry `?schema=name` (parley
+    keeps its tables there, creating it if needed) and `?sslmode=...` (passed to
+    asyncpg as `ssl`).
+    """
+    return _resolve(url).url
+
+
+def _resolve(url: str) -> _Target:
+    try:
+        parsed = make_url(url)
+    except Exception as exc:  # sqlalchemy raises ArgumentError, but be sure nothing leaks
+        raise ConfigError(f"store: not a database URL: {redact_url(url)!r}") from exc
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend == "sqlite":
+        if driver not in ("", "aiosqlite"):
+            raise ConfigError(f"store: SQLite driver {driver!r} is not supported; write sqlite:///path/to/parley.db")
+        database = parsed.database or ""
+        if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
+            raise ConfigError(
+                "store: an in-memory SQLite database cannot be shared by the store's connections; "
+                "give a file, e.g. sqlite:///data/parley.db"
+            )
+        is_uri = str(parsed.query.get("uri", "")).lower() in ("true", "1")
+        return _Target(parsed.set(drivername="sqlite+aiosqlite"), None, None if is_uri else Path(database))
+    if backend in ("postgresql", "postgres"):
+        if driver not in ("", "asyncpg"):
+            raise ConfigError(
+                f"store: PostgreSQL driver {driver!r} is not supported; write postgresql://user:password@host/db"
+            )
+        query = dict(parsed.query)
+        schema = query.pop("schema", None)
+        if isinstance(schema, tuple):
+            raise ConfigError("store: give ?schema= once")
+        if schema is not None and not _SCHEMA_NAME.match(schema):
+            raise ConfigError(f"store: schema {schema!r} must be a lowercase identifier ([a-z_][a-z0-9_]*)")
+        if "sslmode" in query:  # libpq's spelling; asyncpg calls it "ssl"
+            query["ssl"] = query.pop("sslmode")
+        if "timeout" in query:
+            try:
+                float(query["timeout"])  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise ConfigError(f"store: ?timeout= must be a number of seconds, got {query['timeout']!r}") from None
+        return _Target(parsed.set(drivername="postgresql+asyncpg", query=query), schema, None)
+    raise ConfigError(
+        f"store: unsupported database {parsed.drivername!r} in {redact_url(parsed)!r}; "
+        "use sqlite:///path/to/parley.db or postgresql://user:password@host/db"
+    )
+
+
+def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
+    """The async engine for a user's store URL, with parley's per-connection setup.
+
+    SQLite: WAL, `synchronous=NORMAL`, `busy_timeout`, `foreign_keys=ON` on every
+    connection, and SQLAlchemy (not the sqlite3 module) emits BEGIN — `BEGIN IMMEDIATE`
+    for connections marked with the `parley_write` execution option. The database's
+    directory is created. PostgreSQL: `search_path` set to `?schema=` when given.
+    """
+    target = _resolve(url)
+    if target.url.get_backend_name() == "sqlite":
+        if target.sqlite_path is not None:
+            try:
+                target.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the directory of {target.sqlite_path}: {exc}") from exc
+        engine = create_async_engine(target.url, echo=echo)
+        event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+        event.listen(engine.sync_engine, "begin", _sqlite_on_begin)
+        return engine
+    connect_args: dict[str, Any] = {"server_settings": {"application_name": "parley"}}
+    if target.schema is not None:
+        connect_args["server_settings"]["search_path"] = target.schema
+    # asyncpg would wait 60 s for an unreachable host; the URL's query arrives as text.
+    connect_args["timeout"] = float(target.url.query.get("timeout", PG_CONNECT_TIMEOUT_S))  # type: ignore[arg-type]
+    return create_async_engine(target.url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
+
+
+async def prepare_for_migration(conn: AsyncConnection, url: str) -> None:
+    """Run first in a migrating transaction: serialize migrators, create `?schema=`.
+
+    On PostgreSQL two parley processes starting at once must not both create the
+    tables: a transaction-scoped advisory lock makes the second wait and then find the
+    schema at head. (SQLite gets the same from the write transaction's BEGIN IMMEDIATE.)
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    schema = _resolve(url).schema
+    await conn.execute(
+        sa.text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": f"parley.migrate:{schema or ''}"}
+    )
+    if schema is not None:  # a validated identifier: safe to interpolate
+        await conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Take BEGIN away from the sqlite3 module: it would not BEGIN before SELECTs or DDL.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        mode = cursor.fetchone()[0]
+        if str(mode).lower() != "wal":
+            log.warning("SQLite refused WAL mode (journal_mode=%s); concurrent readers will block", mode)
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS:d}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(connection: sa.Connection) -> None:
+    write = connection.get_execution_options().get("parley_write", False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+_migration_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _migration_lock() -> asyncio.Lock:
+    """One lock per event loop (an asyncio.Lock must not outlive or cross its loop)."""
+    loop = asyncio.get_running_loop()
+    lock = _migration_locks.get(loop)
+    if lock is None:
+        lock = _migration_locks[loop] = asyncio.Lock()
+    return lock
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line about a database error: the driver's message, not SQLAlchemy's SQL dump."""
+    orig = getattr(exc, "orig", None) or exc
+    first_line = (str(orig).strip().splitlines() or [""])[0]
+    return f"{type(orig).__name__}: {first_line}"[:300]
+
+
+def _strip_nul(text: str) -> str:
+    """PostgreSQL text cannot hold NUL characters (SQLite can): drop them on both, alike."""
+    return text.replace("\x00", "")
+
+
+def _require_aware(name: str, value: datetime) -> None:
+    if value.tzinfo is None:
+        raise ValueError(f"{name} must be timezone-aware, got {value!r}")
+
+
+def _require_text(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _require_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class Store:
+    """parley's database. Open with `await Store.open(url)`, close with `await store.close()`."""
+
+    def __init__(self, engine: AsyncEngine, *, display_url: str, utcnow: WallClock) -> None:
+        """Use `Store.open`: it also migrates the schema."""
+        self._engine = engine
+        self._display_url = display_url
+        self._now = utcnow
+        self._closed = False
+        self._dialect = engine.dialect.name
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @classmethod
+    async def open(cls, url: str, *, echo: bool = False, utcnow: WallClock = _utcnow) -> Self:
+        """Connect, configure the connections and migrate the schema to head.
+
+        `utcnow` returns the current time (timezone-aware) for every timestamp the store
+        writes; tests inject a fake one. Raises `ConfigError` for a bad URL and
+        `StoreError` when the database cannot be reached or migrated.
+        """
+        display_url = redact_url(url)
+        engine = create_engine(url, echo=echo)
+        store = cls(engine, display_url=display_url, utcnow=utcnow)
+        try:
+            await store._migrate(url)
+        except BaseException:
+            await engine.dispose()
+            raise
+        log.info("store open: %s", display_url)
+        return store
+
+    async def _migrate(self, url: str) -> None:
+        # alembic keeps its running migration in module-global state, so two stores of one
+        # process must not migrate interleaved (the database locks only order processes).
+        async with _migration_lock(), self._tx("migrate", write=True) as conn:
+            await prepare_for_migration(conn, url)
+            before = await conn.run_sync(migrations.current_revision)
+            head = migrations.head_revision()
+            if before == head:
+                return  # the usual case: nothing to do, and no need to load the scripts
+            try:
+                await conn.run_sync(migrations.upgrade_to_head)
+            except AlembicCommandError as exc:  # e.g. a revision only a newer parley knows
+                raise StoreError(f"cannot migrate {self._display_url} from revision {before!r}: {exc}") from exc
+        log.info("store schema migrated from %s to %s at %s", before or "empty", head, self._display_url)
+
+    async def close(self) -> None:
+        """Release every connection; the store cannot be used afterwards."""
+        self._closed = True
+        await self._engine.dispose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def ping(self) -> bool:
+        """Readiness: can the database answer a query right now? Never raises."""
+        try:
+            async with self._tx("ping", write=False) as conn:
+                await conn.execute(sa.text("SELECT 1"))
+        except StoreError as exc:
+            log.warning("store ping failed at %s: %s", self._display_url, exc)
+            return False
+        return True
+
+    async def schema_revision(self) -> str | None:
+        """The migration revision the database is at (see `bots.migrations.head_revision`)."""
+        async with self._tx("schema_revision", write=False) as conn:
+            return await conn.run_sync(migrations.current_revision)
+
+    @asynccontextmanager
+    async def _tx(self, what: str, *, write: bool) -> AsyncIterator[AsyncConnection]:
+        """One transaction; database errors become `StoreError`, bad values `ValueError`."""
+        if self._closed:
+            raise StoreError(f"{what}: the store is closed")
+        try:
+            async with self._engine.connect() as conn:
+                if write and self._dialect == "sqlite":
+                    await conn.execution_options(parley_write=True)
+                async with conn.begin():
+                    yield conn
+        except sa.exc.StatementError as exc:
+            if not isinstance(exc, sa.exc.DBAPIError) and isinstance(exc.orig, (TypeError, ValueError)):
+                # Raised while binding parameters: e.g. a message that is not JSON-serializable.
+                raise ValueError(f"{what}: {exc.orig}") from exc
+            raise StoreError(f"{what} failed: {_describe(exc)}") from exc
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"{what} failed: {_describe(exc)}") from exc
+        except OSError as exc:  # e.g. connection refused, before the driver wraps it
+            raise StoreError(f"{what} failed: cannot reach {self._display_url}: {_describe(exc)}") from exc
+
+    def _insert(self, table: sa.Table) -> Any:
+        """INSERT with the dialect's ON CONFLICT support (both spell it the same way)."""
+        return (pg_dialect.insert if self._dialect == "postgresql" else sqlite_dialect.insert)(table)
+
+    # ---------------------------------------------------------------- de-duplication
+
+    async def claim_update(self, platform: str, update_id: str) -> bool:
+        """Claim a platform update for processing: True the first time, False for a redelivery.
+
+        A single INSERT ... ON CONFLICT DO NOTHING on the (platform, update_id) key, so
+        concurrent claims of the same update see exactly one True.
+        """
+        _require_text("platform", platform)
+        _require_text("update_id", update_id)
+        stmt = (
+            self._insert(processed_updates)
+            .values(platform=platform, update_id=update_id, seen_at=self._now())
+            .on_conflict_do_nothing(index_elements=["platform", "update_id"])
+        )
+        async with self._tx("claim_update", write=True) as conn:
+            result = await conn.execute(stmt)
+        return result.rowcount == 1
+
+    async def prune_updates(self, older_than: timedelta) -> int:
+        """Forget update ids claimed more than `older_than` ago; returns how many.
+
+        Keep them longer than a platform may redeliver (Telegram keeps updates 24 h).
+        """
+        cutoff = self._now() - older_than
+        async with self._tx("prune_updates", write=True) as conn:
+            result = await conn.execute(sa.delete(processed_updates).where(processed_updates.c.seen_at < cutoff))
+        return result.rowcount
+
+    # ---------------------------------------------------------------- chats
+
+    async def chat_settings(self, chat_key: str) -> ChatSettings:
+        """The chat's overrides; all None (and not allowed) for a chat never configured."""
+        async with self._tx("chat_settings", write=False) as conn:
+            row = (await conn.execute(sa.select(chats).where(chats.c.chat_key == chat_key))).first()
+        return ChatSettings() if row is None else _chat_settings(row._mapping)
+
+    async def update_chat_settings(self, chat_key: str, **fields: Any) -> ChatSettings:
+        """Set only the given fields (None resets one to the default); returns the result.
+
+        Fields: model, system_prompt, busy_policy ("queue" | "interrupt"), streaming
+        (bool), allowed (bool, never None).
+        """
+        _require_text("chat_key", chat_key)
+        unknown = set(fields) - set(CHAT_SETTING_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown chat settings {sorted(unknown)}; known: {', '.join(CHAT_SETTING_FIELDS)}")
+        _validate_chat_fields(fields)
+        if isinstance(fields.get("system_prompt"), str):
+            fields["system_prompt"] = _strip_nul(fields["system_prompt"])
+        if not fields:
+            return await self.chat_settings(chat_key)
+        stmt = self._insert(chats).values(chat_key=chat_key, updated_at=self._now(), **fields)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["chat_key"],
+            set_={name: stmt.excluded[name] for name in (*fields, "updated_at")},
+        ).returning(*chats.c)
+        async with self._tx("update_chat_settings", write=True) as conn:
+            row = (await conn.execute(stmt)).one()
+        return _chat_settings(row._mapping)
+
+    # ---------------------------------------------------------------- sessions and history
+
+    async def current_session(self, session_key: str) -> int:
+        """The session a new message in `session_key` belongs to; the first is created lazily."""
+        _require_text("session_key", session_key)
+        async with self._tx("current_session", write=False) as conn:
+            found = await conn.scalar(self._latest_session(session_key))
+        if found is not None:
+            return int(found)
+        stmt = (
+            self._insert(sessions)
+            .values(session_key=session_key, number=1, created_at=self._now())
+            .on_conflict_do_nothing(index_elements=["session_key", "number"])
+        )
+        async with self._tx("current_session", write=True) as conn:
+            await self._lock_session_key(conn, session_key)
+            await conn.execute(stmt)  # a concurrent caller may have won: then this is a no-op
+            return int(await conn.scalar(self._latest_session(session_key)))
+
+    async def _lock_session_key(self, conn: AsyncConnection, session_key: str) -> None:
+        """Serialize session creation per key, so numbering never collides.
+
+        SQLite's write transactions are already serial (BEGIN IMMEDIATE); PostgreSQL takes
+        a transaction-scoped advisory lock, after which (READ COMMITTED) the next
+        statement sees the sessions a concurrent creator committed.
+        """
+        if self._dialect == "postgresql":
+            await conn.execute(
+                sa.text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": f"parley.session:{session_key}"}
+            )
+
+    @staticmethod
+    def _latest_session(session_key: str) -> sa.Select[Any]:
+        return (
+            sa.select(sessions.c.id)
+            .where(sessions.c.session_key == session_key)
+            .order_by(sessions.c.number.desc())
+            .limit(1)
+        )
+
+    async def new_session(self, session_key: str) -> int:
+        """Start a fresh conversation (/new); older sessions are kept."""
+        _require_text("session_key", session_key)
+        next_number = (
+            sa.select(sa.func.coalesce(sa.func.max(sessions.c.number), 0) + 1)
+            .where(sessions.c.session_key == session_key)
+            .scalar_subquery()
+        )
+        stmt = (
+            sa.insert(sessions)
+            .values(session_key=session_key, number=next_number, created_at=self._now())
+            .returning(sessions.c.id)
+        )
+        async with self._tx("new_session", write=True) as conn:
+            await self._lock_session_key(conn, session_key)
+            return int((await conn.execute(stmt)).scalar_one())
+
+    async def begin_turn(self, session_id: int, *, user_message: Message, user_key: str, update_id: str | None) -> int:
+        """Record a turn's user message before the model is called; the turn is "running".
+
+        Writing first means a crash mid-turn still leaves the question in history (and
+        in `running_turns()` for the restart to clean up).
+        """
+        if not isinstance(user_message, dict) or user_message.get("role") != "user":
+            raise ValueError(f"user_message must be a dict with role 'user', got {user_message!r:.200}")
+        _require_text("user_key", user_key)
+        now = self._now()
+        async with self._tx("begin_turn", write=True) as conn:
+            turn_id = (
+                await conn.execute(
+                    sa.insert(turns)
+                    .values(
+                        session_id=session_id,
+                        user_key=user_key,
+                        update_id=update_id,
+                        status=TURN_RUNNING,
+                        created_at=now,
+                    )
+                    .returning(turns.c.id)
+                )
+            ).scalar_one()
+            await conn.execute(sa.insert(turn_messages).values(turn_id=turn_id, seq=0, message=user_message))
+        return int(turn_id)
+
+    async def finish_turn(self, turn_id: int, messages: list[Message], *, status: str) -> None:
+        """Append the turn's messages after the user message and set its final status, atomically.
+
+        `messages` are what the turn produced (assistant messages with or without
+        tool_calls, tool results), in order; the user message is already stored.
+        Raises `TurnStateError` if the turn is unknown or already finished, and
+        `ValueError` (writing nothing) if a message cannot be stored as JSON.
+        """
+        if status not in TURN_FINISHED_STATUSES:
+            raise ValueError(f"status must be one of {TURN_FINISHED_STATUSES}, got {status!r}")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError("messages must be a list of dicts")
+        async with self._tx("finish_turn", write=True) as conn:
+            result = await conn.execute(
+                sa.update(turns)
+                .where(turns.c.id == turn_id, turns.c.status == TURN_RUNNING)
+                .values(status=status, finished_at=self._now())
+            )
+            if result.rowcount != 1:
+                current = await conn.scalar(sa.select(turns.c.status).where(turns.c.id == turn_id))
+                raise TurnStateError(
+                    f"turn {turn_id} does not exist"
+                    if current is None
+                    else f"turn {turn_id} is already finished ({current})"
+                )
+            if messages:
+                await conn.execute(
+                    sa.insert(turn_messages),
+                    [{"turn_id": turn_id, "seq": seq, "message": m} for seq, m in enumerate(messages, start=1)],
+                )
+
+    async def history(
+        self, session_id: int, *, limit_turns: int | None = None, before_turn: int | None = None
+    ) -> list[Turn]:
+        """The session's turns, oldest first, each with its messages (user message first).
+
+        `limit_turns` keeps only the most recent N; `before_turn` leaves out that turn and
+        later ones (e.g. the running turn the history is being loaded for).
+        """
+        if limit_turns is not None:
+            _require_count("limit_turns", limit_turns)
+        chosen = sa.select(turns).where(turns.c.session_id == session_id)
+        if before_turn is not None:
+            chosen = chosen.where(turns.c.id < before_turn)
+        chosen = chosen.order_by(turns.c.id.desc())
+        if limit_turns is not None:
+            chosen = chosen.limit(limit_turns)
+        t = chosen.subquery()
+        query = (
+            sa.select(t, turn_messages.c.message)
+            .select_from(t.outerjoin(turn_messages, turn_messages.c.turn_id == t.c.id))
+            .order_by(t.c.id, turn_messages.c.seq)
+        )
+        async with self._tx("history", write=False) as conn:
+            rows = (await conn.execute(query)).all()
+        result: list[Turn] = []
+        for row in rows:
+            if not result or result[-1].id != row.id:
+                result.append(
+                    Turn(
+                        id=int(row.id),
+                        status=row.status,
+                        messages=[],
+                        created_at=row.created_at,
+                        user_key=row.user_key,
+                        update_id=row.update_id,
+                        finished_at=row.finished_at,
+                    )
+                )
+            if row.message is not None:
+                result[-1].messages.append(row.message)
+        return result
+
+    async def last_user_message(self, session_id: int) -> tuple[int, Message] | None:
+        """The latest turn's id and user message in the session (for /retry), or None."""
+        query = (
+            sa.select(turns.c.id, turn_messages.c.message)
+            .join(turn_messages, sa.and_(turn_messages.c.turn_id == turns.c.id, turn_messages.c.seq == 0))
+            .where(turns.c.session_id == session_id)
+            .order_by(turns.c.id.desc())
+            .limit(1)
+        )
+        async with self._tx("last_user_message", write=False) as conn:
+            row = (await conn.execute(query)).first()
+        return None if row is None else (int(row.id), row.message)
+
+    async def running_turns(self) -> list[int]:
+        """Turns still marked running: at startup these were cut off by a crash or restart."""
+        query = sa.select(turns.c.id).where(turns.c.status == TURN_RUNNING).order_by(turns.c.id)
+        async with self._tx("running_turns", write=False) as conn:
+            return [int(turn_id) for turn_id in (await conn.scalars(query)).all()]
+
+    async def mark_stale_turns(self, status: str = "error") -> int:
+        """Give every running turn a final status (at startup, before any new turn); returns how many."""
+        if status not in TURN_FINISHED_STATUSES:
+            raise ValueError(f"status must be one of {TURN_FINISHED_STATUSES}, got {status!r}")
+        stmt = sa.update(turns).where(turns.c.status == TURN_RUNNING).values(status=status, finished_at=self._now())
+        async with self._tx("mark_stale_turns", write=True) as conn:
+            return (await conn.execute(stmt)).rowcount
+
+    async def mark_turn_superseded(self, turn_id: int) -> bool:
+        """/retry: mark a finished turn as replaced, so history users can leave it out.
+
+        Returns False (changing nothing) when the turn is unknown, still running (its
+        own `finish_turn` must still work) or already superseded.
+        """
+        stmt = (
+            sa.update(turns)
+            .where(turns.c.id == turn_id, turns.c.status.in_(TURN_FINISHED_STATUSES))
+            .values(status=TURN_SUPERSEDED)
+        )
+        async with self._tx("mark_turn_superseded", write=True) as conn:
+            return (await conn.execute(stmt)).rowcount == 1
+
+    # ---------------------------------------------------------------- usage
+
+    async def add_usage(
+        self,
+        *,
+        user_key: str,
+        chat_key: str,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        reasoning_tokens: int,
+        cost: float | None,
+    ) -> None:
+        """Record one model call's (or one turn's) token usage; `cost` None when no price is configured."""
+        _require_text("user_key", user_key)
+        _require_text("chat_key", chat_key)
+        _require_text("model", model)
+        _require_count("prompt_tokens", prompt_tokens)
+        _require_count("completion_tokens", completion_tokens)
+        _require_count("reasoning_tokens", reasoning_tokens)
+        async with self._tx("add_usage", write=True) as conn:
+            await conn.execute(
+                sa.insert(usage).values(
+                    created_at=self._now(),
+                    user_key=user_key,
+                    chat_key=chat_key,
+                    model=model,
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    reasoning_tokens=reasoning_tokens,
+                    cost=None if cost is None else float(cost),
+                )
+            )
+
+    async def usage(
+        self, *, since: datetime, user_key: str | None = None, chat_key: str | None = None
+    ) -> list[UsageRow]:
+        """Usage recorded at or after `since`, one row per model (sorted by model name).
+
+        `cost` sums the known costs and is None only when no record had one.
+        """
+        _require_aware("since", since)
+        query = (
+            sa.select(
+                usage.c.model,
+                sa.func.sum(usage.c.prompt_tokens),
+                sa.func.sum(usage.c.completion_tokens),
+                sa.func.sum(usage.c.reasoning_tokens),
+                sa.func.sum(usage.c.cost),
+                sa.func.count(),
+            )
+            .where(usage.c.created_at >= since)
+            .group_by(usage.c.model)
+            .order_by(usage.c.model)
+        )
+        if user_key is not None:
+            query = query.where(usage.c.user_key == user_key)
+        if chat_key is not None:
+            query = query.where(usage.c.chat_key == chat_key)
+        async with self._tx("usage", write=False) as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            UsageRow(
+                model=model,
+                prompt=int(prompt),
+                completion=int(completion),
+                reasoning=int(reasoning),
+                cost=None if cost is None else float(cost),
+                turns=int(count),
+            )
+            for model, prompt, completion, reasoning, cost, count in rows
+        ]
+
+    async def tokens_used(self, user_key: str, since: datetime) -> int:
+        """Prompt + completion tokens of a user since `since` (for daily budgets).
+
+        Reasoning tokens are not added again: OpenAI-style usage already counts them
+        inside completion tokens.
+        """
+        _require_aware("since", since)
+        query = sa.select(sa.func.coalesce(sa.func.sum(usage.c.prompt_tokens + usage.c.completion_tokens), 0)).where(
+            usage.c.user_key == user_key, usage.c.created_at >= since
+        )
+        async with self._tx("tokens_used", write=False) as conn:
+            return int(await conn.scalar(query))
+
+    # ---------------------------------------------------------------- access lists
+
+    async def set_role(self, user_key: str, role: str, *, by: str | None = None) -> None:
+        """Grant `role` ("admin" | "user" | "blocked"), replacing any previous one."""
+        _require_text("user_key", user_key)
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES} (owners come from the configuration), got {role!r}")
+        stmt = self._insert(roles).values(user_key=user_key, role=role, granted_by=by, granted_at=self._now())
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["user_key"],
+            set_={name: stmt.excluded[name] for name in ("role", "granted_by", "granted_at")},
+        )
+        async with self._tx("set_role", write=True) as conn:
+            await conn.execute(stmt)
+
+    async def clear_role(self, user_key: str) -> None:
+        """Remove the user's stored role (a no-op when there is none)."""
+        async with self._tx("clear_role", write=True) as conn:
+            await conn.execute(sa.delete(roles).where(roles.c.user_key == user_key))
+
+    async def role(self, user_key: str) -> str | None:
+        """The stored role, or None."""
+        async with self._tx("role", write=False) as conn:
+            return await conn.scalar(sa.select(roles.c.role).where(roles.c.user_key == user_key))
+
+    async def users_with_role(self, role: str) -> list[str]:
+        """User keys holding `role`, sorted."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        query = sa.select(roles.c.user_key).where(roles.c.role == role).order_by(roles.c.user_key)
+        async with self._tx("users_with_role", write=False) as conn:
+            return list((await conn.scalars(query)).all())
+
+    async def set_budget(self, user_key: str, tokens_per_day: int | None) -> None:
+        """Cap a user's tokens per day; None removes the cap."""
+        _require_text("user_key", user_key)
+        if tokens_per_day is None:
+            async with self._tx("set_budget", write=True) as conn:
+                await conn.execute(sa.delete(budgets).where(budgets.c.user_key == user_key))
+            return
+        _require_count("tokens_per_day", tokens_per_day)
+        stmt = self._insert(budgets).values(user_key=user_key, tokens_per_day=tokens_per_day, updated_at=self._now())
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["user_key"],
+            set_={name: stmt.excluded[name] for name in ("tokens_per_day", "updated_at")},
+        )
+        async with self._tx("set_budget", write=True) as conn:
+            await conn.execute(stmt)
+
+    async def budget(self, user_key: str) -> int | None:
+        """The user's tokens-per-day cap, or None."""
+        async with self._tx("budget", write=False) as conn:
+            value = await conn.scalar(sa.select(budgets.c.tokens_per_day).where(budgets.c.user_key == user_key))
+        return None if value is None else int(value)
+
+    # ---------------------------------------------------------------- known users
+
+    async def remember_user(self, user_key: str, username: str | None, display_name: str | None) -> None:
+        """Note who a user is (called on every inbound message), so "@alice" can be resolved.
+
+        The upsert only rewrites the row when the username or display name changed.
+        """
+        platform, sep, rest = _require_text("user_key", user_key).partition(":")
+        if not sep or not platform or not rest:
+            raise ValueError(f"user_key must look like 'platform:id', got {user_key!r}")
+        username = _strip_nul(username or "").strip().lstrip("@") or None
+        display_name = _strip_nul(display_name) if display_name is not None else None
+        stmt = self._insert(users).values(
+            user_key=user_key,
+            platform=platform,
+            username=username,
+            username_folded=username.casefold() if username else None,
+            display_name=display_name,
+            updated_at=self._now(),
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["user_key"],
+            set_={name: stmt.excluded[name] for name in ("username", "username_folded", "display_name", "updated_at")},
+            where=sa.or_(
+                users.c.username.is_distinct_from(stmt.excluded.username),
+                users.c.display_name.is_distinct_from(stmt.excluded.display_name),
+            ),
+        )
+        async with self._tx("remember_user", write=True) as conn:
+            await conn.execute(stmt)
+
+    async def find_user(self, platform: str, username: str) -> str | None:
+        """The user key behind "@alice" / "alice" on a platform (case-insensitive), or None.
+
+        If two users have carried the name, the one seen with it most recently wins.
+        """
+        folded = username.strip().lstrip("@").casefold()
+        if not folded:
+            return None
+        query = (
+            sa.select(users.c.user_key)
+            .where(users.c.platform == platform, users.c.username_folded == folded)
+            .order_by(users.c.updated_at.desc())
+            .limit(1)
+        )
+        async with self._tx("find_user", write=False) as conn:
+            return await conn.scalar(query)
+
+
+def _chat_settings(row: Mapping[str, Any]) -> ChatSettings:
+    return ChatSettings(
+        model=row["model"],
+        system_prompt=row["system_prompt"],
+        busy_policy=row["busy_policy"],
+        streaming=row["streaming"],
+        allowed=bool(row["allowed"]),
+    )
+
+
+def _validate_chat_fields(fields: Mapping[str, Any]) -> None:
+    def optional(name: str, kind: type, choices: Iterable[Any] | None = None) -> None:
+        if name not in fields or fields[name] is None:
+            return
+        value = fields[name]
+        if not isinstance(value, kind) or (choices is not None and value not in choices):
+            raise ValueError(f"chat setting {name}={value!r} is invalid")
+
+    optional("model", str)
+    optional("system_prompt", str)
+    optional("busy_policy", str, BUSY_POLICIES)
+    optional("streaming", bool)
+    if "allowed" in fields and not isinstance(fields["allowed"], bool):
+        raise ValueError(f"chat setting allowed={fields['allowed']!r} must be True or False")
