@@ -1,0 +1,54 @@
+"""parley's agent core: run one streaming turn against any OpenAI-compatible provider.
+
+    from agent import Agent, ProviderConfig, Timeouts, ToolRegistry
+
+    agent = Agent(ProviderConfig(base_url=..., api_key=..., model="gpt-4.1-mini"))
+    result = await agent.run_turn(history, "hello", events)
+
+The package never imports `bots/`; everything a chat shows comes through `TurnEvents`.
+"""
+
+from __future__ import annotations
+
+from .config import ProviderConfig, Timeouts
+from .errors import (
+    AgentError,
+    ProviderAuthError,
+    ProviderBadRequest,
+    ProviderBadResponse,
+    ProviderError,
+    ProviderRateLimited,
+    ProviderTimeout,
+    ProviderUnavailable,
+    ToolError,
+)
+from .events import NullEvents, ToolCall, ToolResult, TurnEvents
+from .stream import ModelResponse, Usage
+from .tools import Tool, ToolRegistry, tool
+from .turn import MAX_STEPS_MESSAGE, Agent, TurnResult
+
+__all__ = [
+    "MAX_STEPS_MESSAGE",
+    "Agent",
+    "AgentError",
+    "ModelResponse",
+    "NullEvents",
+    "ProviderAuthError",
+    "ProviderBadRequest",
+    "ProviderBadResponse",
+    "ProviderConfig",
+    "ProviderError",
+    "ProviderRateLimited",
+    "ProviderTimeout",
+    "ProviderUnavailable",
+    "Timeouts",
+    "Tool",
+    "ToolCall",
+    "ToolError",
+    "ToolRegistry",
+    "ToolResult",
+    "TurnEvents",
+    "TurnResult",
+    "Usage",
+    "tool",
+]

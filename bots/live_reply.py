@@ -134,7 +134,9 @@ class LiveReply:
         options: ReplyOptions = ReplyOptions(),
         clock: Clock = REAL_CLOCK,
         observer: ReplyObserver | None = None,
+        stream: bool = True,
     ) -> None:
+        self.wants_deltas = stream  # with streaming off the agent answers in one piece
         self._outbox = outbox
         self._chat = chat
         self._pacer = pacer
@@ -153,6 +155,7 @@ class LiveReply:
         self._after_tools = False
         self._tools: list[tuple[ToolCall, str]] = []  # call, status: running|ok|error
         self._final = False
+        self._answered = False  # finish() was given the turn's answer
         self._interrupted = False
         self._notice: str | None = None
         self._shown: list[_Shown] = []
@@ -224,6 +227,7 @@ class LiveReply:
             current = None if self._after_tools else self._steps[-1]
             if current is None or "".join(current.text) != final_text:
                 self._step_for_output().text[:] = [final_text]
+        self._answered = final_text is not None and not interrupted
         self._interrupted = interrupted
         self._notice = notice
         self._final = True
@@ -279,7 +283,7 @@ class LiveReply:
         if self._tools and not answer.strip():
             parts.append(self._progress())
         if final:
-            if not parts and not self._notice and not self._interrupted:
+            if not parts and self._answered and not self._notice:
                 parts.append(EMPTY_REPLY)
             if self._interrupted:
                 parts.append(STOPPED_MARKER)

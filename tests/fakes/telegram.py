@@ -115,7 +115,7 @@ _JSON_PARAMS = frozenset(
      "scope", "allowed_updates", "media", "results", "options", "permissions", "reaction"}
 )  # fmt: skip
 _STATUS_TEXT = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
-FAULT_KINDS = frozenset({"5xx", "timeout", "timeout_after_apply", "drop", "drop_after_apply", "429"})
+FAULT_KINDS = frozenset({"5xx", "error", "timeout", "timeout_after_apply", "drop", "drop_after_apply", "429"})
 
 
 # =========================================================================== limits
@@ -409,14 +409,18 @@ class Fault:
     retry_after: int = 5
     status: int = 500
     hold: float = 30.0
+    description: str | None = None  # for kind "error": the exact description to answer with
+    when: Callable[[Mapping[str, Any]], bool] | None = None  # only calls whose params satisfy this
     hits: int = 0
 
     @property
     def exhausted(self) -> bool:
         return self.times is not None and self.hits >= self.times
 
-    def matches(self, method: str, chat_id: int | str | None, now: float) -> bool:
+    def matches(self, method: str, chat_id: int | str | None, now: float, params: Mapping[str, Any]) -> bool:
         if self.exhausted:
+            return False
+        if self.when is not None and not self.when(params):
             return False
         if self.method is not None and self.method.lower() != method.lower():
             return False
@@ -1186,20 +1190,26 @@ class FakeTelegram:
         retry_after: int | None = None,
         status: int = 500,
         hold: float = 30.0,
+        description: str | None = None,
+        when: Callable[[Mapping[str, Any]], bool] | None = None,
     ) -> Fault:
         """Make matching calls fail.
 
-        ``kind``: ``"5xx"`` (error envelope with ``status``), ``"timeout"`` (hold the
+        ``kind``: ``"5xx"`` (error envelope with ``status``), ``"error"`` (any error
+        envelope: ``status`` and the exact ``description``, e.g. a 400 "Bad Request: can't
+        parse entities: ..." that the real server gives for markup it rejects), ``"timeout"`` (hold the
         request ``hold`` seconds -- longer than PTB's 5 s read timeout -- then drop it,
         unapplied), ``"timeout_after_apply"``, ``"drop"`` (close without answering,
         unapplied), ``"drop_after_apply"`` (applied, then dropped), ``"429"`` (flood
         answer with ``retry_after``, default 5). A storm is ``times=N`` or a window
-        ``start``/``end`` on the fake's clock with ``times=None``.
+        ``start``/``end`` on the fake's clock with ``times=None``. ``when`` narrows the
+        fault to calls whose decoded params satisfy it (e.g. only edits carrying entities).
         """
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; expected one of {sorted(FAULT_KINDS)}")
         fault = Fault(
-            kind, method, chat_id, times, start, end, retry_after if retry_after is not None else 5, status, hold
+            kind, method, chat_id, times, start, end, retry_after if retry_after is not None else 5, status, hold,
+            description, when,
         )
         self._faults.append(fault)
         return fault
@@ -1207,10 +1217,10 @@ class FakeTelegram:
     def clear_faults(self) -> None:
         self._faults.clear()
 
-    def _take_fault(self, method: str, chat_id: int | str | None) -> Fault | None:
+    def _take_fault(self, method: str, chat_id: int | str | None, params: Mapping[str, Any]) -> Fault | None:
         now = self.clock()
         for fault in self._faults:
-            if fault.matches(method, chat_id, now):
+            if fault.matches(method, chat_id, now, params):
                 fault.hits += 1
                 return fault
         return None
@@ -1266,7 +1276,7 @@ class FakeTelegram:
                 handler = self._handlers.get(lower)
                 if handler is None:
                     raise BotApiError(404, "Not Found: method not found")
-                fault = self._take_fault(lower, record.chat_id)
+                fault = self._take_fault(lower, record.chat_id, params)
                 if fault is not None:
                     record.fault = fault.kind
                     result = await self._apply_fault(fault, handler, params, record)
@@ -1314,6 +1324,8 @@ class FakeTelegram:
     ) -> Any:
         if fault.kind == "5xx":
             raise BotApiError(fault.status, _STATUS_TEXT.get(fault.status, "Internal Server Error"))
+        if fault.kind == "error":
+            raise BotApiError(fault.status, fault.description or _STATUS_TEXT.get(fault.status, "Bad Request"))
         if fault.kind == "429":
             raise _flood(fault.retry_after)
         if fault.kind == "drop":

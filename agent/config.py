@@ -1,0 +1,81 @@
+"""Provider configuration for the agent: plain dataclasses, no I/O.
+
+`bots/config.py` parses YAML/env into these; `agent/` never imports `bots/`, so the
+agent stays usable (and testable) without any chat platform.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ApiMode = Literal["chat_completions", "responses"]
+API_MODES: tuple[str, ...] = ("chat_completions", "responses")
+
+
+@dataclass(slots=True)
+class Timeouts:
+    """Separate clocks for one model call (seconds; `None` disables a clock).
+
+    - `connect`: TCP/TLS connect (httpx).
+    - `first_token`: request start → first content-bearing delta (text, reasoning or
+      tool call). Keepalive comments do not count, so a provider that queues forever
+      while sending `: PROCESSING` still times out.
+    - `idle`: between two stream chunks after the first delta (event level, enforced by
+      one watchdog per call). The byte-level httpx read timeout is set to
+      `max(idle, first_token)` as a backstop, so slow headers of a reasoning model are
+      not mistaken for a dead socket.
+    - `total`: wall clock for one request (streaming or not). The SDK has none.
+    """
+
+    connect: float | None = 10.0
+    first_token: float | None = 60.0
+    idle: float | None = 60.0
+    total: float | None = 600.0
+
+    def __post_init__(self) -> None:
+        for name in ("connect", "first_token", "idle", "total"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"Timeouts.{name} must be > 0 or None, got {value!r}")
+
+
+@dataclass(slots=True)
+class ProviderConfig:
+    """One OpenAI-compatible provider endpoint and how to talk to it.
+
+    `stream=False` never streams (every step is one non-streaming request).
+    After `stream_failure_threshold` consecutive streaming failures for the same
+    base_url+model, streaming is skipped for `stream_cooldown` seconds; the next
+    streaming attempt after the cooldown is a probe (fail → cooldown again).
+    `extra_params` are merged into every request body (e.g. temperature, reasoning).
+    """
+
+    base_url: str
+    api_key: str
+    model: str
+    api: ApiMode = "chat_completions"
+    extra_params: dict[str, Any] = field(default_factory=dict)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_retries: int = 2
+    stream: bool = True
+    stream_failure_threshold: int = 3
+    stream_cooldown: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.api not in API_MODES:
+            raise ValueError(f"ProviderConfig.api must be one of {API_MODES}, got {self.api!r}")
+        if not self.model:
+            raise ValueError("ProviderConfig.model must not be empty")
+        if self.max_retries < 0:
+            raise ValueError("ProviderConfig.max_retries must be >= 0")
+        if self.stream_failure_threshold < 1:
+            raise ValueError("ProviderConfig.stream_failure_threshold must be >= 1")
+        if self.stream_cooldown < 0:
+            raise ValueError("ProviderConfig.stream_cooldown must be >= 0")
+
+    def __repr__(self) -> str:  # never print the API key
+        return (
+            f"ProviderConfig(base_url={self.base_url!r}, model={self.model!r}, api={self.api!r}, "
+            f"stream={self.stream}, timeouts={self.timeouts!r}, max_retries={self.max_retries})"
+        )

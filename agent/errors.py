@@ -1,0 +1,72 @@
+"""The agent's small error hierarchy.
+
+Callers act on the class, not on strings: the gateway tells the user "the provider
+rejected the API key" for `ProviderAuthError`, "busy, try again" for
+`ProviderRateLimited`/`ProviderUnavailable`, and so on. Every `ProviderError` carries
+the provider's own message (API keys scrubbed) for logs and operator commands.
+
+Streaming problems never surface as these: a broken stream is answered by a
+non-streaming request (see `agent.provider`); only when *that* fails does its error
+propagate, typed.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class ToolError(AgentError):
+    """A tool was defined or registered wrongly (duplicate name, bad schema)."""
+
+
+class ProviderError(AgentError):
+    """The model provider failed a request.
+
+    `status_code` is the HTTP status when there was one, `code` the provider's error
+    code (e.g. "invalid_api_key", "rate_limit_exceeded"), `provider_message` the
+    provider's own words.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        code: str | None = None,
+        provider_message: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.code = code
+        self.provider_message = provider_message if provider_message is not None else message
+
+
+class ProviderAuthError(ProviderError):
+    """401/403: the API key is wrong, revoked, or not allowed to use this model."""
+
+
+class ProviderRateLimited(ProviderError):
+    """429 after the SDK's own retries: slow down (`retry_after` seconds if the provider said)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+
+
+class ProviderUnavailable(ProviderError):
+    """5xx, connection failures, or an error the provider reported mid-response: try later."""
+
+
+class ProviderBadRequest(ProviderError):
+    """4xx other than auth/rate limit (bad model name, context too long, bad parameter)."""
+
+
+class ProviderTimeout(ProviderError):
+    """A request exceeded one of the configured clocks (connect, read, total)."""
+
+
+class ProviderBadResponse(ProviderError):
+    """The provider answered 200 but with something that is not a usable completion."""

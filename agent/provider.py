@@ -1,0 +1,650 @@
+"""One model call against an OpenAI-compatible provider, in either API mode.
+
+The rule this module exists for: a provider's broken streaming never reaches the user.
+`Provider.complete` streams when someone consumes deltas; *any* failure while opening
+or reading the stream (rejection of `stream`/`stream_options`, a dropped connection, a
+malformed or non-JSON chunk, a stall, an in-band error, a stream that ends without a
+finish reason or with no chunks at all) is answered by exactly one non-streaming
+request for the same step. The cause is logged at INFO and recorded on the response
+(`fell_back`, `fallback_cause`); the consumer gets `on_fallback(final_text)` so the chat
+can replace its partial preview with the complete reply. If the non-streaming request
+fails too, *its* error propagates as a typed `ProviderError`.
+
+Errors that no other request shape can fix (401/403 auth, 404 unknown model, 429 after
+the SDK's own retries) are raised at once instead of being doubled by a fallback.
+
+After `stream_failure_threshold` consecutive streaming failures for one model, streaming
+is skipped for `stream_cooldown` seconds (`StreamHealth`).
+
+Clocks: one `_Watchdog` per request (a single timer handle re-armed lazily, never a task
+or a `wait_for` per chunk) enforces first-token, idle and total deadlines; the httpx read
+timeout is the byte-level backstop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+import openai
+
+from .config import ProviderConfig
+from .errors import (
+    ProviderAuthError,
+    ProviderBadRequest,
+    ProviderBadResponse,
+    ProviderError,
+    ProviderRateLimited,
+    ProviderTimeout,
+    ProviderUnavailable,
+)
+from .events import TurnEvents
+from .stream import (
+    ChatAccumulator,
+    ModelResponse,
+    ResponsesAccumulator,
+    StreamBroken,
+    response_from_chat_completion,
+    response_from_responses,
+)
+
+__all__ = ["Provider", "StepState", "StreamHealth", "to_provider_error", "to_responses_input"]
+
+log = logging.getLogger(__name__)
+
+# Messages of a provider that cannot stream, or cannot take `stream_options` (§7.3, quirks #1-#6).
+_STREAM_OPTIONS_RE = re.compile(r"stream_options|include_usage", re.IGNORECASE)
+_STREAM_RE = re.compile(
+    r"'stream'|\bstream\b.*\b(not|unsupported|does not)|does not support true|streaming requests are not"
+    r"|streaming is not supported|unsupported value: 'stream'",
+    re.IGNORECASE,
+)
+
+
+def _guard(fn: Callable[..., Any], name: str) -> Callable[..., None]:
+    """Wrap a consumer callback: a bug in a chat's event handler must not break the turn."""
+
+    def call(*args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("TurnEvents.%s raised; ignored", name)
+
+    return call
+
+
+class _WatchdogTimeout(Exception):
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+class _Watchdog:
+    """First-token, idle and total deadlines for one request, with one timer handle.
+
+    The reading loop only stores `last = loop.time()` per chunk; the timer wakes at the
+    earliest deadline, re-arms itself if activity moved it, and otherwise cancels the
+    task. `__exit__` turns that cancellation into `_WatchdogTimeout` (the same
+    `uncancel` bookkeeping as `asyncio.timeout`), so an outside cancellation still
+    propagates as `CancelledError`.
+    """
+
+    __slots__ = ("_acc", "_first_token", "_idle", "_total", "_loop", "_task", "_baseline", "_handle", "start", "last", "fired")
+
+    def __init__(self, acc: Any, *, first_token: float | None, idle: float | None, total: float | None) -> None:
+        self._acc = acc
+        self._first_token = first_token
+        self._idle = idle
+        self._total = total
+        self._handle: asyncio.TimerHandle | None = None
+        self.fired: str | None = None
+        self.start = self.last = 0.0
+
+    def __enter__(self) -> _Watchdog:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._baseline = task.cancelling()
+        self.start = self.last = self._loop.time()
+        self._arm()
+        return self
+
+    def _next(self) -> tuple[float | None, str]:
+        when: float | None = None
+        cause = ""
+        if self._total is not None:
+            when, cause = self.start + self._total, "total_timeout"
+        acc = self._acc
+        if acc is not None and acc.started:
+            if self._idle is not None:
+                idle_at = self.last + self._idle
+                if when is None or idle_at < when:
+                    when, cause = idle_at, "idle_timeout"
+        elif acc is not None and self._first_token is not None:
+            first_at = self.start + self._first_token
+            if when is None or first_at < when:
+                when, cause = first_at, "first_token_timeout"
+        return when, cause
+
+    def _arm(self) -> None:
+        when, _ = self._next()
+        if when is not None:
+            self._handle = self._loop.call_at(when, self._check)
+
+    def rearm(self) -> None:
+        """Deadlines only move later with activity, except at the first delta, when the
+        (usually long) first-token clock hands over to the idle clock: re-arm then."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self.fired is None:
+            self.last = self._loop.time()
+            self._arm()
+
+    def _check(self) -> None:
+        self._handle = None
+        when, cause = self._next()
+        if when is None:
+            return
+        if self._loop.time() >= when:
+            self.fired = cause
+            self._task.cancel()
+        else:
+            self._handle = self._loop.call_at(when, self._check)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self.fired is not None:
+            remaining = self._task.uncancel()
+            if exc_type is not None and issubclass(exc_type, asyncio.CancelledError) and remaining <= self._baseline:
+                raise _WatchdogTimeout(self.fired) from exc
+
+
+@dataclass(slots=True)
+class StepState:
+    """What the turn can see of a model call in flight (for interrupts and metrics)."""
+
+    acc: ChatAccumulator | ResponsesAccumulator | None = None
+    started_at: float | None = None
+    first_delta_at: float | None = None
+    first_fired: bool = False
+
+    @property
+    def visible_text(self) -> str:
+        return self.acc.visible_text if self.acc is not None else ""
+
+
+@dataclass(slots=True)
+class _ModelHealth:
+    consecutive_failures: int = 0
+    cooldown_until: float | None = None
+    last_cause: str | None = None
+    last_error_class: str | None = None
+    fallbacks: int = 0
+    stream_options_ok: bool = True
+
+
+class StreamHealth:
+    """Per-model streaming health: consecutive failures and the cooldown that follows them.
+
+    After the cooldown the next attempt streams again as a probe: success resets the
+    count, another failure starts a new cooldown. A provider that rejects `stream`
+    outright enters the cooldown at once (it will not change its mind per request).
+    """
+
+    def __init__(self, threshold: int, cooldown: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._threshold = threshold
+        self._cooldown = cooldown
+        self._clock = clock
+        self._models: dict[str, _ModelHealth] = {}
+
+    def get(self, model: str) -> _ModelHealth:
+        health = self._models.get(model)
+        if health is None:
+            health = self._models[model] = _ModelHealth()
+        return health
+
+    def should_stream(self, model: str) -> bool:
+        health = self._models.get(model)
+        if health is None or health.cooldown_until is None:
+            return True
+        return self._clock() >= health.cooldown_until
+
+    def failure(self, model: str, cause: str, error_class: str | None) -> None:
+        health = self.get(model)
+        health.consecutive_failures += 1
+        health.fallbacks += 1
+        health.last_cause = cause
+        health.last_error_class = error_class
+        if health.consecutive_failures >= self._threshold or cause == "stream_rejected":
+            health.cooldown_until = self._clock() + self._cooldown
+            log.warning(
+                "streaming disabled for model=%s for %.0fs after %d consecutive failures (last: %s)",
+                model,
+                self._cooldown,
+                health.consecutive_failures,
+                cause,
+            )
+
+    def success(self, model: str) -> None:
+        health = self._models.get(model)
+        if health is not None:
+            health.consecutive_failures = 0
+            health.cooldown_until = None
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        now = self._clock()
+        out: dict[str, dict[str, Any]] = {}
+        for model, h in self._models.items():
+            cooling = h.cooldown_until is not None and now < h.cooldown_until
+            out[model] = {
+                "streaming": "cooldown" if cooling else "ok",
+                "cooldown_remaining": round(h.cooldown_until - now, 1) if cooling and h.cooldown_until else 0.0,
+                "consecutive_failures": h.consecutive_failures,
+                "fallbacks": h.fallbacks,
+                "last_error": h.last_cause,
+                "last_error_class": h.last_error_class,
+                "stream_options": h.stream_options_ok,
+            }
+        return out
+
+
+# ---------------------------------------------------------------------------
+# Error classification
+
+
+def _scrub(text: str, secret: str) -> str:
+    if secret and len(secret) >= 4:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _body_field(exc: Any, name: str) -> Any:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        if name in body:
+            return body[name]
+        inner = body.get("error")
+        if isinstance(inner, dict):
+            return inner.get(name)
+    return None
+
+
+def _provider_message(exc: BaseException) -> str:
+    message = _body_field(exc, "message")
+    if isinstance(message, str) and message:
+        return message
+    return getattr(exc, "message", None) or str(exc) or type(exc).__name__
+
+
+def _retry_after(exc: openai.APIStatusError) -> float | None:
+    headers = exc.response.headers if exc.response is not None else {}
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value:
+            try:
+                return float(value) * scale
+            except ValueError:
+                return None
+    return None
+
+
+def to_provider_error(exc: BaseException, api_key: str = "") -> ProviderError:
+    """Map an SDK (or watchdog) exception to the agent's typed hierarchy, scrubbing the key."""
+    if isinstance(exc, ProviderError):
+        return exc
+    message = _scrub(_provider_message(exc), api_key)
+    code = _body_field(exc, "code")
+    code = str(code) if code is not None else None
+    if isinstance(exc, _WatchdogTimeout):
+        return ProviderTimeout(f"provider request timed out ({exc.cause})", code=exc.cause)
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        text = f"provider returned HTTP {status}: {message}"
+        kwargs: dict[str, Any] = {"status_code": status, "code": code, "provider_message": message}
+        if status in (401, 403):
+            return ProviderAuthError(text, **kwargs)
+        if status == 429:
+            return ProviderRateLimited(text, retry_after=_retry_after(exc), **kwargs)
+        if status in (408, 504):
+            return ProviderTimeout(text, **kwargs)
+        if status >= 500:
+            return ProviderUnavailable(text, **kwargs)
+        return ProviderBadRequest(text, **kwargs)
+    if isinstance(exc, openai.APITimeoutError):
+        return ProviderTimeout("provider request timed out", provider_message=message)
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__
+        detail = f"{type(cause).__name__}: {cause}" if cause is not None else message
+        return ProviderUnavailable(f"could not reach the provider ({_scrub(detail, api_key)})", provider_message=message)
+    if isinstance(exc, openai.APIError):  # an error the provider reported inside a 200 response
+        return ProviderUnavailable(f"provider reported an error: {message}", code=code, provider_message=message)
+    return ProviderBadResponse(f"unusable provider response ({type(exc).__name__}: {message})", provider_message=message)
+
+
+def _is_terminal_status(exc: BaseException) -> bool:
+    """Errors a non-streaming retry cannot fix: raise them instead of falling back."""
+    if isinstance(exc, (openai.AuthenticationError, openai.NotFoundError, openai.RateLimitError)):
+        return True
+    if isinstance(exc, openai.PermissionDeniedError):
+        return not _STREAM_RE.search(_provider_message(exc))
+    return False
+
+
+def _stream_cause(exc: BaseException, acc: Any) -> str:
+    """Short machine-readable cause for a streaming failure (used in logs and TurnResult)."""
+    if isinstance(exc, openai.APIStatusError):
+        message = _provider_message(exc)
+        param = _body_field(exc, "param")
+        if param == "stream_options" or _STREAM_OPTIONS_RE.search(message):
+            return "stream_options_rejected"
+        if param == "stream" or _STREAM_RE.search(message):
+            return "stream_rejected"
+        return f"http_{exc.status_code}"
+    if isinstance(exc, openai.APITimeoutError):
+        if isinstance(exc.__cause__, httpx2.ConnectTimeout):
+            return "connect_timeout"
+        return "idle_timeout" if acc is not None and acc.chunks else "first_token_timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection_dropped"
+    if isinstance(exc, openai.APIError):
+        return "in_band_error"
+    if isinstance(exc, (ValueError, TypeError, AttributeError, IndexError, KeyError)):
+        return "malformed_chunk"  # json.JSONDecodeError is a ValueError
+    return "stream_error"
+
+
+# ---------------------------------------------------------------------------
+# Request shapes
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return "" if content is None else str(content)
+
+
+def _responses_parts(content: Any, role: str) -> Any:
+    if not isinstance(content, list):
+        return _text_of(content)
+    parts = []
+    for part in content:
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if kind == "text":
+            parts.append({"type": "output_text" if role == "assistant" else "input_text", "text": part.get("text", "")})
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            parts.append({"type": "input_image", "image_url": url})
+        else:
+            parts.append(part)
+    return parts
+
+
+def to_responses_input(messages: list[dict[str, Any]]) -> tuple[str | None, list[dict[str, Any]]]:
+    """Chat Completions history → Responses `instructions` + `input` items.
+
+    System/developer messages become the instructions; assistant tool calls become
+    `function_call` items and tool messages `function_call_output` items.
+    """
+    instructions: list[str] = []
+    items: list[dict[str, Any]] = []
+    for message in messages:
+        role = message.get("role")
+        content = message.get("content")
+        if role in ("system", "developer"):
+            text = _text_of(content)
+            if text:
+                instructions.append(text)
+        elif role == "user":
+            items.append({"role": "user", "content": _responses_parts(content, "user")})
+        elif role == "assistant":
+            if content:
+                items.append({"role": "assistant", "content": _text_of(content)})
+            for call in message.get("tool_calls") or ():
+                function = call.get("function") or {}
+                items.append(
+                    {
+                        "type": "function_call",
+                        "call_id": call.get("id"),
+                        "name": function.get("name", ""),
+                        "arguments": function.get("arguments", ""),
+                    }
+                )
+        elif role == "tool":
+            items.append({"type": "function_call_output", "call_id": message.get("tool_call_id"), "output": _text_of(content)})
+    return ("\n\n".join(instructions) or None), items
+
+
+# ---------------------------------------------------------------------------
+
+
+class Provider:
+    """The agent's only door to the model: `complete()` one step, streaming when it pays off."""
+
+    def __init__(
+        self,
+        cfg: ProviderConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        http_client: httpx2.AsyncClient | None = None,
+    ) -> None:
+        self.cfg = cfg
+        t = cfg.timeouts
+        read = max((v for v in (t.idle, t.first_token) if v is not None), default=None)
+        self._stream_timeout = openai.Timeout(t.total, connect=t.connect, read=read)
+        self._plain_timeout = openai.Timeout(t.total, connect=t.connect)
+        self._client = openai.AsyncOpenAI(
+            base_url=cfg.base_url,
+            api_key=cfg.api_key,
+            max_retries=cfg.max_retries,
+            timeout=self._plain_timeout,
+            http_client=http_client,
+        )
+        self.health = StreamHealth(cfg.stream_failure_threshold, cfg.stream_cooldown, clock)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    # -- one step ---------------------------------------------------------
+
+    async def complete(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        *,
+        model: str,
+        events: TurnEvents | None,
+        step: StepState,
+    ) -> ModelResponse:
+        """Run one model call; stream when `events.wants_deltas`, fall back when streaming breaks."""
+        step.started_at = asyncio.get_running_loop().time()
+        if events is None or not events.wants_deltas or not self.cfg.stream:
+            response = await self._request(messages, tools, model)
+            self._first_delta(step, events)
+            return response
+
+        health = self.health.get(model)
+        if not self.health.should_stream(model):
+            cause, detail = "cooldown", ""
+        else:
+            try:
+                response = await self._stream(messages, tools, model, events, step, health.stream_options_ok)
+            except StreamBroken as broken:
+                cause, detail = broken.cause, broken.detail
+                if cause == "stream_options_rejected":
+                    health.stream_options_ok = False  # stream without it next time (§7.4.2)
+                    health.fallbacks += 1
+                    health.last_cause = cause
+                else:
+                    error_class = type(broken.__cause__).__name__ if broken.__cause__ is not None else None
+                    self.health.failure(model, cause, error_class)
+            else:
+                self.health.success(model)
+                return response
+
+        log.info(
+            "streaming from model=%s failed (%s%s); answering this step with a non-streaming request",
+            model,
+            cause,
+            f": {_scrub(detail, self.cfg.api_key)}" if detail else "",
+        )
+        response = await self._request(messages, tools, model)
+        response.fell_back = True
+        response.fallback_cause = cause
+        self._first_delta(step, events)
+        _guard(events.on_fallback, "on_fallback")(response.visible_text)
+        return response
+
+    @staticmethod
+    def _first_delta(step: StepState, events: TurnEvents | None) -> None:
+        if step.first_fired:
+            return
+        step.first_fired = True
+        step.first_delta_at = asyncio.get_running_loop().time()
+        if events is not None:
+            _guard(events.on_first_delta, "on_first_delta")()
+
+    # -- request building ---------------------------------------------------
+
+    def _kwargs(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, model: str) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"model": model}
+        if self.cfg.api == "responses":
+            instructions, items = to_responses_input(messages)
+            kwargs["input"] = items
+            if instructions:
+                kwargs["instructions"] = instructions
+        else:
+            kwargs["messages"] = messages
+        if tools:
+            kwargs["tools"] = tools
+        if self.cfg.extra_params:
+            kwargs["extra_body"] = dict(self.cfg.extra_params)
+        return kwargs
+
+    # -- non-streaming ------------------------------------------------------
+
+    async def _request(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, model: str) -> ModelResponse:
+        kwargs = self._kwargs(messages, tools, model)
+        t = self.cfg.timeouts
+        try:
+            with _Watchdog(None, first_token=None, idle=None, total=t.total):
+                if self.cfg.api == "responses":
+                    raw = await self._client.responses.create(**kwargs, timeout=self._plain_timeout)
+                    return response_from_responses(raw)
+                raw = await self._client.chat.completions.create(**kwargs, timeout=self._plain_timeout)
+                return response_from_chat_completion(raw)
+        except ProviderError:
+            raise
+        except Exception as exc:
+            raise to_provider_error(exc, self.cfg.api_key) from exc
+
+    # -- streaming ----------------------------------------------------------
+
+    async def _stream(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        model: str,
+        events: TurnEvents,
+        step: StepState,
+        stream_options: bool,
+    ) -> ModelResponse:
+        loop = asyncio.get_running_loop()
+
+        def on_first() -> None:
+            step.first_fired = True
+            step.first_delta_at = loop.time()
+            watchdog.rearm()
+            first_cb()
+
+        first_cb = _guard(events.on_first_delta, "on_first_delta")
+        callbacks = (_guard(events.on_text, "on_text"), _guard(events.on_reasoning, "on_reasoning"), on_first)
+        responses = self.cfg.api == "responses"
+        acc: ChatAccumulator | ResponsesAccumulator = ResponsesAccumulator(*callbacks) if responses else ChatAccumulator(*callbacks)
+        step.acc = acc
+        kwargs = self._kwargs(messages, tools, model)
+        if not responses and stream_options:
+            kwargs["stream_options"] = {"include_usage": True}
+        t = self.cfg.timeouts
+        watchdog = _Watchdog(acc, first_token=t.first_token, idle=t.idle, total=t.total)
+        try:
+            with watchdog:
+                if responses:
+                    stream = await self._client.responses.create(**kwargs, stream=True, timeout=self._stream_timeout)
+                else:
+                    stream = await self._client.chat.completions.create(**kwargs, stream=True, timeout=self._stream_timeout)
+                async with stream:
+                    feed = acc.feed
+                    now = loop.time
+                    async for item in stream:
+                        watchdog.last = now()
+                        feed(item)
+        except StreamBroken:
+            raise
+        except _WatchdogTimeout as exc:
+            raise StreamBroken(exc.cause) from exc
+        except Exception as exc:
+            if _is_terminal_status(exc):
+                raise to_provider_error(exc, self.cfg.api_key) from exc
+            raise StreamBroken(_stream_cause(exc, acc), f"{type(exc).__name__}: {_provider_message(exc)}") from exc
+        if not acc.chunks:
+            raise StreamBroken("empty_stream", "the stream ended without a single chunk")
+        if not acc.has_finish:
+            raise StreamBroken("truncated", f"the stream ended after {acc.chunks} chunks without a finish reason")
+        response = acc.result()
+        if response.finish_reason == "error":
+            raise StreamBroken("in_band_error", "finish_reason=error")
+        if response.model is None:
+            response.model = model
+        return response
+
+    # -- operator helpers ---------------------------------------------------
+
+    async def probe(self, model: str | None = None) -> str:
+        """Reach the provider: list models, else make a tiny request. Raises `ProviderError`."""
+        model = model or self.cfg.model
+        try:
+            with _Watchdog(None, first_token=None, idle=None, total=self.cfg.timeouts.total):
+                try:
+                    page = await self._client.models.list()
+                    ids = [m.id for m in page.data]
+                    listed = "listed" if model in ids else "not listed"
+                    return f"ok: {len(ids)} models available, {model} {listed}"
+                except openai.APIStatusError as exc:
+                    if exc.status_code in (401, 403, 429):
+                        raise
+                    # Many OpenAI-compatible servers have no /models: try the model itself.
+                    log.info("GET /models failed (%s); probing with a 1-token request", exc.status_code)
+                if self.cfg.api == "responses":
+                    await self._client.responses.create(model=model, input="ping", max_output_tokens=16)
+                else:
+                    await self._client.chat.completions.create(
+                        model=model, messages=[{"role": "user", "content": "ping"}], max_tokens=1
+                    )
+                return f"ok: {model} answered a 1-token request"
+        except ProviderError:
+            raise
+        except Exception as exc:
+            raise to_provider_error(exc, self.cfg.api_key) from exc
+
+    def health_snapshot(self) -> dict[str, Any]:
+        return {
+            "base_url": self.cfg.base_url,
+            "api": self.cfg.api,
+            "streaming_enabled": self.cfg.stream,
+            "models": self.health.snapshot(),
+        }

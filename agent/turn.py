@@ -1,0 +1,256 @@
+"""One agent turn: model call, tool calls, model call, ... until a final answer.
+
+`Agent.run_turn` knows nothing about chats: it takes Chat Completions history and the
+new user message, reports progress through `TurnEvents`, and returns a `TurnResult`
+with the messages to persist. Interrupts (`interrupt.set()`, from /stop or the
+"interrupt" busy policy) cancel whatever is in flight — the HTTP stream is closed at
+once, partial tool calls are discarded, running tools are cancelled — and the turn
+*returns* the partial text marked `interrupted`. Cancelling the task that runs the turn
+instead propagates `CancelledError` (after the stream is closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import ProviderConfig
+from .events import ToolCall, ToolResult, TurnEvents
+from .provider import Provider, StepState, _guard
+from .stream import ModelResponse, Usage
+from .tools import ToolRegistry
+
+__all__ = ["Agent", "TurnResult", "MAX_STEPS_MESSAGE"]
+
+log = logging.getLogger(__name__)
+
+MAX_STEPS_MESSAGE = (
+    "I stopped after {steps} tool steps without a final answer. "
+    "Ask me to continue if you want me to keep going."
+)
+INTERRUPTED_TOOL_RESULT = "Error: interrupted by the user before the tool finished."
+
+
+@dataclass(slots=True)
+class TurnResult:
+    """The outcome of one turn; `messages` are ready to append to the stored history."""
+
+    text: str
+    messages: list[dict[str, Any]]
+    usage: Usage
+    model: str
+    fell_back: bool = False
+    fallback_causes: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    hit_max_steps: bool = False
+    steps: int = 0
+    first_token_latency: float | None = None
+
+
+class _Turn:
+    """Mutable bookkeeping of a turn in flight (so an interrupt can return what exists)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.messages: list[dict[str, Any]] = []
+        self.usage = Usage()
+        self.causes: list[str] = []
+        self.steps = 0
+        self.started = asyncio.get_running_loop().time()
+        self.first_token_latency: float | None = None
+        self.step: StepState | None = None
+        self.visible_text = ""  # what the last completed model call showed before its tool calls
+        # while tools run: the calls and their results so far (None = unfinished)
+        self.calls: list[ToolCall] = []
+        self.results: list[ToolResult | None] = []
+
+    def result(self, text: str, *, interrupted: bool = False, hit_max_steps: bool = False) -> TurnResult:
+        return TurnResult(
+            text=text,
+            messages=self.messages,
+            usage=self.usage,
+            model=self.model,
+            fell_back=bool(self.causes),
+            fallback_causes=self.causes,
+            interrupted=interrupted,
+            hit_max_steps=hit_max_steps,
+            steps=self.steps,
+            first_token_latency=self.first_token_latency,
+        )
+
+    def interrupted(self) -> TurnResult:
+        if self.calls:
+            # Tools were running: keep the history valid (every call gets a result).
+            text = self.visible_text
+            for call, result in zip(self.calls, self.results):
+                content = result.content if result is not None else INTERRUPTED_TOOL_RESULT
+                self.messages.append({"role": "tool", "tool_call_id": call.id, "content": content})
+            return self.result(text, interrupted=True)
+        # A model call was in flight: keep what the user saw, drop partial tool calls.
+        text = self.step.visible_text if self.step is not None else ""
+        if text:
+            self.messages.append({"role": "assistant", "content": text})
+        return self.result(text, interrupted=True)
+
+
+class Agent:
+    """Runs turns against one provider with one tool registry.
+
+    `tools=None` gives the default built-ins (`current_time`); pass
+    `ToolRegistry()` for none. `clock` drives the streaming cooldown (tests inject one).
+    """
+
+    def __init__(
+        self,
+        cfg: ProviderConfig,
+        tools: ToolRegistry | None = None,
+        max_steps: int = 8,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_steps < 1:
+            raise ValueError("max_steps must be >= 1")
+        self.cfg = cfg
+        self.tools = tools if tools is not None else ToolRegistry.default()
+        self.max_steps = max_steps
+        self._provider = Provider(cfg, clock=clock)
+
+    async def aclose(self) -> None:
+        await self._provider.aclose()
+
+    async def __aenter__(self) -> Agent:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def health(self) -> dict[str, Any]:
+        """Streaming health per model, for an operator's /status (no secrets)."""
+        return self._provider.health_snapshot()
+
+    async def probe(self) -> str:
+        """Check the provider is reachable with this key and model (for `parley check`)."""
+        return await self._provider.probe(self.cfg.model)
+
+    async def run_turn(
+        self,
+        history: list[dict[str, Any]],
+        message: str,
+        events: TurnEvents | None = None,
+        *,
+        model: str | None = None,
+        system_prompt: str | None = None,
+        interrupt: asyncio.Event | None = None,
+    ) -> TurnResult:
+        """Run one turn to its final answer (or interrupt, or `max_steps`)."""
+        conversation: list[dict[str, Any]] = []
+        if system_prompt:
+            conversation.append({"role": "system", "content": system_prompt})
+        conversation.extend(history)
+        conversation.append({"role": "user", "content": message})
+        turn = _Turn(model or self.cfg.model)
+
+        task = asyncio.current_task()
+        assert task is not None, "run_turn must run inside a task"
+        baseline = task.cancelling()
+        fired = False
+        closed = False
+        watcher: asyncio.Future[Any] | None = None
+        if interrupt is not None:
+
+            def on_interrupt(fut: asyncio.Future[Any]) -> None:
+                nonlocal fired
+                if closed or fut.cancelled():
+                    return
+                fired = True
+                task.cancel()
+
+            watcher = asyncio.ensure_future(interrupt.wait())
+            watcher.add_done_callback(on_interrupt)
+        try:
+            return await self._loop(conversation, turn, events, model or self.cfg.model)
+        except asyncio.CancelledError:
+            if fired:
+                fired = False
+                if task.uncancel() <= baseline:  # our own interrupt, not an outside cancellation
+                    log.info("turn interrupted after %d step(s)", turn.steps)
+                    return turn.interrupted()
+            raise
+        finally:
+            closed = True
+            if watcher is not None:
+                watcher.cancel()
+            if fired:  # the interrupt's cancellation was swallowed somewhere; keep the count balanced
+                task.uncancel()
+
+    async def _loop(
+        self,
+        conversation: list[dict[str, Any]],
+        turn: _Turn,
+        events: TurnEvents | None,
+        model: str,
+    ) -> TurnResult:
+        schemas = self.tools.schemas(self.cfg.api) if len(self.tools) else None
+        for _ in range(self.max_steps):
+            step = turn.step = StepState()
+            response = await self._provider.complete(
+                conversation + turn.messages, schemas, model=model, events=events, step=step
+            )
+            self._account(turn, step, response)
+            turn.visible_text = response.visible_text
+            turn.messages.append(response.assistant_message())
+            if not response.tool_calls:
+                return turn.result(response.content)
+            turn.step = None
+            await self._run_tools(turn, response.tool_calls, events)
+        text = MAX_STEPS_MESSAGE.format(steps=self.max_steps)
+        log.info("turn stopped at max_steps=%d", self.max_steps)
+        turn.messages.append({"role": "assistant", "content": text})
+        if events is not None and events.wants_deltas:
+            _guard(events.on_text, "on_text")(text)
+        return turn.result(text, hit_max_steps=True)
+
+    @staticmethod
+    def _account(turn: _Turn, step: StepState, response: ModelResponse) -> None:
+        turn.steps += 1
+        if response.usage is not None:
+            turn.usage = turn.usage + response.usage
+        if response.fell_back and response.fallback_cause:
+            turn.causes.append(response.fallback_cause)
+        if response.model:
+            turn.model = response.model
+        if turn.first_token_latency is None and step.first_delta_at is not None and step.started_at is not None:
+            turn.first_token_latency = step.first_delta_at - turn.started
+
+    async def _run_tools(self, turn: _Turn, calls: list[ToolCall], events: TurnEvents | None) -> None:
+        """Run one response's calls concurrently; results go into the history in call order."""
+        turn.calls = calls
+        turn.results = results = [None] * len(calls)
+        started = _guard(events.on_tool_started, "on_tool_started") if events is not None else None
+        finished = _guard(events.on_tool_finished, "on_tool_finished") if events is not None else None
+
+        async def run(position: int, call: ToolCall, prepared: Any) -> None:
+            if started is not None:
+                started(call)
+            result = await self.tools.execute(prepared[0], prepared[1], call)
+            results[position] = result
+            if finished is not None:
+                finished(call, result)
+
+        async with asyncio.TaskGroup() as group:
+            for position, call in enumerate(calls):
+                prepared = self.tools.prepare(call)
+                if isinstance(prepared, ToolResult):  # unknown tool or bad arguments: never runs
+                    log.info("tool call %s (%s) rejected: %s", call.id, call.name, prepared.content)
+                    results[position] = prepared
+                else:
+                    group.create_task(run(position, call, prepared))
+        for call, result in zip(calls, results):
+            assert result is not None
+            turn.messages.append({"role": "tool", "tool_call_id": call.id, "content": result.content})
+        turn.calls = []
+        turn.results = []

@@ -1,0 +1,439 @@
+"""The admin commands: declared once, exposed on every platform.
+
+Each `Command` names itself, says who may run it and what arguments it takes, and has
+one handler. The Telegram connector turns the registry into its `setMyCommands` menu, the
+Discord connector into slash commands plus a text-prefix form, and the console accepts
+them as typed -- so /model behaves the same everywhere.
+
+Every call checks the caller's role, including subcommands that need more power than
+the command itself (viewing /model is for users, switching it is for admins). A bad
+argument gets a one-line usage message (`CommandError`), never a stack trace. Only
+messages that people send reach this module: the model's output is never parsed for
+commands.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+from bots.access import Role
+from bots.errors import ParleyError
+from bots.inbound import Inbound
+
+if TYPE_CHECKING:
+    from bots.gateway import Gateway
+
+
+class CommandError(ParleyError):
+    """Bad use of a command; the message is shown to the user as is."""
+
+
+class PermissionDenied(CommandError):
+    """The caller's role is too weak for what they asked."""
+
+
+@dataclass(frozen=True, slots=True)
+class Arg:
+    """One argument of a command (also a Discord slash-command option)."""
+
+    name: str
+    description: str
+    required: bool = False
+    choices: tuple[str, ...] = ()
+    rest: bool = False  # takes the rest of the line (free text)
+
+
+Handler = Callable[["CommandContext"], Awaitable[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    name: str
+    description: str
+    role: Role
+    handler: Handler
+    args: tuple[Arg, ...] = ()
+    aliases: tuple[str, ...] = ()
+    runs_turn: bool = False  # /retry: starts a turn in the chat's lane instead of replying
+
+    @property
+    def usage(self) -> str:
+        parts = [f"/{self.name}"]
+        for arg in self.args:
+            label = "|".join(arg.choices) if arg.choices else arg.name
+            parts.append(f"<{label}>" if arg.required else f"[{label}]")
+        return " ".join(parts)
+
+
+@dataclass(slots=True)
+class CommandContext:
+    """Everything a handler may use: who asked, where, and the gateway's services."""
+
+    inbound: Inbound
+    role: Role
+    gateway: "Gateway"
+    command: Command
+
+    @property
+    def args(self) -> str:
+        return self.inbound.args.strip()
+
+    def words(self) -> list[str]:
+        return self.args.split()
+
+    def require(self, role: Role, what: str) -> None:
+        if self.role < role:
+            raise PermissionDenied(f"Only {role.label}s can {what}.")
+
+    def bad_usage(self, hint: str = "") -> CommandError:
+        return CommandError(f"Usage: {self.command.usage}" + (f" — {hint}" if hint else ""))
+
+    async def target_user(self, token: str | None) -> str:
+        """Resolve a user given by id, @username, mention, or by replying to their message."""
+        platform = self.inbound.platform
+        if not token:
+            if self.inbound.reply_to_user_id:
+                return f"{platform}:{self.inbound.reply_to_user_id}"
+            raise self.bad_usage("name a user by id or @username, or reply to one of their messages")
+        token = token.strip()
+        m = re.fullmatch(r"<@!?(\d+)>", token)  # a Discord mention
+        if m:
+            return f"{platform}:{m.group(1)}"
+        m = re.fullmatch(r"(telegram|discord|console):(-?\d+|\w+)", token)
+        if m:
+            return token
+        if re.fullmatch(r"-?\d+", token):
+            return f"{platform}:{token}"
+        found = await self.gateway.store.find_user(platform, token.lstrip("@"))
+        if found is None:
+            raise CommandError(
+                f"I don't know {token} yet: they need to write to me once, or use their numeric id "
+                "(or reply to one of their messages)."
+            )
+        return found
+
+
+class CommandRegistry:
+    """The one list of commands every connector exposes."""
+
+    def __init__(self, commands: list[Command] | None = None) -> None:
+        self._by_name: dict[str, Command] = {}
+        self._ordered: list[Command] = []
+        for cmd in commands or []:
+            self.add(cmd)
+
+    def add(self, command: Command) -> None:
+        for name in (command.name, *command.aliases):
+            if not re.fullmatch(r"[a-z0-9_]{1,32}", name):
+                raise ValueError(f"invalid command name {name!r}")
+            if name in self._by_name:
+                raise ValueError(f"command {name!r} declared twice")
+            self._by_name[name] = command
+        self._ordered.append(command)
+
+    def get(self, name: str) -> Command | None:
+        return self._by_name.get(name.lower())
+
+    def all(self) -> list[Command]:
+        return list(self._ordered)
+
+    def visible_to(self, role: Role) -> list[Command]:
+        return [c for c in self._ordered if role >= c.role]
+
+    async def run(self, ctx: CommandContext) -> str:
+        """Run a command after checking the caller may; errors become one-line replies."""
+        if ctx.role < ctx.command.role:
+            return f"⛔ /{ctx.command.name} is for {ctx.command.role.label}s only."
+        try:
+            return await ctx.command.handler(ctx)
+        except PermissionDenied as exc:
+            return f"⛔ {exc}"
+        except CommandError as exc:
+            return str(exc)
+
+
+# ---- the built-in commands ------------------------------------------------------------
+
+
+async def _help(ctx: CommandContext) -> str:
+    lines = ["Commands you can use here:"]
+    for cmd in ctx.gateway.commands.visible_to(ctx.role):
+        lines.append(f"{cmd.usage} — {cmd.description}")
+    return "\n".join(lines)
+
+
+async def _new(ctx: CommandContext) -> str:
+    gw = ctx.gateway
+    gw.lanes.stop(ctx.inbound.chat.key)
+    await gw.store.new_session(gw.session_key(ctx.inbound))
+    return "🆕 Started a new conversation."
+
+
+async def _stop(ctx: CommandContext) -> str:
+    running, dropped = ctx.gateway.lanes.stop(ctx.inbound.chat.key)
+    if not running and not dropped:
+        return "Nothing is running."
+    extra = f" Dropped {dropped} queued message{'s' if dropped != 1 else ''}." if dropped else ""
+    return "⏹️ Stopped." + extra
+
+
+async def _retry(ctx: CommandContext) -> str:
+    return await ctx.gateway.retry(ctx.inbound)
+
+
+async def _usage(ctx: CommandContext) -> str:
+    gw = ctx.gateway
+    scope = ctx.args
+    now = datetime.now(UTC)
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    month = day.replace(day=1)
+    kw: dict[str, str] = {}
+    if not scope or scope == "me":
+        kw, title = {"user_key": ctx.inbound.user_key}, "Your usage"
+    elif scope == "chat":
+        ctx.require(Role.ADMIN, "see a chat's usage")
+        kw, title = {"chat_key": ctx.inbound.chat.key}, "This chat's usage"
+    elif scope == "all":
+        ctx.require(Role.ADMIN, "see everyone's usage")
+        title = "Everyone's usage"
+    else:
+        ctx.require(Role.ADMIN, "see another user's usage")
+        user = await ctx.target_user(scope)
+        kw, title = {"user_key": user}, f"Usage of {user}"
+    lines = [title + ":"]
+    for label, since in (("today", day), ("this month", month)):
+        rows = await gw.store.usage(since=since, **kw)
+        if not rows:
+            lines.append(f"• {label}: nothing yet")
+            continue
+        total = sum(r.prompt + r.completion for r in rows)
+        cost = [r.cost for r in rows if r.cost is not None]
+        money = f", ${sum(cost):.4f}" if cost else ""
+        lines.append(f"• {label}: {total:,} tokens in {sum(r.turns for r in rows)} turns{money}")
+        for r in rows:
+            lines.append(f"    {r.model}: {r.prompt:,} in / {r.completion:,} out ({r.reasoning:,} reasoning)")
+    return "\n".join(lines)
+
+
+async def _model(ctx: CommandContext) -> str:
+    gw = ctx.gateway
+    key = ctx.inbound.chat.key
+    allowed = gw.defaults.allowed_models()
+    if not ctx.args:
+        settings = await gw.store.chat_settings(key)
+        current = settings.model or gw.defaults.model
+        suffix = "" if settings.model else " (default)"
+        return f"Model in this chat: {current}{suffix}\nAvailable: {', '.join(allowed)}"
+    ctx.require(Role.ADMIN, "switch the model")
+    name = ctx.args
+    if name == "default":
+        await gw.store.update_chat_settings(key, model=None)
+        return f"Model reset to the default, {gw.defaults.model}."
+    if name not in allowed:
+        raise CommandError(f"Unknown model {name!r}. Available: {', '.join(allowed)}")
+    await gw.store.update_chat_settings(key, model=name)
+    return f"Model for this chat set to {name}."
+
+
+async def _system(ctx: CommandContext) -> str:
+    gw = ctx.gateway
+    key = ctx.inbound.chat.key
+    if not ctx.args:
+        settings = await gw.store.chat_settings(key)
+        prompt = settings.system_prompt or gw.defaults.system_prompt
+        suffix = "" if settings.system_prompt else " (default)"
+        return f"System prompt{suffix}:\n{prompt}"
+    if ctx.args == "reset":
+        await gw.store.update_chat_settings(key, system_prompt=None)
+        return "System prompt reset to the default."
+    if len(ctx.args) > 8000:
+        raise CommandError("That system prompt is too long (8000 characters at most).")
+    await gw.store.update_chat_settings(key, system_prompt=ctx.args)
+    return "System prompt updated for this chat."
+
+
+async def _mode(ctx: CommandContext) -> str:
+    gw = ctx.gateway
+    key = ctx.inbound.chat.key
+    if not ctx.args:
+        settings = await gw.store.chat_settings(key)
+        return f"Busy policy: {settings.busy_policy or gw.defaults.busy_policy}"
+    if ctx.args not in ("queue", "interrupt"):
+        raise ctx.bad_usage()
+    await gw.store.update_chat_settings(key, busy_policy=ctx.args)
+    what = "wait in a queue" if ctx.args == "queue" else "interrupt the running reply"
+    return f"Busy policy set to {ctx.args}: new messages {what}."
+
+
+async def _stream(ctx: CommandContext) -> str:
+    gw = ctx.gateway
+    key = ctx.inbound.chat.key
+    if not ctx.args:
+        settings = await gw.store.chat_settings(key)
+        on = gw.defaults.streaming if settings.streaming is None else settings.streaming
+        return f"Streaming is {'on' if on else 'off'}."
+    if ctx.args not in ("on", "off"):
+        raise ctx.bad_usage()
+    await gw.store.update_chat_settings(key, streaming=ctx.args == "on")
+    return f"Streaming {ctx.args}."
+
+
+def _is_chat_word(ctx: CommandContext) -> bool:
+    return ctx.args in ("chat", "group")
+
+
+async def _allow(ctx: CommandContext) -> str:
+    gw = ctx.gateway
+    if _is_chat_word(ctx):
+        if ctx.inbound.chat.is_private:
+            raise CommandError("/allow chat is for groups: it lets everyone in the group use the bot.")
+        await gw.store.update_chat_settings(_group(ctx), allowed=True)
+        return "✅ Everyone in this chat may now use the bot."
+    user = await ctx.target_user(ctx.args)
+    current = await gw.access.role_of(user)
+    if current >= Role.ADMIN:
+        return f"{user} is already an {current.label}."
+    await gw.store.set_role(user, "user", by=ctx.inbound.user_key)
+    return f"✅ {user} may now use the bot."
+
+
+async def _deny(ctx: CommandContext) -> str:
+    gw = ctx.gateway
+    if _is_chat_word(ctx):
+        if ctx.inbound.chat.is_private:
+            raise CommandError("/deny chat is for groups.")
+        await gw.store.update_chat_settings(_group(ctx), allowed=False)
+        return "This chat is no longer allowed as a whole; only allowed users may use the bot here."
+    user = await ctx.target_user(ctx.args)
+    current = await gw.access.role_of(user)
+    if current == Role.OWNER:
+        raise PermissionDenied("Owners are set in the configuration and cannot be denied from chat.")
+    if current == Role.ADMIN:
+        ctx.require(Role.OWNER, "deny an admin")
+    await gw.store.set_role(user, "blocked", by=ctx.inbound.user_key)
+    return f"🚫 {user} may no longer use the bot."
+
+
+async def _admins(ctx: CommandContext) -> str:
+    gw = ctx.gateway
+    owners = sorted(gw.access.policy.owners)
+    admins = sorted(await gw.store.users_with_role("admin"))
+    return "Owners: " + (", ".join(owners) or "none") + "\nAdmins: " + (", ".join(admins) or "none")
+
+
+async def _promote(ctx: CommandContext) -> str:
+    gw = ctx.gateway
+    user = await ctx.target_user(ctx.args)
+    if await gw.access.role_of(user) == Role.OWNER:
+        return f"{user} is an owner already."
+    await gw.store.set_role(user, "admin", by=ctx.inbound.user_key)
+    return f"⭐ {user} is now an admin."
+
+
+async def _demote(ctx: CommandContext) -> str:
+    gw = ctx.gateway
+    user = await ctx.target_user(ctx.args)
+    role = await gw.access.role_of(user)
+    if role == Role.OWNER:
+        raise PermissionDenied("Owners are set in the configuration and cannot be demoted from chat.")
+    if role != Role.ADMIN:
+        return f"{user} is not an admin."
+    await gw.store.set_role(user, "user", by=ctx.inbound.user_key)
+    return f"{user} is no longer an admin (still allowed as a user)."
+
+
+async def _budget(ctx: CommandContext) -> str:
+    gw = ctx.gateway
+    words = ctx.words()
+    reply_target = ctx.inbound.reply_to_user_id is not None
+    if not words and not reply_target:
+        raise ctx.bad_usage()
+    # "/budget 5000" while replying to someone names the amount only.
+    if reply_target and len(words) <= 1 and (not words or re.fullmatch(r"\d+|off", words[0])):
+        user = await ctx.target_user(None)
+        amount = words[0] if words else None
+    else:
+        user = await ctx.target_user(words[0])
+        amount = words[1] if len(words) > 1 else None
+    if len(words) > 2:
+        raise ctx.bad_usage()
+    if amount is None:
+        budget = await gw.store.budget(user)
+        return f"{user}: " + (f"{budget:,} tokens per day." if budget else "no daily budget.")
+    if amount == "off":
+        await gw.store.set_budget(user, None)
+        return f"{user} has no daily budget now."
+    if not re.fullmatch(r"\d{1,12}", amount) or int(amount) <= 0:
+        raise ctx.bad_usage("the budget is a positive whole number of tokens per day, or 'off'")
+    await gw.store.set_budget(user, int(amount))
+    return f"{user} may now use {int(amount):,} tokens per day."
+
+
+async def _status(ctx: CommandContext) -> str:
+    gw = ctx.gateway
+    up = int(time.monotonic() - gw.started_at)
+    platforms = ", ".join(f"{name} {'✅' if c.connected else '❌'}" for name, c in gw.connectors.items()) or "none"
+    depths = gw.lanes.queue_depths()
+    queued = sum(depths.values())
+    health = gw.agent.health()
+    lines = [
+        f"Uptime: {up // 3600}h {up % 3600 // 60}m {up % 60}s",
+        f"Platforms: {platforms}",
+        f"Active turns: {gw.lanes.active}; queued messages: {queued} in {len(depths)} chats",
+        "Provider: " + _health_line(health),
+    ]
+    return "\n".join(lines)
+
+
+def _health_line(health: dict) -> str:
+    parts = []
+    for key, value in health.items():
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k}={v}" for k, v in value.items())
+            parts.append(f"{key}({inner})" if inner else key)
+        else:
+            parts.append(f"{key}={value}")
+    return "; ".join(parts) or "ok"
+
+
+def _group(ctx: CommandContext) -> str:
+    return f"{ctx.inbound.chat.platform}:{ctx.inbound.chat.chat_id}"
+
+
+_USER_ARG = Arg("user", "a user id, @username, or reply to their message")
+
+
+def builtin_commands() -> CommandRegistry:
+    """The registry parley ships with."""
+    return CommandRegistry(
+        [
+            Command("help", "list the commands you can use", Role.USER, _help),
+            Command("new", "start a fresh conversation", Role.USER, _new, aliases=("reset",)),
+            Command("stop", "stop the running reply", Role.USER, _stop),
+            Command("retry", "answer your last message again", Role.USER, _retry, runs_turn=True),
+            Command("usage", "tokens and cost, today and this month", Role.USER, _usage,
+                    args=(Arg("scope", "me, chat, all, or a user (chat/all/user: admins)"),)),
+            Command("model", "show or switch this chat's model", Role.USER, _model,
+                    args=(Arg("name", "the model to switch to (admins)"),)),
+            Command("system", "show or set this chat's system prompt", Role.ADMIN, _system,
+                    args=(Arg("text", "the new system prompt, or 'reset'", rest=True),)),
+            Command("mode", "what new messages do while a reply runs", Role.ADMIN, _mode,
+                    args=(Arg("policy", "queue or interrupt", choices=("queue", "interrupt")),)),
+            Command("stream", "streaming on or off in this chat", Role.ADMIN, _stream,
+                    args=(Arg("state", "on or off", choices=("on", "off")),)),
+            Command("allow", "let a user (or this whole group: 'chat') use the bot", Role.ADMIN, _allow,
+                    args=(_USER_ARG,)),
+            Command("deny", "stop a user (or this group: 'chat') from using the bot", Role.ADMIN, _deny,
+                    args=(_USER_ARG,)),
+            Command("admins", "list owners and admins", Role.OWNER, _admins),
+            Command("promote", "make a user an admin", Role.OWNER, _promote, args=(_USER_ARG,)),
+            Command("demote", "take admin rights away", Role.OWNER, _demote, args=(_USER_ARG,)),
+            Command("budget", "a user's daily token budget ('off' removes it)", Role.ADMIN, _budget,
+                    args=(_USER_ARG, Arg("tokens", "tokens per day, or off"))),
+            Command("status", "uptime, platforms, turns, queues, provider health", Role.ADMIN, _status),
+        ]
+    )

@@ -1,0 +1,413 @@
+"""The Gateway: from a platform-neutral chat message to a delivered reply.
+
+Connectors hand every incoming message to `Gateway.handle`. It drops redelivered
+updates, checks access (deny by default), runs commands (which bypass the chat's lane),
+and submits everything else to the chat's lane, where `_run_turn` loads the
+conversation, runs the agent with a `LiveReply` as its events, finishes the reply and
+persists the turn. Provider failures end as one short, friendly line -- rate-limited in
+groups -- never as a stack trace or a raw exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from agent import Agent
+from agent.errors import AgentError, ProviderError
+from bots import history as hist
+from bots.access import Access, Role, denial_text
+from bots.clock import REAL_CLOCK, Clock
+from bots.commands import CommandContext, CommandRegistry, builtin_commands
+from bots.errors import OutboxError, RateLimited, Transient, Undeliverable
+from bots.inbound import Inbound
+from bots.lanes import Lanes, Submitted
+from bots.live_reply import LiveReply, ReplyOptions
+from bots.logs import turn_context
+from bots.metrics import Metrics, ReplyMetrics
+from bots.outbox import Outbox
+from bots.pacing import Pacing, Priority
+from bots.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Connector(Protocol):
+    """A platform connection: receives messages for the gateway and offers its Outbox."""
+
+    platform: str
+    outbox: Outbox
+    pacing: Pacing
+    drafts: bool
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def start(self, gateway: "Gateway") -> None: ...
+
+    async def stop_receiving(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ChatDefaults:
+    """Settings every chat starts with (config `provider`, `agent`, `chat`)."""
+
+    model: str
+    system_prompt: str = "You are a helpful assistant."
+    models: tuple[str, ...] = ()
+    busy_policy: str = "queue"
+    queue_max: int = 5
+    streaming: bool = True
+    pre_tool_text: str = "hide"
+    show_reasoning: bool = False
+    sessions_per_user_in_groups: bool = False
+    group_trigger: str = "mention"  # or "all"
+    error_cooldown: float = 60.0
+    history_max_messages: int = 40
+    history_max_tokens: int = 12000
+    prices: dict[str, tuple[float, float]] = field(default_factory=dict)  # model -> ($/1M prompt, $/1M completion)
+
+    def allowed_models(self) -> list[str]:
+        return list(dict.fromkeys([self.model, *self.models]))
+
+
+def friendly_error(exc: BaseException) -> str:
+    """One short line for the chat: what happened and what to do. Never the raw error."""
+    from agent import errors as e
+
+    if isinstance(exc, getattr(e, "ProviderAuthError", ())):
+        return "⚠️ The model provider rejected parley's credentials. An admin needs to check the API key."
+    if isinstance(exc, getattr(e, "ProviderRateLimited", ())):
+        return "⚠️ The model provider is rate-limiting requests right now. Please try again in a minute."
+    if isinstance(exc, getattr(e, "ProviderTimeout", ())):
+        return "⚠️ The model took too long to answer. Please try again."
+    if isinstance(exc, getattr(e, "ProviderUnavailable", ())):
+        return "⚠️ The model provider isn't reachable right now. Please try again shortly."
+    if isinstance(exc, getattr(e, "ProviderBadRequest", ())):
+        text = str(exc).lower()
+        if "context" in text or "too long" in text or "maximum" in text and "token" in text:
+            return "⚠️ This conversation is too long for the model. Send /new to start a fresh one."
+        return "⚠️ The model provider refused the request. An admin may need to check the model settings."
+    return "⚠️ Something went wrong while generating the reply. Please try again."
+
+
+class Gateway:
+    """Routes messages, owns the lanes, and runs turns."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        agent: Agent,
+        access: Access,
+        defaults: ChatDefaults,
+        commands: CommandRegistry | None = None,
+        metrics: Metrics | None = None,
+        clock: Clock = REAL_CLOCK,
+    ) -> None:
+        self.store = store
+        self.agent = agent
+        self.access = access
+        self.defaults = defaults
+        self.commands = commands or builtin_commands()
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.lanes = Lanes(self._run_turn, queue_max=defaults.queue_max)
+        self.connectors: dict[str, Connector] = {}
+        self.started_at = time.monotonic()
+        self._chat_locks: dict[str, asyncio.Lock] = {}
+        self._last_error_line: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accepting = True
+        self.metrics.track(lambda: self.lanes.active, lambda: sum(self.lanes.queue_depths().values()))
+
+    def attach(self, connector: Connector) -> None:
+        self.connectors[connector.platform] = connector
+
+    # ---- incoming ----------------------------------------------------------------------
+
+    async def handle(self, inbound: Inbound) -> None:
+        """Take one incoming message. Returns quickly: slow work runs in tasks and lanes."""
+        if not self._accepting:
+            return
+        self.metrics.messages_received.labels(inbound.platform).inc()
+        # One chat's messages are routed in arrival order even when a connector
+        # delivers them concurrently (discord.py dispatches each event in its own task).
+        lock = self._chat_locks.setdefault(inbound.chat.key, asyncio.Lock())
+        async with lock:
+            try:
+                await self._route(inbound)
+            finally:
+                if not lock._waiters:  # type: ignore[attr-defined]
+                    self._chat_locks.pop(inbound.chat.key, None)
+
+    async def _route(self, inbound: Inbound) -> None:
+        if not await self.store.claim_update(inbound.platform, inbound.update_id):
+            self.metrics.duplicates_ignored.labels(inbound.platform).inc()
+            log.info("chat %s: update %s already handled; ignored", inbound.chat.key, inbound.update_id)
+            return
+        await self.store.remember_user(inbound.user_key, inbound.username, inbound.display_name)
+        if not inbound.addressed and self.defaults.group_trigger != "all":
+            return  # group chatter not meant for the bot
+        role = await self.access.role(inbound)
+        if role == Role.BLOCKED:
+            if inbound.expects_answer:
+                self._spawn(self.reply(inbound, "⛔ You can't use this bot."))
+            return
+        if role == Role.NOBODY:
+            tell = inbound.chat.is_private or inbound.expects_answer
+            if tell and (inbound.expects_answer or self.access.should_tell_denied(inbound.user_key)):
+                self._spawn(self.reply(inbound, denial_text(inbound)))
+            log.info("chat %s: message from %s without access", inbound.chat.key, inbound.user_key)
+            return
+        if inbound.command is not None:
+            self._route_command(inbound, role)
+            return
+        if not inbound.text.strip():
+            return
+        await self._submit(inbound)
+
+    def _route_command(self, inbound: Inbound, role: Role) -> None:
+        assert inbound.command is not None
+        command = self.commands.get(inbound.command)
+        if command is None:
+            if inbound.chat.is_private or inbound.mentions_bot or inbound.expects_answer:
+                self._spawn(self.reply(inbound, f"Unknown command /{inbound.command}. Send /help for the list."))
+            return
+        ctx = CommandContext(inbound=inbound, role=role, gateway=self, command=command)
+
+        async def run() -> None:
+            text = await self.commands.run(ctx)
+            if text:
+                await self.reply(inbound, text)
+
+        self._spawn(run())
+
+    async def _submit(self, inbound: Inbound) -> None:
+        settings = await self.store.chat_settings(inbound.chat.key)
+        policy = settings.busy_policy or self.defaults.busy_policy
+        outcome = self.lanes.submit(inbound, policy=policy)
+        if outcome is Submitted.QUEUED:
+            self._spawn(self.reply(inbound, "⏳ I'll answer this right after the current reply."))
+        elif outcome is Submitted.FULL:
+            self._spawn(self.reply(inbound, "⏳ I'm still busy and my queue for this chat is full. Please resend this in a moment."))
+        elif outcome is Submitted.CLOSED:
+            self._spawn(self.reply(inbound, "parley is restarting. Please resend your message in a minute."))
+
+    async def retry(self, inbound: Inbound) -> str:
+        """/retry: run the session's last user message again as a fresh turn."""
+        session = await self.store.current_session(self.session_key(inbound))
+        last = await self.store.last_user_message(session)
+        if last is None:
+            return "There is no earlier message in this conversation to retry."
+        turn_id, message = last
+        text = message.get("content") if isinstance(message.get("content"), str) else None
+        if not text:
+            return "The last message cannot be retried."
+        await self.store.mark_turn_superseded(turn_id)
+        from dataclasses import replace
+
+        retried = replace(inbound, command=None, args="", text=text)
+        await self._submit(retried)
+        return ""
+
+    # ---- replies outside a turn --------------------------------------------------------
+
+    async def reply(self, inbound: Inbound, text: str) -> None:
+        """A short reply (command output, notices), paced like everything else."""
+        connector = self.connectors.get(inbound.platform)
+        if connector is None:
+            return
+        pacer = connector.pacing.for_chat(inbound.chat)
+        deadline = time.monotonic() + 120
+        while True:
+            await pacer.acquire(Priority.FINAL)
+            try:
+                await connector.outbox.send(inbound.chat, text, reply_to=inbound.message_id)
+                self.metrics.platform_calls.labels(inbound.platform, "send").inc()
+                return
+            except RateLimited as exc:
+                self.metrics.rate_limited.labels(inbound.platform).inc()
+                pacer.pause(exc.retry_after, scope=exc.scope)
+            except Transient as exc:
+                if time.monotonic() > deadline:
+                    log.warning("chat %s: reply not delivered: %s", inbound.chat.key, exc)
+                    return
+                await self.clock.sleep(1.0)
+            except Undeliverable as exc:
+                log.info("chat %s: cannot reply: %s", inbound.chat.key, exc)
+                return
+            except OutboxError as exc:
+                log.warning("chat %s: reply failed: %s", inbound.chat.key, exc)
+                return
+
+    # ---- turns -------------------------------------------------------------------------
+
+    def session_key(self, inbound: Inbound) -> str:
+        if self.defaults.sessions_per_user_in_groups and not inbound.chat.is_private:
+            return f"{inbound.chat.key}#{inbound.user_key}"
+        return inbound.chat.key
+
+    async def _run_turn(self, inbound: Inbound, interrupt: asyncio.Event) -> None:
+        connector = self.connectors[inbound.platform]
+        started = time.monotonic()
+        settings = await self.store.chat_settings(inbound.chat.key)
+        model = settings.model or self.defaults.model
+        system_prompt = settings.system_prompt or self.defaults.system_prompt
+        streaming = self.defaults.streaming if settings.streaming is None else settings.streaming
+
+        if not await self._within_budget(inbound):
+            return
+        session = await self.store.current_session(self.session_key(inbound))
+        earlier = await self.store.history(session, limit_turns=self.defaults.history_max_messages)
+        usable = [hist.turn_for_model(t.messages, t.status) for t in earlier if t.status in ("ok", "interrupted")]
+        user_message = {"role": "user", "content": inbound.text}
+        trimmed = hist.trim_history(
+            system_prompt,
+            usable,
+            [user_message],
+            max_messages=self.defaults.history_max_messages,
+            max_tokens=self.defaults.history_max_tokens,
+        )
+        history = [m for m in trimmed[:-1] if m.get("role") != "system"]
+        turn_id = await self.store.begin_turn(
+            session, user_message=user_message, user_key=inbound.user_key, update_id=inbound.update_id
+        )
+        reply = LiveReply(
+            connector.outbox,
+            inbound.chat,
+            connector.pacing.for_chat(inbound.chat),
+            reply_to=inbound.message_id,
+            options=ReplyOptions(
+                pre_tool_text="keep" if self.defaults.pre_tool_text == "keep" else "hide",
+                show_reasoning=self.defaults.show_reasoning,
+                drafts=connector.drafts,
+            ),
+            clock=self.clock,
+            observer=ReplyMetrics(self.metrics, inbound.platform, started),
+            stream=streaming,
+        )
+        with turn_context(platform=inbound.platform, chat=inbound.chat.key, turn=turn_id):
+            reply.start()
+            try:
+                result = await self.agent.run_turn(
+                    history, inbound.text, reply, model=model, system_prompt=system_prompt, interrupt=interrupt
+                )
+            except asyncio.CancelledError:
+                await asyncio.shield(self._abandon(reply, turn_id))
+                raise
+            except Exception as exc:
+                if not isinstance(exc, (ProviderError, AgentError)):
+                    log.exception("turn failed unexpectedly")
+                else:
+                    log.warning("turn failed: %s", type(exc).__name__)
+                delivery = await reply.finish(notice=self._error_line(inbound, exc))
+                await self.store.finish_turn(turn_id, [], status="error")
+                self.metrics.turns.labels(inbound.platform, "error").inc()
+                if not delivery.complete:
+                    self.metrics.deliveries_failed.labels(inbound.platform).inc()
+                return
+            delivery = await reply.finish(final_text=result.text, interrupted=result.interrupted)
+            status = "interrupted" if result.interrupted else "ok"
+            await self.store.finish_turn(turn_id, result.messages, status=status)
+            await self._record_usage(inbound, result)
+            outcome = "interrupted" if result.interrupted else "fell_back" if result.fell_back else "ok"
+            self.metrics.turns.labels(inbound.platform, outcome).inc()
+            for cause in result.fallback_causes:
+                self.metrics.fallbacks.labels(cause).inc()
+            if result.first_token_latency is not None:
+                self.metrics.time_to_first_token.observe(result.first_token_latency)
+            if not delivery.complete:
+                self.metrics.deliveries_failed.labels(inbound.platform).inc()
+            log.info(
+                "turn %s: %s, %d steps, %d tokens%s",
+                turn_id, outcome, result.steps, result.usage.total_tokens,
+                f", fell back ({', '.join(result.fallback_causes)})" if result.fell_back else "",
+            )
+
+    async def _abandon(self, reply: LiveReply, turn_id: int) -> None:
+        """The process is going down mid-turn: finalize what is visible, marked stopped."""
+        try:
+            await asyncio.wait_for(reply.finish(interrupted=True), timeout=10)
+        except (asyncio.TimeoutError, Exception):
+            await reply.aclose()
+        try:
+            await self.store.finish_turn(turn_id, [], status="interrupted")
+        except Exception:
+            log.exception("could not record the interrupted turn")
+
+    async def _within_budget(self, inbound: Inbound) -> bool:
+        budget = await self.store.budget(inbound.user_key)
+        if budget is None:
+            return True
+        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        used = await self.store.tokens_used(inbound.user_key, today)
+        if used < budget:
+            return True
+        await self.reply(
+            inbound,
+            f"⏳ You've used your daily budget of {budget:,} tokens. It resets at 00:00 UTC.",
+        )
+        return False
+
+    async def _record_usage(self, inbound: Inbound, result) -> None:  # noqa: ANN001 - agent.TurnResult
+        usage = result.usage
+        price = self.defaults.prices.get(result.model)
+        cost = None
+        if price is not None:
+            cost = usage.prompt_tokens * price[0] / 1e6 + usage.completion_tokens * price[1] / 1e6
+        await self.store.add_usage(
+            user_key=inbound.user_key,
+            chat_key=inbound.chat.key,
+            model=result.model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            cost=cost,
+        )
+        for kind, value in (("prompt", usage.prompt_tokens), ("completion", usage.completion_tokens)):
+            if value:
+                self.metrics.tokens.labels(result.model, kind).inc(value)
+
+    def _error_line(self, inbound: Inbound, exc: BaseException) -> str | None:
+        """The friendly error line, at most once per cooldown in groups."""
+        if inbound.chat.is_private:
+            return friendly_error(exc)
+        now = time.monotonic()
+        last = self._last_error_line.get(inbound.chat.key)
+        if last is not None and now - last < self.defaults.error_cooldown:
+            return None
+        self._last_error_line[inbound.chat.key] = now
+        return friendly_error(exc)
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def _spawn(self, coro) -> None:  # noqa: ANN001
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def settle(self, chat_key: str) -> None:
+        """Wait until a chat has no running turn, nothing queued and no pending reply."""
+        while True:
+            await self.lanes.wait_idle(chat_key)
+            pending = [t for t in self._tasks if not t.done()]
+            if not pending and not self.lanes.is_busy(chat_key):
+                return
+            if pending:
+                await asyncio.wait(pending)
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop taking messages, let turns finish up to `timeout`, then stop them visibly."""
+        self._accepting = False
+        leftovers = await self.lanes.close(timeout)
+        for inbound in leftovers:
+            self._spawn(self.reply(inbound, "parley is restarting and did not get to this message. Please resend it in a minute."))
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=10)

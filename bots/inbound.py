@@ -1,0 +1,46 @@
+"""A chat message as the gateway sees it, whatever platform it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bots.outbox import ChatRef
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One user message (or slash command) handed from a connector to the gateway.
+
+    Connectors fill this in from their platform's update; nothing else in parley ever
+    sees a platform object. `text` has the bot's own mention removed. For a command,
+    `command` is its canonical lower-case name (no slash, prefix or @botname) and `args`
+    the raw text after it.
+    """
+
+    chat: ChatRef
+    user_id: str
+    text: str
+    message_id: str
+    update_id: str
+    username: str | None = None  # without "@"
+    display_name: str | None = None
+    command: str | None = None
+    args: str = ""
+    mentions_bot: bool = False
+    reply_to_bot: bool = False
+    reply_to_user_id: str | None = None  # author of the message this one replies to
+    reply_to_username: str | None = None
+    expects_answer: bool = False  # the platform shows a pending state until answered (slash commands)
+
+    @property
+    def platform(self) -> str:
+        return self.chat.platform
+
+    @property
+    def user_key(self) -> str:
+        return f"{self.chat.platform}:{self.user_id}"
+
+    @property
+    def addressed(self) -> bool:
+        """Whether the message is meant for the bot in a group (mention, reply or command)."""
+        return self.chat.is_private or self.mentions_bot or self.reply_to_bot or self.command is not None

@@ -1,0 +1,182 @@
+"""One turn at a time per chat, with an explicit policy for messages that arrive meanwhile.
+
+Each chat (and forum topic / thread) has a lane. A message for an idle lane starts a turn
+at once; a message for a busy lane follows the chat's busy policy:
+
+- `queue`: wait in a bounded FIFO; the first message queued in a busy period is
+  acknowledged, later ones silently join it; a full queue refuses the message, and says so.
+- `interrupt`: stop the running turn (its partial answer is kept, marked interrupted)
+  and run the new message next. Messages that pile up while the interrupted turn winds
+  down are merged into that next turn rather than interrupting each other in turn.
+
+The busy check and the state change happen synchronously in `submit`, with no await in
+between, so two racing messages can never both start a turn. Control commands (/stop,
+/new, /status...) never enter a lane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Awaitable, Callable
+
+from bots.inbound import Inbound
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[[Inbound, asyncio.Event], Awaitable[None]]
+
+
+class Submitted(Enum):
+    STARTED = "started"
+    QUEUED = "queued"  # joined the queue; an acknowledgement is due (first in this busy period)
+    QUEUED_QUIETLY = "queued_quietly"  # joined the queue; already acknowledged
+    INTERRUPTING = "interrupting"  # the running turn was asked to stop; this one runs next
+    FULL = "full"  # the queue is full: refused
+    CLOSED = "closed"  # shutting down: refused
+
+
+@dataclass(eq=False)
+class _Lane:
+    key: str
+    running: asyncio.Task[None] | None = None
+    interrupt: asyncio.Event | None = None
+    queue: deque[Inbound] = field(default_factory=deque)
+    acknowledged: bool = False
+    merge_next: bool = False  # interrupt policy: pending messages merge into the next turn
+
+
+class Lanes:
+    """All lanes of the gateway."""
+
+    def __init__(self, runner: Runner, *, queue_max: int = 5) -> None:
+        self._runner = runner
+        self._queue_max = queue_max
+        self._lanes: dict[str, _Lane] = {}
+        self._closed = False
+
+    # ---- submitting ------------------------------------------------------------------
+
+    def submit(self, inbound: Inbound, *, policy: str, queue_max: int | None = None) -> Submitted:
+        """Start, queue or interrupt -- decided and recorded without awaiting anything."""
+        if self._closed:
+            return Submitted.CLOSED
+        lane = self._lanes.setdefault(inbound.chat.key, _Lane(inbound.chat.key))
+        if lane.running is None:
+            self._start(lane, inbound)
+            return Submitted.STARTED
+        if policy == "interrupt":
+            if lane.interrupt is not None:
+                lane.interrupt.set()
+            lane.queue.append(inbound)
+            lane.merge_next = True
+            return Submitted.INTERRUPTING
+        limit = self._queue_max if queue_max is None else queue_max
+        if len(lane.queue) >= limit:
+            return Submitted.FULL
+        lane.queue.append(inbound)
+        if lane.acknowledged:
+            return Submitted.QUEUED_QUIETLY
+        lane.acknowledged = True
+        return Submitted.QUEUED
+
+    def stop(self, key: str, *, clear_queue: bool = True) -> tuple[bool, int]:
+        """Interrupt the running turn of a lane; returns (was running, queued messages dropped)."""
+        lane = self._lanes.get(key)
+        if lane is None:
+            return False, 0
+        dropped = 0
+        if clear_queue:
+            dropped = len(lane.queue)
+            lane.queue.clear()
+            lane.merge_next = False
+        running = lane.running is not None and lane.interrupt is not None and not lane.interrupt.is_set()
+        if lane.interrupt is not None:
+            lane.interrupt.set()
+        return running, dropped
+
+    async def wait_idle(self, key: str) -> None:
+        """Wait until the lane has no running turn and nothing queued."""
+        while True:
+            lane = self._lanes.get(key)
+            if lane is None or lane.running is None:
+                return
+            await asyncio.shield(lane.running)
+
+    # ---- introspection ---------------------------------------------------------------
+
+    def is_busy(self, key: str) -> bool:
+        lane = self._lanes.get(key)
+        return lane is not None and lane.running is not None
+
+    @property
+    def active(self) -> int:
+        return sum(1 for lane in self._lanes.values() if lane.running is not None)
+
+    def queue_depths(self) -> dict[str, int]:
+        return {key: len(lane.queue) for key, lane in self._lanes.items() if lane.queue}
+
+    # ---- shutdown --------------------------------------------------------------------
+
+    async def close(self, timeout: float) -> list[Inbound]:
+        """Refuse new messages, give running turns `timeout` seconds, then interrupt them.
+
+        Returns the queued messages that will never run, so the gateway can tell their
+        senders instead of dropping them silently.
+        """
+        self._closed = True
+        leftovers = [m for lane in self._lanes.values() for m in lane.queue]
+        for lane in self._lanes.values():
+            lane.queue.clear()
+        tasks = [lane.running for lane in self._lanes.values() if lane.running is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            if pending:
+                for lane in self._lanes.values():
+                    if lane.interrupt is not None:
+                        lane.interrupt.set()
+                await asyncio.wait(pending)
+        return leftovers
+
+    # ---- internals -------------------------------------------------------------------
+
+    def _start(self, lane: _Lane, inbound: Inbound) -> None:
+        lane.interrupt = asyncio.Event()
+        lane.running = asyncio.create_task(self._run(lane, inbound, lane.interrupt), name=f"turn:{lane.key}")
+
+    async def _run(self, lane: _Lane, inbound: Inbound, interrupt: asyncio.Event) -> None:
+        try:
+            await self._runner(inbound, interrupt)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("chat %s: turn crashed", lane.key)
+        finally:
+            lane.running = None
+            lane.interrupt = None
+            self._next(lane)
+
+    def _next(self, lane: _Lane) -> None:
+        if self._closed or not lane.queue:
+            lane.acknowledged = False
+            lane.merge_next = False
+            if not lane.queue and lane.running is None:
+                self._lanes.pop(lane.key, None)
+            return
+        if lane.merge_next:
+            pending = list(lane.queue)
+            lane.queue.clear()
+            lane.merge_next = False
+            nxt = pending[-1] if len(pending) == 1 else _merge(pending)
+        else:
+            nxt = lane.queue.popleft()
+        self._start(lane, nxt)
+
+
+def _merge(messages: list[Inbound]) -> Inbound:
+    """Several messages sent while a turn was being interrupted become one turn."""
+    last = messages[-1]
+    return replace(last, text="\n\n".join(m.text for m in messages if m.text))

@@ -1,0 +1,98 @@
+"""What a running gateway exposes to Prometheus (via prometheus-client).
+
+One `Metrics` object per process owns its own `CollectorRegistry`, so tests can create
+as many gateways as they like without duplicate-metric errors. `ReplyMetrics` adapts it
+to LiveReply's observer interface for one turn.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+_LATENESS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
+
+
+class Metrics:
+    """The counters, gauges and histograms of one gateway process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.messages_received = Counter(
+            "parley_messages_received", "Chat messages received", ["platform"], registry=r
+        )
+        self.turns = Counter("parley_turns", "Agent turns by outcome", ["platform", "outcome"], registry=r)
+        self.time_to_first_token = Histogram(
+            "parley_time_to_first_token_seconds",
+            "From the model request to its first streamed delta",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_visible = Histogram(
+            "parley_time_to_first_visible_seconds",
+            "From the start of a turn to the first text visible in the chat",
+            ["platform"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.platform_calls = Counter(
+            "parley_platform_calls", "Calls made to a chat platform (send, edit, delete, typing, draft)",
+            ["platform", "kind"], registry=r,
+        )
+        self.rate_limited = Counter(
+            "parley_rate_limited", "429 / flood-control answers received from a platform", ["platform"], registry=r
+        )
+        self.edit_lateness = Histogram(
+            "parley_edit_lateness_seconds",
+            "How late a platform call went out after the pacer allowed it",
+            ["platform"],
+            buckets=_LATENESS_BUCKETS,
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "parley_fallbacks", "Model calls answered by the non-streaming fallback, by cause", ["cause"], registry=r
+        )
+        self.tokens = Counter("parley_tokens", "Tokens used, by model and kind", ["model", "kind"], registry=r)
+        self.deliveries_failed = Counter(
+            "parley_deliveries_failed", "Replies that could not be delivered completely", ["platform"], registry=r
+        )
+        self.duplicates_ignored = Counter(
+            "parley_duplicate_updates", "Redelivered platform updates that were ignored", ["platform"], registry=r
+        )
+        self.active_turns = Gauge("parley_active_turns", "Turns running now", registry=r)
+        self.queue_depth = Gauge("parley_queue_depth", "Messages waiting in chat queues", registry=r)
+
+    def track(self, active: Callable[[], int], queued: Callable[[], int]) -> None:
+        """Have the gauges read live values at scrape time."""
+        self.active_turns.set_function(lambda: float(active()))
+        self.queue_depth.set_function(lambda: float(queued()))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class ReplyMetrics:
+    """LiveReply's observer for one turn on one platform."""
+
+    def __init__(self, metrics: Metrics, platform: str, started: float | None = None) -> None:
+        self._m = metrics
+        self._platform = platform
+        self._started = time.monotonic() if started is None else started
+        self._calls = {kind: metrics.platform_calls.labels(platform, kind) for kind in ("send", "edit", "delete", "typing", "draft")}
+        self._lateness = metrics.edit_lateness.labels(platform)
+
+    def on_call(self, kind: str) -> None:
+        self._calls[kind].inc()
+
+    def on_rate_limited(self, retry_after: float) -> None:
+        self._m.rate_limited.labels(self._platform).inc()
+
+    def on_lateness(self, seconds: float) -> None:
+        self._lateness.observe(seconds)
+
+    def on_first_visible(self) -> None:
+        self._m.time_to_first_visible.labels(self._platform).observe(time.monotonic() - self._started)

@@ -1,0 +1,366 @@
+"""Unit tests of the accumulators (agent/stream.py), fed real SDK chunk/event objects.
+
+Chunks are built the way the SDK builds them from the wire (`construct`, no validation),
+so a provider's odd shapes arrive here exactly as they would in production.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from openai._models import construct_type
+from openai.types.chat import ChatCompletionChunk
+from openai.types.responses import ResponseStreamEvent
+
+from agent.errors import ProviderBadResponse
+from agent.stream import (
+    ChatAccumulator,
+    ResponsesAccumulator,
+    StreamBroken,
+    Usage,
+    final_finish_reason,
+    response_from_chat_completion,
+    response_from_responses,
+)
+
+
+def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **top: Any) -> ChatCompletionChunk:
+    body: dict[str, Any] = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    if delta is not None or finish is not None:
+        body["choices"] = [{"index": 0, "delta": delta or {}, "finish_reason": finish}]
+    body.update(top)
+    return ChatCompletionChunk.construct(**body)
+
+
+def tc(**fields: Any) -> dict[str, Any]:
+    return {"tool_calls": [fields]}
+
+
+class Rec:
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        self.first = 0
+
+    def acc(self) -> ChatAccumulator:
+        return ChatAccumulator(self.text.append, self.reasoning.append, self.on_first)
+
+    def on_first(self) -> None:
+        self.first += 1
+
+
+def feed(acc: Any, *chunks: Any) -> Any:
+    for c in chunks:
+        acc.feed(c)
+    return acc.result()
+
+
+def test_text_accumulates_with_finish_and_usage() -> None:
+    rec = Rec()
+    result = feed(
+        rec.acc(),
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": "Hel"}),
+        chunk({"content": "lo"}),
+        chunk({}, "stop"),
+        chunk(choices=[], usage={"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}),
+    )
+    assert result.content == "Hello"
+    assert result.finish_reason == "stop"
+    assert result.complete
+    assert result.usage == Usage(5, 3, 0, 8)
+    assert rec.text == ["Hel", "lo"]
+    assert rec.first == 1
+
+
+def test_tool_arguments_split_across_deltas_accumulate_with_id_and_name() -> None:
+    result = feed(
+        Rec().acc(),
+        chunk(tc(index=0, id="call_a", type="function", function={"name": "search", "arguments": ""})),
+        chunk(tc(index=0, function={"arguments": '{"qu'})),
+        chunk(tc(index=0, function={"arguments": 'ery": "x"}'})),
+        chunk(tc(index=1, id="call_b", type="function", function={"name": "weather", "arguments": ""})),
+        chunk(tc(index=1, function={"arguments": "{}"})),
+        chunk({}, "tool_calls"),
+    )
+    assert [(c.id, c.name, c.arguments) for c in result.tool_calls] == [
+        ("call_a", "search", '{"query": "x"}'),
+        ("call_b", "weather", "{}"),
+    ]
+    assert result.finish_reason == "tool_calls"
+
+
+def test_text_after_first_tool_delta_is_kept_but_not_emitted() -> None:
+    rec = Rec()
+    result = feed(
+        rec.acc(),
+        chunk({"content": "Let me check. "}),
+        chunk(tc(index=0, id="c", function={"name": "t", "arguments": "{}"})),
+        chunk({"content": "(hidden)"}),
+        chunk({}, "tool_calls"),
+    )
+    assert rec.text == ["Let me check. "]
+    assert result.content == "Let me check. (hidden)"
+    assert result.visible_text == "Let me check. "
+
+
+def test_tool_only_stream_emits_no_text_but_fires_first_delta_once() -> None:
+    rec = Rec()
+    feed(
+        rec.acc(),
+        chunk({"role": "assistant", "content": None}),
+        chunk(tc(index=0, id="c", function={"name": "t", "arguments": ""})),
+        chunk(tc(index=0, function={"arguments": "{}"})),
+        chunk({}, "tool_calls"),
+    )
+    assert rec.text == []
+    assert rec.first == 1
+
+
+def test_missing_index_continues_the_open_call() -> None:
+    result = feed(
+        Rec().acc(),
+        chunk(tc(id="call_a", function={"name": "get_weather", "arguments": '{"city"'})),
+        chunk(tc(function={"arguments": ': "Paris"}'})),
+        chunk(tc(id="call_b", function={"name": "get_time", "arguments": "{}"})),
+        chunk({}, "tool_calls"),
+    )
+    assert [(c.id, c.name, c.arguments) for c in result.tool_calls] == [
+        ("call_a", "get_weather", '{"city": "Paris"}'),
+        ("call_b", "get_time", "{}"),
+    ]
+
+
+def test_repeated_id_name_and_type_are_assigned_not_concatenated() -> None:
+    head = {"index": 0, "id": "call_abc", "type": "function"}
+    result = feed(
+        Rec().acc(),
+        chunk({"role": "assistant"}),
+        chunk({"role": "assistant", **tc(**head, function={"name": "read_file", "arguments": '{"pa'})}),
+        chunk({"role": "assistant", **tc(**head, function={"name": "read_file", "arguments": 'th": "a"}'})}),
+        chunk({}, "tool_calls"),
+    )
+    (call,) = result.tool_calls
+    assert (call.id, call.name, call.arguments) == ("call_abc", "read_file", '{"path": "a"}')
+
+
+def test_ollama_parallel_calls_on_index_zero_stay_separate() -> None:
+    result = feed(
+        Rec().acc(),
+        chunk(tc(index=0, id="call_a", function={"name": "get_weather", "arguments": '{"city":"Paris"}'})),
+        chunk(tc(index=0, id="call_b", function={"name": "get_time", "arguments": "{}"})),
+        chunk({}, "tool_calls"),
+    )
+    assert [(c.id, c.name, c.arguments) for c in result.tool_calls] == [
+        ("call_a", "get_weather", '{"city":"Paris"}'),
+        ("call_b", "get_time", "{}"),
+    ]
+
+
+def test_changed_id_without_a_name_continues_the_call() -> None:
+    """Poolside: a different id on later chunks of the same call must not split it."""
+    result = feed(
+        Rec().acc(),
+        chunk(tc(index=0, id="first", function={"name": "t", "arguments": '{"a"'})),
+        chunk(tc(index=0, id="second", function={"arguments": ": 1}"})),
+        chunk({}, "tool_calls"),
+    )
+    (call,) = result.tool_calls
+    assert (call.id, call.arguments) == ("first", '{"a": 1}')
+
+
+def test_integer_ids_become_strings_and_dict_arguments_json() -> None:
+    result = feed(
+        Rec().acc(),
+        chunk(tc(index=0, id=7, function={"name": "t", "arguments": {"x": 1}})),
+        chunk({}, "tool_calls"),
+    )
+    (call,) = result.tool_calls
+    assert call.id == "7"
+    assert call.arguments == '{"x": 1}'
+
+
+def test_extra_tool_call_keys_are_kept_for_round_tripping() -> None:
+    result = feed(
+        Rec().acc(),
+        chunk(tc(index=0, id="c", function={"name": "t", "arguments": "{}"}, extra_content={"google": {"s": "x"}})),
+        chunk({}, "tool_calls"),
+    )
+    assert result.tool_calls[0].extra == {"extra_content": {"google": {"s": "x"}}}
+    assert result.assistant_message()["tool_calls"][0]["extra_content"] == {"google": {"s": "x"}}
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_reasoning_from_either_field_is_separate_from_text(field: str) -> None:
+    rec = Rec()
+    result = feed(rec.acc(), chunk({field: "think "}), chunk({field: "hard"}), chunk({"content": "42"}), chunk({}, "stop"))
+    assert result.reasoning == "think hard"
+    assert result.content == "42"
+    assert rec.reasoning == ["think ", "hard"]
+    assert rec.text == ["42"]
+    assert rec.first == 1
+
+
+def test_mirrored_reasoning_fields_count_once() -> None:
+    rec = Rec()
+    result = feed(rec.acc(), chunk({"reasoning_content": "a", "reasoning": "a"}), chunk({}, "stop"))
+    assert result.reasoning == "a"
+    assert rec.reasoning == ["a"]
+
+
+def test_usage_is_replaced_by_the_latest_never_summed() -> None:
+    result = feed(
+        Rec().acc(),
+        chunk({"content": "a"}, usage={"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}),
+        chunk({"content": "b"}, usage={"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}),
+        chunk({}, "stop", usage={"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                                 "completion_tokens_details": {"reasoning_tokens": 1}}),
+    )
+    assert result.usage == Usage(5, 3, 1, 8)
+
+
+@pytest.mark.parametrize(
+    ("seen", "has_calls", "expected"),
+    [
+        ([], False, None),
+        (["stop"], False, "stop"),
+        (["stop"], True, "tool_calls"),  # gpt-4o with forced tool_choice says "stop"
+        (["tool_calls", "stop"], True, "tool_calls"),  # ChatMock double finish
+        (["length"], True, "length"),
+        (["content_filter", "stop"], False, "content_filter"),
+        (["stop", "error"], False, "error"),
+    ],
+)
+def test_final_finish_reason_rules(seen: list[str], has_calls: bool, expected: str | None) -> None:
+    assert final_finish_reason(seen, has_calls) == expected
+
+
+def test_stream_without_finish_reason_is_not_complete() -> None:
+    result = feed(Rec().acc(), chunk({"content": "partial"}))
+    assert not result.complete
+    assert result.finish_reason is None
+
+
+def test_empty_finish_reason_string_is_ignored() -> None:
+    acc = Rec().acc()
+    feed(acc, chunk({"content": "a"}, ""))
+    assert not acc.has_finish
+
+
+def test_non_data_chunks_are_skipped() -> None:
+    rec = Rec()
+    result = feed(
+        rec.acc(),
+        chunk(choices=[], prompt_filter_results=[{"prompt_index": 0}]),  # Azure prompt filter
+        ChatCompletionChunk.construct(id="x", choices=None),  # proxies in front of Claude
+        ChatCompletionChunk.construct(  # Azure async content filter: no delta
+            id="", object="", choices=[{"index": 0, "finish_reason": None, "content_filter_results": {}}]
+        ),
+        chunk({"content": "ok"}),
+        ChatCompletionChunk.construct(  # a proxy that mislabels real chunks
+            id="x", object="chat.completion", choices=[{"index": 0, "delta": {"content": "!"}}]
+        ),
+        chunk({}, "stop"),
+    )
+    assert result.content == "ok!"
+    assert rec.text == ["ok", "!"]
+
+
+def test_malformed_chunk_raises_a_plain_python_error() -> None:
+    acc = Rec().acc()
+    with pytest.raises((TypeError, AttributeError)):
+        acc.feed(ChatCompletionChunk.construct(id="x", choices=[{"index": 0, "delta": "not a dict"}]))
+
+
+# -- Responses events ------------------------------------------------------------
+
+
+def event(kind: str, **fields: Any) -> Any:
+    return construct_type(type_=ResponseStreamEvent, value={"type": kind, "sequence_number": 0, **fields})
+
+
+def test_responses_text_tool_call_reasoning_and_usage() -> None:
+    rec = Rec()
+    acc = ResponsesAccumulator(rec.text.append, rec.reasoning.append, rec.on_first)
+    result = feed(
+        acc,
+        event("response.created", response={"id": "r", "model": "m1", "status": "in_progress", "output": []}),
+        event("response.reasoning_summary_text.delta", item_id="rs", output_index=0, summary_index=0, delta="hmm"),
+        event("response.output_text.delta", item_id="msg", output_index=1, content_index=0, delta="Hi "),
+        event("response.output_item.added", output_index=2,
+              item={"id": "fc_1", "type": "function_call", "call_id": "call_1", "name": "t", "arguments": ""}),
+        event("response.function_call_arguments.delta", item_id="fc_1", output_index=2, delta='{"a"'),
+        event("response.function_call_arguments.delta", item_id="fc_1", output_index=2, delta=": 1}"),
+        event("response.output_text.delta", item_id="msg2", output_index=3, content_index=0, delta="later"),
+        event("response.completed", response={"id": "r", "model": "m1", "status": "completed", "output": [],
+                                              "usage": {"input_tokens": 4, "output_tokens": 6, "total_tokens": 10,
+                                                        "output_tokens_details": {"reasoning_tokens": 2}}}),
+    )
+    assert rec.text == ["Hi "]
+    assert rec.reasoning == ["hmm"]
+    assert rec.first == 1
+    assert result.content == "Hi later"
+    assert [(c.id, c.name, c.arguments) for c in result.tool_calls] == [("call_1", "t", '{"a": 1}')]
+    assert result.finish_reason == "tool_calls"
+    assert result.usage == Usage(4, 6, 2, 10)
+    assert result.model == "m1"
+
+
+def test_responses_incomplete_is_a_length_finish() -> None:
+    acc = ResponsesAccumulator()
+    result = feed(
+        acc,
+        event("response.output_text.delta", item_id="m", output_index=0, content_index=0, delta="cut"),
+        event("response.incomplete", response={"status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"}}),
+    )
+    assert result.complete and result.finish_reason == "length" and result.content == "cut"
+
+
+@pytest.mark.parametrize(
+    "terminal",
+    [
+        event("response.failed", response={"status": "failed", "error": {"code": "server_error", "message": "boom"}}),
+        event("error", code="server_error", message="boom", param=None),
+    ],
+)
+def test_responses_failed_and_error_events_break_the_stream(terminal: Any) -> None:
+    acc = ResponsesAccumulator()
+    acc.feed(event("response.output_text.delta", item_id="m", output_index=0, content_index=0, delta="x"))
+    with pytest.raises(StreamBroken) as info:
+        acc.feed(terminal)
+    assert info.value.cause == "in_band_error"
+    assert "boom" in str(info.value)
+
+
+def test_responses_stream_without_terminal_event_is_not_complete() -> None:
+    result = feed(ResponsesAccumulator(), event("response.output_text.delta", item_id="m", output_index=0,
+                                                content_index=0, delta="x"))
+    assert not result.complete
+
+
+# -- non-streaming shapes -----------------------------------------------------------
+
+
+def test_chat_completion_with_error_body_is_a_bad_response() -> None:
+    with pytest.raises(ProviderBadResponse, match="context size"):
+        response_from_chat_completion({"error": {"message": "exceeds the available context size"}})
+
+
+def test_chat_completion_to_model_response() -> None:
+    result = response_from_chat_completion(
+        {
+            "model": "m",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                "role": "assistant", "content": "hi", "reasoning_content": "r",
+                "tool_calls": [{"id": 5, "type": "function", "function": {"name": "t", "arguments": {"a": 1}}}]}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+        }
+    )
+    assert (result.content, result.reasoning, result.finish_reason) == ("hi", "r", "tool_calls")
+    assert [(c.id, c.arguments) for c in result.tool_calls] == [("5", '{"a": 1}')]
+
+
+def test_failed_response_object_is_a_bad_response() -> None:
+    with pytest.raises(ProviderBadResponse, match="overloaded"):
+        response_from_responses({"status": "failed", "error": {"code": "server_error", "message": "overloaded"}})
