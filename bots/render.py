@@ -26,9 +26,9 @@ _SENTENCE_END = re.compile(r"[.!?…。！？][\"')\]]*\s")
 
 def text_length(text: str, *, utf16: bool) -> int:
     """Length as a platform counts it: UTF-16 code units (Telegram) or code points."""
-    if not utf16:
+    if not utf16 or text.isascii():
         return len(text)
-    return len(text) + sum(1 for ch in text if ord(ch) > 0xFFFF)
+    return len(text.encode("utf-16-le")) // 2
 
 
 def open_fence(text: str) -> tuple[str, str] | None:
