@@ -4,7 +4,8 @@
 (SIGTERM/SIGINT in the CLI). Shutdown is graceful and ordered: stop receiving (unread
 Telegram updates stay on Telegram's side), let running turns finish up to
 `shutdown_timeout`, stop the rest visibly (their live messages are finalized, marked
-stopped), then close connections and the store.
+stopped), then close connections and the store. From the first moment of shutdown
+`/readyz` answers 503; `hurry` (a second signal) skips the wait for running turns.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import logging
 from dataclasses import dataclass, field
 
 from agent import Agent, ToolRegistry
+from agent.errors import AgentError
 from agent.tools import current_time, make_fetch_url
 from bots.access import Access
-from bots.config import Settings
+from bots.config import Listen, Settings
+from bots.errors import ParleyError
 from bots.gateway import ChatDefaults, Connector, Gateway
 from bots.health import HealthServer
 from bots.metrics import Metrics
@@ -57,6 +60,29 @@ def chat_defaults(settings: Settings) -> ChatDefaults:
     )
 
 
+class StartupFailed(ParleyError):
+    """parley could not start serving: a platform refused to connect, a port was taken...
+
+    The message says which part failed and why (secrets redacted); the CLI prints it and
+    exits non-zero, so a supervisor (systemd, Docker) sees the failure and may retry.
+    """
+
+
+# After `shutdown_timeout`, running turns are interrupted; finalizing their live messages
+# (one paced edit each) normally takes a moment. Past this, parley stops waiting for them.
+FINALIZE_TIMEOUT = 15.0
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line about an exception for operators: its type and text, secrets redacted."""
+    from bots.logs import redact
+
+    text = str(exc).strip()
+    if isinstance(exc, (ParleyError, AgentError)):
+        return redact(text or type(exc).__name__)
+    return redact(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
 @dataclass
 class App:
     """Everything one parley process runs."""
@@ -68,15 +94,30 @@ class App:
     metrics: Metrics
     connectors: list[Connector] = field(default_factory=list)
     health: HealthServer | None = None
+    stopping: bool = field(default=False, init=False)
 
     @classmethod
-    async def create(cls, settings: Settings, *, extra_owners: frozenset[str] = frozenset()) -> "App":
+    async def create(
+        cls, settings: Settings, *, extra_owners: frozenset[str] = frozenset(), recover: bool = True
+    ) -> "App":
+        """Open the store (migrating it) and build the agent and gateway; connects to no platform.
+
+        `recover`: mark turns an earlier process left "running" as failed. Only the gateway
+        process may: `parley chat` can share the store with a live `parley run`.
+        """
         metrics = Metrics()
         store = await Store.open(settings.store.get_secret_value())
-        stale = await store.mark_stale_turns(status="error")
-        if stale:
-            log.info("marked %d turns left running by an earlier process as failed", stale)
-        agent = Agent(settings.provider.agent_config(), tools=build_tools(settings), max_steps=settings.agent.max_steps)
+        try:
+            if recover:
+                stale = await store.mark_stale_turns(status="error")
+                if stale:
+                    log.info("marked %d turns left running by an earlier process as failed", stale)
+            agent = Agent(
+                settings.provider.agent_config(), tools=build_tools(settings), max_steps=settings.agent.max_steps
+            )
+        except BaseException:
+            await store.close()
+            raise
         policy = settings.access.policy()
         if extra_owners:
             from dataclasses import replace
@@ -119,7 +160,9 @@ class App:
             from bots.discord import DiscordConnector
 
             assert s.discord.token is not None
-            counter = self.metrics.rate_limited.labels("discord")
+            # discord.py sleeps through most 429s inside its HTTP client, so they are
+            # counted where they arrive (an aiohttp trace hook), not where they surface.
+            self.metrics.count_429_at_transport("discord")
             connectors.append(
                 DiscordConnector(
                     s.discord.token.get_secret_value(),
@@ -128,57 +171,132 @@ class App:
                     command_prefix=s.discord.command_prefix,
                     slash_commands=s.discord.slash_commands,
                     pacing=s.discord.pacing.policy(),
-                    on_rate_limited=counter.inc,
+                    on_rate_limited=self.metrics.rate_limited.labels("discord").inc,
                 )
             )
         return connectors
 
-    async def start(self, connectors: list[Connector]) -> None:
-        if self.settings.metrics.listen is not None:
-            listen = self.settings.metrics.listen
-            self.health = HealthServer(self.metrics, ready=self.ready)
-            await self.health.start(listen.host, listen.port)
+    async def start(self, connectors: list[Connector], *, serve_health: bool = True) -> None:
+        """Serve health/metrics (if configured), then connect every platform, in order.
+
+        Raises `StartupFailed` naming the part that failed; whatever had started stays
+        registered, so `stop()` still closes it. `parley chat` passes `serve_health=False`:
+        a terminal session must not take (or fight a running gateway for) the port.
+        """
+        listen = self.settings.metrics.listen
+        if listen is not None and serve_health:
+            health = HealthServer(self.metrics, ready=self.ready)
+            try:
+                await health.start(listen.host, listen.port)
+            except OSError as exc:
+                raise StartupFailed(f"metrics.listen {listen}: cannot listen: {describe_error(exc)}") from exc
+            self.health = health
+            where = Listen(listen.host, health.port)
+            log.info("health and metrics on http://%s/metrics (also /healthz, /readyz)", where)
         for connector in connectors:
             self.gateway.attach(connector)
-            await connector.start(self.gateway)
+            try:
+                await connector.start(self.gateway)
+            except asyncio.CancelledError:
+                await self._close_connector(connector)
+                raise
+            except Exception as exc:
+                await self._close_connector(connector)
+                raise StartupFailed(f"{connector.platform}: could not connect: {describe_error(exc)}") from exc
             self.connectors.append(connector)
 
     async def ready(self) -> tuple[bool, dict[str, bool]]:
-        """Readiness: every started platform connected and the store reachable."""
+        """Readiness: serving (not shutting down), every platform connected, the store reachable."""
         checks = {c.platform: c.connected for c in self.connectors}
         checks["store"] = await self.store.ping()
+        checks["accepting"] = not self.stopping
         return all(checks.values()) and bool(self.connectors), checks
 
-    async def stop(self) -> None:
-        """Graceful shutdown, in order (see module docstring)."""
+    async def stop(self, *, hurry: asyncio.Event | None = None) -> None:
+        """Graceful shutdown, in order (see module docstring).
+
+        `hurry` (the CLI sets it on a second SIGTERM/SIGINT) cuts the wait for running
+        turns short: they are interrupted at once and finalized, marked stopped.
+        """
+        if self.stopping:
+            return
+        self.stopping = True
         for connector in self.connectors:
             try:
                 await connector.stop_receiving()
-            except Exception:
-                log.exception("%s: error while stopping to receive", connector.platform)
-        await self.gateway.shutdown(self.settings.shutdown_timeout)
+            except Exception as exc:
+                log.warning("%s: error while stopping to receive: %s", connector.platform, describe_error(exc))
+        running = self.gateway.lanes.active
+        timeout = self.settings.shutdown_timeout
+        if running:
+            log.info("stopped receiving; waiting up to %gs for %d running turn(s)", timeout, running)
+        elif self.connectors:
+            log.info("stopped receiving; no turn is running")
+        await self._finish_turns(timeout, hurry)
         for connector in self.connectors:
-            try:
-                await connector.stop()
-            except Exception:
-                log.exception("%s: error while closing", connector.platform)
+            await self._close_connector(connector)
         if self.health is not None:
             await self.health.stop()
         await self.agent.aclose()
         await self.store.close()
 
+    async def _finish_turns(self, timeout: float, hurry: asyncio.Event | None) -> None:
+        """Let turns finish up to `timeout`, then interrupt them and wait for their last edit."""
+        graceful = asyncio.create_task(self.gateway.shutdown(timeout), name="shutdown")
+        hurried = asyncio.create_task(hurry.wait()) if hurry is not None else None
+        try:
+            waiting = {graceful} if hurried is None else {graceful, hurried}
+            await asyncio.wait(waiting, timeout=timeout + FINALIZE_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+            if graceful.done():
+                if not graceful.cancelled() and graceful.exception() is not None:
+                    log.error("error while finishing turns: %s", describe_error(graceful.exception()))
+                return
+            tasks: set[asyncio.Task[None]] = {graceful}
+            if hurried is not None and hurried.done():
+                log.warning("stopping the %d running turn(s) now", self.gateway.lanes.active)
+                # A second close with no grace interrupts every running turn at once.
+                tasks.add(asyncio.create_task(self.gateway.shutdown(0), name="shutdown-now"))
+                _, pending = await asyncio.wait(tasks, timeout=FINALIZE_TIMEOUT)
+            else:
+                pending = tasks
+            if pending:
+                log.error("running turns did not finish in time; closing anyway")
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            if hurried is not None:
+                hurried.cancel()
 
-async def run(settings: Settings, stop: asyncio.Event) -> None:
-    """Start every configured platform, serve until `stop` is set, then shut down gracefully."""
+    async def _close_connector(self, connector: Connector) -> None:
+        try:
+            await connector.stop()
+        except Exception as exc:
+            log.warning("%s: error while closing: %s", connector.platform, describe_error(exc))
+
+
+async def run(settings: Settings, stop: asyncio.Event, hurry: asyncio.Event | None = None) -> None:
+    """Start every configured platform, serve until `stop` is set, then shut down gracefully.
+
+    A stop requested while platforms are still connecting cancels the start-up. Raises
+    `StartupFailed` (or the store's error) when parley cannot start serving.
+    """
     app = await App.create(settings)
+    stopper = asyncio.create_task(stop.wait())
     try:
         connectors = app.platform_connectors()
-        if not connectors:
-            log.warning("no platform has a token: set telegram.token and/or discord.token (nothing to serve)")
-        await app.start(connectors)
-        log.info("parley is running (%s)", ", ".join(c.platform for c in connectors) or "no platforms")
-        await stop.wait()
-        log.info("shutting down: finishing running turns (up to %ss)", settings.shutdown_timeout)
+        starting = asyncio.create_task(app.start(connectors), name="start")
+        await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log.info("stop requested while starting")
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+        else:
+            starting.result()
+            log.info("parley is running (%s)", ", ".join(c.platform for c in app.connectors))
+            await stopper
+        log.info("shutting down")
     finally:
-        await app.stop()
+        stopper.cancel()
+        await app.stop(hurry=hurry)
     log.info("parley stopped")

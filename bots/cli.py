@@ -1,7 +1,14 @@
 """The `parley` command: run, chat, check, version.
 
 Configuration is validated before anything connects anywhere; a bad file or variable
-prints every problem (`key.path: what is wrong`) and exits with status 2.
+prints every problem (`key.path: what is wrong`) and exits with status 2. Other failures
+to start (a platform refusing the token, a port already taken, an unreachable database)
+print one line naming the cause and exit with status 1 -- never a traceback, so the
+operator reads the cause rather than the call stack.
+
+Signals (`run` and `chat`): the first SIGTERM or SIGINT stops taking new messages and
+lets running turns finish for up to `shutdown_timeout`; a second one interrupts them at
+once (their live messages are finalized, marked stopped); a third exits immediately.
 """
 
 from __future__ import annotations
@@ -11,20 +18,36 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
-from typing import Awaitable, Callable, Sequence
+from pathlib import Path
 
 from bots.config import Settings, load_config, report_config_error
-from bots.errors import ConfigError
+from bots.errors import ConfigError, ParleyError
 from bots.logs import setup_logging
 
 log = logging.getLogger("parley")
 
+EXIT_OK = 0
+EXIT_FAILED = 1  # could not start, or `parley check` found a problem
+EXIT_CONFIG = 2  # invalid configuration (nothing was contacted)
+
+CHECK_TIMEOUT = 30.0  # seconds for each `parley check` probe
+
 
 def parley_version() -> str:
+    """The installed distribution's version, else the source tree's pyproject.toml."""
     try:
         return version("parley")
     except PackageNotFoundError:
+        pass
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    try:
+        import tomllib
+
+        return str(tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"])
+    except (OSError, KeyError, ValueError):
         return "0+unknown"
 
 
@@ -35,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", "-c", help="YAML config file (default: $PARLEY_CONFIG, else ./parley.yaml if present)")
         p.add_argument("--log-format", choices=("text", "json"), help="log format (default: logging.format)")
-        p.add_argument("--log-level", help="log level (default: logging.level)")
+        p.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+                       help="log level (default: logging.level)")
 
     common(sub.add_parser("run", help="start every configured platform in one process"))
     common(sub.add_parser("chat", help="talk to the agent in this terminal (no platform token needed)"))
@@ -44,151 +68,270 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace) -> Settings:
+def _load(args: argparse.Namespace, *, quiet_libraries: dict[str, str] | None = None,
+          default_level: str | None = None) -> Settings:
+    """Validate the configuration, then log the way it says (the CLI flags win)."""
     settings = load_config(args.config)
+    level = args.log_level or default_level or settings.logging.level
     setup_logging(
-        args.log_level or settings.logging.level,
+        level,
         args.log_format or settings.logging.format,
         secrets=settings.secrets(),
-        loggers=settings.logging.loggers,
+        loggers={**((quiet_libraries or {}) if level != "DEBUG" else {}), **settings.logging.loggers},
     )
     return settings
 
 
-def _serve(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run `main` until it returns; SIGTERM/SIGINT set its stop event (a second one aborts)."""
+# --------------------------------------------------------------------------- signals
+
+
+class Signals:
+    """Counts SIGTERM/SIGINT: the first sets `stop`, the second `hurry`, the third aborts."""
+
+    def __init__(self, main_task: asyncio.Task[None]) -> None:
+        self.stop = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self.count = 0
+        self.last: int | None = None
+        self._main = main_task
+
+    def received(self, sig: int) -> None:
+        self.count += 1
+        self.last = sig
+        name = signal.Signals(sig).name
+        if self.count == 1:
+            log.info("%s received: stopping (send it again to stop running turns at once)", name)
+            self.stop.set()
+        elif self.count == 2:
+            log.warning("%s received again: interrupting running turns now (a third one exits at once)", name)
+            self.hurry.set()
+        else:
+            log.error("%s received a third time: exiting now", name)
+            self._main.cancel()
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.received, sig)
+
+
+def _serve(main: Callable[[Signals], Awaitable[None]]) -> int:
+    """Run `main` until it returns, with SIGTERM/SIGINT handled as described in the module doc."""
+    signals: Signals | None = None
 
     async def runner() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
+        nonlocal signals
         task = asyncio.current_task()
-
-        def on_signal() -> None:
-            if stop.is_set() and task is not None:
-                task.cancel()  # a second signal: stop waiting for turns
-            stop.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-        await main(stop)
+        assert task is not None
+        signals = Signals(task)
+        signals.install(asyncio.get_running_loop())
+        await main(signals)
 
     try:
         asyncio.run(runner())
-    except asyncio.CancelledError:
-        pass
+    except asyncio.CancelledError:  # the third signal
+        last = signals.last if signals is not None and signals.last is not None else signal.SIGTERM
+        return 128 + int(last)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- commands
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from bots.app import run
+    from bots.config import ConfigProblems, Problem
 
     settings = _load(args)
-    _serve(lambda stop: run(settings, stop))
-    return 0
+    if not settings.enabled_platforms():
+        raise ConfigProblems(
+            [Problem("telegram.token, discord.token",
+                     "no platform has a token, so `parley run` has nothing to serve; set TELEGRAM_BOT_TOKEN "
+                     "and/or DISCORD_BOT_TOKEN (or try the agent in a terminal with `parley chat`)")],
+            source=settings.config_file,
+        )
+    return _serve(lambda signals: run(settings, signals.stop, signals.hurry))
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from bots.app import App
     from bots.console import CONSOLE_USER, ConsoleConnector
 
-    settings = _load(args)
+    # Log lines would interleave with the conversation in the terminal: warnings only,
+    # unless --log-level asks for more.
+    settings = _load(args, default_level="WARNING")
 
-    async def main(stop: asyncio.Event) -> None:
-        app = await App.create(settings, extra_owners=frozenset({CONSOLE_USER}))
+    async def main(signals: Signals) -> None:
+        # The store may be shared with a running `parley run`: its running turns are not stale.
+        app = await App.create(settings, extra_owners=frozenset({CONSOLE_USER}), recover=False)
         console = ConsoleConnector()
         try:
-            await app.start([console])
+            await app.start([console], serve_health=False)
             repl = asyncio.create_task(console.run(app.gateway))
-            stopper = asyncio.create_task(stop.wait())
+            stopper = asyncio.create_task(signals.stop.wait())
             await asyncio.wait({repl, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            for t in (repl, stopper):
-                t.cancel()
+            stopper.cancel()
+            if not repl.done():
+                repl.cancel()
+            ended, _ = await asyncio.gather(repl, stopper, return_exceptions=True)
+            if isinstance(ended, Exception):
+                raise ended
         finally:
-            await app.stop()
+            await app.stop(hurry=signals.hurry)
 
-    _serve(main)
-    return 0
+    return _serve(main)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    settings = _load(args)
+    # discord.py warns about intents and voice support when the probe logs in; noise here.
+    settings = _load(args, quiet_libraries={"discord": "ERROR"})
     rows = asyncio.run(_checks(settings))
     width = max(len(name) for name, _, _ in rows)
-    ok = all(passed for _, passed, _ in rows)
+    failed = [name for name, passed, _ in rows if not passed]
     for name, passed, detail in rows:
         print(f"{'PASS' if passed else 'FAIL'}  {name.ljust(width)}  {detail}")
-    print("all checks passed" if ok else "some checks failed")
-    return 0 if ok else 1
+    if not settings.enabled_platforms():
+        print("note: no platform has a token: `parley run` would have nothing to serve (`parley chat` needs none)")
+    if failed:
+        print(f"{len(failed)} of {len(rows)} checks failed: {', '.join(failed)}")
+        return EXIT_FAILED
+    print(f"all {len(rows)} checks passed")
+    return EXIT_OK
 
 
-async def _checks(settings: Settings) -> list[tuple[str, bool, str]]:
+Row = tuple[str, bool, str]
+
+
+async def _checks(settings: Settings) -> list[Row]:
+    """Probe the store, the provider and every configured platform, all at once."""
+
+    async def attempt(name: str, probe: Callable[[], Awaitable[str]]) -> Row:
+        try:
+            return name, True, await asyncio.wait_for(probe(), timeout=CHECK_TIMEOUT)
+        except TimeoutError:
+            return name, False, f"no answer within {CHECK_TIMEOUT:g} s" + _hint(name, None, settings)
+        except Exception as exc:  # every failure becomes a table row, never a traceback
+            return name, False, _describe(exc) + _hint(name, exc, settings)
+
+    probes: list[Awaitable[Row]] = [
+        attempt("store", lambda: _probe_store(settings)),
+        attempt("provider", lambda: _probe_provider(settings)),
+    ]
+    skipped: list[Row] = []
+    for platform in ("telegram", "discord"):
+        section = getattr(settings, platform)
+        if section.enabled:
+            probes.append(attempt(platform, lambda platform=platform: _probe_platform(settings, platform)))
+        else:
+            var = section.unset_env.get("token")
+            why = f" ({var} is not set)" if var else ""
+            skipped.append((platform, True, f"skipped: no token{why}, so it will not be started"))
+    rows: list[Row] = [("config", True, str(settings.config_file or "no file: defaults + environment"))]
+    rows.extend(await asyncio.gather(*probes))
+    return rows + skipped
+
+
+async def _probe_store(settings: Settings) -> str:
+    """Reach the database and read its schema revision -- without creating or migrating it."""
+    from bots import migrations
+    from bots.store import Store, create_engine
+
+    url = settings.store
+    if url.kind == "sqlite" and url.database and not Path(url.database).exists():
+        return f"{url}: no database yet; `parley run` creates it"
+    store = Store(create_engine(url.get_secret_value()), display_url=url.masked(), utcnow=lambda: datetime.now(UTC))
+    try:
+        revision = await store.schema_revision()
+    finally:
+        await store.close()
+    head = migrations.head_revision()
+    if revision == head:
+        return f"{url}: schema up to date ({head})"
+    if revision is None:
+        return f"{url}: reachable, no schema yet; `parley run` creates it ({head})"
+    return f"{url}: schema at {revision}; `parley run` migrates it to {head}"
+
+
+async def _probe_provider(settings: Settings) -> str:
     from agent import Agent
 
-    rows: list[tuple[str, bool, str]] = [("config", True, str(settings.config_file or "defaults + environment"))]
+    agent = Agent(settings.provider.agent_config())
+    try:
+        return f"{settings.provider.base_url}, model {settings.provider.model}: {await agent.probe()}"
+    finally:
+        await agent.aclose()
 
-    async def attempt(name: str, probe: Callable[[], Awaitable[str]]) -> None:
-        try:
-            rows.append((name, True, await asyncio.wait_for(probe(), timeout=30)))
-        except asyncio.TimeoutError:
-            rows.append((name, False, "no answer within 30 s"))
-        except Exception as exc:  # every failure becomes a table row, never a traceback
-            rows.append((name, False, _describe(exc)))
 
-    async def store_probe() -> str:
-        from bots.store import Store
-
-        store = await Store.open(settings.store.get_secret_value())
-        try:
-            await store.ping()
-            return str(settings.store)
-        finally:
-            await store.close()
-
-    async def provider_probe() -> str:
-        agent = Agent(settings.provider.agent_config())
-        try:
-            return f"{settings.provider.base_url} model {settings.provider.model}: " + await agent.probe()
-        finally:
-            await agent.aclose()
-
-    await attempt("store", store_probe)
-    await attempt("provider", provider_probe)
-    if settings.telegram.enabled:
+async def _probe_platform(settings: Settings, platform: str) -> str:
+    if platform == "telegram":
         from bots.telegram import check as telegram_check
 
         assert settings.telegram.token is not None
-        token = settings.telegram.token.get_secret_value()
-        await attempt("telegram", lambda: telegram_check(token, settings.telegram.api_base))
+        who = await telegram_check(settings.telegram.token.get_secret_value(), settings.telegram.api_base)
     else:
-        rows.append(("telegram", True, "not configured (no token): skipped"))
-    if settings.discord.enabled:
         from bots.discord import check as discord_check
 
-        assert settings.discord.token is not None
-        dtoken = settings.discord.token.get_secret_value()
-        await attempt("discord", lambda: discord_check(dtoken, settings.discord.api_base, settings.discord.gateway_url))
-    else:
-        rows.append(("discord", True, "not configured (no token): skipped"))
-    return rows
+        section = settings.discord
+        assert section.token is not None
+        who = await discord_check(section.token.get_secret_value(), section.api_base, section.gateway_url)
+    return f"logged in as {who}"
 
 
 def _describe(exc: BaseException) -> str:
-    from bots.logs import redact
+    from bots.app import describe_error
 
-    text = str(exc) or type(exc).__name__
-    return redact(f"{type(exc).__name__}: {text}" if str(exc) else text)[:300]
+    return describe_error(exc)[:300]
+
+
+def _hint(name: str, exc: BaseException | None, settings: Settings) -> str:
+    """What to look at, by which check failed and how."""
+    from agent import errors as agent_errors
+
+    text = str(exc or "").lower()
+    if name == "provider":
+        if isinstance(exc, agent_errors.ProviderAuthError):
+            return " -- check provider.api_key"
+        if isinstance(exc, agent_errors.ProviderBadRequest):
+            return " -- check provider.model"
+        return f" -- is provider.base_url ({settings.provider.base_url}) right and reachable?"
+    if name in ("telegram", "discord"):
+        if "token" in text or "unauthorized" in text:
+            return f" -- check {name}.token"
+        return f" -- is {name}.api_base ({getattr(settings, name).api_base}) reachable?"
+    if name == "store":
+        return " -- check store"
+    return ""
+
+
+# --------------------------------------------------------------------------- entry point
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
         print(f"parley {parley_version()}")
-        return 0
-    setup_logging("INFO", "text")
+        return EXIT_OK
+    # Until the configuration is read: the flags, else defaults (secrets are added later).
+    setup_logging(args.log_level or "INFO", args.log_format or "text")
     handlers = {"run": cmd_run, "chat": cmd_chat, "check": cmd_check}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:
+        if args.log_format == "json":  # keep stderr one JSON object per line
+            problems = [str(p) for p in getattr(exc, "problems", [])] or str(exc).splitlines()
+            source = getattr(exc, "source", None)
+            log.error("invalid configuration", extra={"problems": problems, "file": str(source) if source else None})
+            return EXIT_CONFIG
         return report_config_error(exc)
+    except (ParleyError, OSError) as exc:  # StartupFailed, StoreError, an unusable data directory...
+        from bots.app import describe_error
+
+        log.error("parley %s: cannot start: %s", args.command, describe_error(exc))
+        return EXIT_FAILED
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed
+        return 128 + signal.SIGINT
+    except Exception:  # a bug: the traceback goes through the log (one line, redacted)
+        log.exception("parley %s: unexpected error", args.command)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ commands.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from bots.inbound import Inbound
 
 if TYPE_CHECKING:
     from bots.gateway import Gateway
+
+log = logging.getLogger(__name__)
 
 
 class CommandError(ParleyError):
@@ -103,10 +106,10 @@ class CommandContext:
         m = re.fullmatch(r"<@!?(\d+)>", token)  # a Discord mention
         if m:
             return f"{platform}:{m.group(1)}"
-        m = re.fullmatch(r"(telegram|discord|console):(-?\d+|\w+)", token)
-        if m:
-            return token
-        if re.fullmatch(r"-?\d+", token):
+        m = re.fullmatch(r"(telegram|discord|console):@?(\w+)", token)
+        if m:  # a user key, possibly of another platform: "discord:9001", "telegram:@alice"
+            platform, token = m.group(1), m.group(2)
+        if re.fullmatch(r"\d+", token):
             return f"{platform}:{token}"
         found = await self.gateway.store.find_user(platform, token.lstrip("@"))
         if found is None:
@@ -154,6 +157,10 @@ class CommandRegistry:
             return f"⛔ {exc}"
         except CommandError as exc:
             return str(exc)
+        except Exception:
+            # A bug or a failing database: the log gets the details, the chat one calm line.
+            log.exception("command /%s failed in chat %s", ctx.command.name, ctx.inbound.chat.key)
+            return f"⚠️ /{ctx.command.name} failed. Please try again in a moment."
 
 
 # ---- the built-in commands ------------------------------------------------------------
@@ -168,8 +175,12 @@ async def _help(ctx: CommandContext) -> str:
 
 async def _new(ctx: CommandContext) -> str:
     gw = ctx.gateway
-    gw.lanes.stop(ctx.inbound.chat.key)
-    await gw.store.new_session(gw.session_key(ctx.inbound))
+    session_key = gw.session_key(ctx.inbound)
+    if session_key == ctx.inbound.chat.key:
+        # The chat's one conversation ends: so does its running reply and its queue.
+        gw.lanes.stop(ctx.inbound.chat.key)
+    # (With a session per user in a group, the lane is shared: others' turns go on.)
+    await gw.store.new_session(session_key)
     return "🆕 Started a new conversation."
 
 
@@ -213,7 +224,8 @@ async def _usage(ctx: CommandContext) -> str:
         total = sum(r.prompt + r.completion for r in rows)
         cost = [r.cost for r in rows if r.cost is not None]
         money = f", ${sum(cost):.4f}" if cost else ""
-        lines.append(f"• {label}: {total:,} tokens in {sum(r.turns for r in rows)} turns{money}")
+        turns = sum(r.turns for r in rows)
+        lines.append(f"• {label}: {total:,} tokens in {turns} turn{'' if turns == 1 else 's'}{money}")
         for r in rows:
             lines.append(f"    {r.model}: {r.prompt:,} in / {r.completion:,} out ({r.reasoning:,} reasoning)")
     return "\n".join(lines)
@@ -350,25 +362,25 @@ async def _budget(ctx: CommandContext) -> str:
     gw = ctx.gateway
     words = ctx.words()
     reply_target = ctx.inbound.reply_to_user_id is not None
-    if not words and not reply_target:
+    if not words and not reply_target or len(words) > 2:
         raise ctx.bad_usage()
     # "/budget 5000" while replying to someone names the amount only.
     if reply_target and len(words) <= 1 and (not words or re.fullmatch(r"\d+|off", words[0])):
-        user = await ctx.target_user(None)
-        amount = words[0] if words else None
+        who, amount = None, words[0] if words else None
     else:
-        user = await ctx.target_user(words[0])
-        amount = words[1] if len(words) > 1 else None
-    if len(words) > 2:
-        raise ctx.bad_usage()
+        who, amount = words[0], words[1] if len(words) > 1 else None
+    # Check the amount before looking the user up: a typo in it gets the usage line.
+    if amount is not None and amount != "off" and (not re.fullmatch(r"\d{1,12}", amount) or int(amount) <= 0):
+        raise ctx.bad_usage("the budget is a positive whole number of tokens per day, or 'off'")
+    user = await ctx.target_user(who)
     if amount is None:
         budget = await gw.store.budget(user)
         return f"{user}: " + (f"{budget:,} tokens per day." if budget else "no daily budget.")
+    if user != ctx.inbound.user_key and await gw.access.role_of(user) >= Role.ADMIN:
+        ctx.require(Role.OWNER, "set the budget of an admin or owner")
     if amount == "off":
         await gw.store.set_budget(user, None)
         return f"{user} has no daily budget now."
-    if not re.fullmatch(r"\d{1,12}", amount) or int(amount) <= 0:
-        raise ctx.bad_usage("the budget is a positive whole number of tokens per day, or 'off'")
     await gw.store.set_budget(user, int(amount))
     return f"{user} may now use {int(amount):,} tokens per day."
 
@@ -411,7 +423,7 @@ def builtin_commands() -> CommandRegistry:
     """The registry parley ships with."""
     return CommandRegistry(
         [
-            Command("help", "list the commands you can use", Role.USER, _help),
+            Command("help", "list the commands you can use", Role.USER, _help, aliases=("start",)),
             Command("new", "start a fresh conversation", Role.USER, _new, aliases=("reset",)),
             Command("stop", "stop the running reply", Role.USER, _stop),
             Command("retry", "answer your last message again", Role.USER, _retry, runs_turn=True),

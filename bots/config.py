@@ -933,6 +933,12 @@ class Settings(BaseSettings):
         ):
             if secret is not None:
                 values.append(secret.get_secret_value())
+        if self.telegram.token is not None:
+            # "<bot id>:<secret>": the bot id is public (it is the bot's user id), the part
+            # after the colon is the credential, wherever it shows up on its own.
+            _, _, secret_part = self.telegram.token.get_secret_value().partition(":")
+            if len(secret_part) >= 8:
+                values.append(secret_part)
         password = self.store.password
         if password:
             values.append(password)

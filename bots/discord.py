@@ -8,9 +8,13 @@ commands are declared from the same registry as Telegram's menu, acknowledged at
 (`!model gpt-4.1`) works in any channel the bot can read.
 
 discord.py sleeps through short 429s itself (the request simply takes longer); only a
-wait above `max_ratelimit_timeout` surfaces, as `RateLimited`. 429 answers are counted
-through an aiohttp trace hook either way. `bots.discord_endpoints` points discord.py at
-the configured REST base and Gateway URL (proxies, the test fake).
+wait above `max_ratelimit_timeout` surfaces, as `RateLimited`, and so does Cloudflare's
+429 without a `Via` header (scope "global": it blocks the whole bot). 429 answers are
+counted through an aiohttp trace hook either way. Sends reuse their nonce after an
+unknown outcome, so a retried send never posts a message twice. Only people's messages
+are read: the bot's own messages (echoed back by the Gateway), other bots, webhooks
+and system messages never reach the gateway. `bots.discord_endpoints` points
+discord.py at the configured REST base and Gateway URL (proxies, the test fake).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import asyncio
 import inspect
 import logging
 import re
-import time
+import secrets
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import aiohttp
@@ -30,7 +34,6 @@ from bots.clock import REAL_CLOCK, Clock
 from bots.commands import Command
 from bots.discord_endpoints import DEFAULT_API_BASE, DEFAULT_GATEWAY_URL, point_discord_at
 from bots.errors import (
-    NotModified,
     OutboxError,
     RateLimited,
     TargetGone,
@@ -58,6 +61,7 @@ DEFAULT_PACING = PacingPolicy(
 _NO_PINGS = discord.AllowedMentions.none()
 _INTERACTION = "interaction:"
 _INTERACTION_TTL = 15 * 60  # interaction tokens stay valid 15 minutes
+_NONCE_TTL = 120.0  # Discord de-duplicates an enforced nonce for "a few minutes"
 
 
 def translate_error(exc: BaseException) -> OutboxError:
@@ -73,9 +77,11 @@ def translate_error(exc: BaseException) -> OutboxError:
             return TargetGone("cannot edit a message authored by another user")
         return Undeliverable(f"forbidden ({exc.code})")
     if isinstance(exc, discord.HTTPException):
-        if exc.status == 429:  # a 429 discord.py did not honour (no Via header: Cloudflare)
+        if exc.status == 429:
+            # A 429 without `Via` (and a text body) is Cloudflare's, per IP: discord.py does
+            # not retry it, and nothing this bot sends gets through until it lifts.
             retry = exc.response.headers.get("Retry-After") if exc.response is not None else None
-            return RateLimited(float(retry) if retry else 5.0)
+            return RateLimited(float(retry) if retry else 5.0, scope="global")
         if exc.code == 50035 and "2000" in (exc.text or ""):
             return TooLong(exc.text)
         if exc.status in (401,) and exc.code == 50027:
@@ -94,12 +100,15 @@ class DiscordOutbox:
     platform = "discord"
     limits = DISCORD_LIMITS
 
-    def __init__(self, client: discord.Client) -> None:
+    def __init__(self, client: discord.Client, *, clock: Clock = REAL_CLOCK) -> None:
         self._client = client
+        self._clock = clock
         self._interactions: dict[str, tuple[discord.Interaction, float, bool]] = {}  # id -> (it, t, original used)
+        self._unsure: dict[tuple[str, str | None], tuple[int, float]] = {}  # (chat, reply_to) -> (nonce, t)
 
     def remember_interaction(self, interaction: discord.Interaction) -> str:
-        now = time.monotonic()
+        """Keep a deferred interaction so the answer can edit its original response."""
+        now = self._clock.now()
         for key in [k for k, (_, t, _) in self._interactions.items() if now - t > _INTERACTION_TTL]:
             del self._interactions[key]
         key = str(interaction.id)
@@ -116,6 +125,14 @@ class DiscordOutbox:
         return self._client.get_partial_messageable(int(chat.chat_id))
 
     async def send(self, chat: ChatRef, text: str, *, markdown: bool = False, reply_to: str | None = None) -> MessageRef:
+        """Post a new message, replying to `reply_to` (a message id, or a deferred interaction).
+
+        Sends are idempotent across retries. A send whose outcome is unknown (the
+        connection dropped after Discord may have created the message) leaves its nonce
+        behind; the next send to the same chat and reply target reuses it with
+        `enforce_nonce`, so Discord hands back the message it already created instead of
+        posting a second one -- and that message is then edited to the newest text.
+        """
         if reply_to and reply_to.startswith(_INTERACTION):
             return await self._send_interaction(chat, text, reply_to[len(_INTERACTION) :])
         reference = None
@@ -123,20 +140,62 @@ class DiscordOutbox:
             reference = discord.MessageReference(
                 message_id=int(reply_to), channel_id=int(chat.chat_id), fail_if_not_exists=False
             )
-        msg = await self._call(self._channel(chat).send(content=text, reference=reference, allowed_mentions=_NO_PINGS))
-        return MessageRef(chat, str(msg.id))
+        slot = (chat.key, reply_to)
+        now = self._clock.now()
+        unsure = self._unsure.pop(slot, None)
+        nonce = unsure[0] if unsure is not None and now - unsure[1] < _NONCE_TTL else secrets.randbits(64)
+        channel = self._channel(chat)
+        try:
+            msg = await self._call(
+                channel.send(content=text, reference=reference, allowed_mentions=_NO_PINGS, nonce=nonce)
+            )
+        except TargetGone:
+            if unsure is None:
+                raise Undeliverable("Discord refused the message as gone") from None
+            # The message the earlier attempt created was deleted meanwhile: start afresh.
+            return await self.send(chat, text, reply_to=reply_to)
+        except OutboxError:
+            self._keep_nonce(slot, nonce, unsure[1] if unsure is not None else now)
+            raise
+        ref = MessageRef(chat, str(msg.id))
+        if unsure is not None and msg.content != text:  # an earlier attempt's message came back: update it
+            try:
+                await self.edit(ref, text)
+            except OutboxError:
+                self._keep_nonce(slot, nonce, unsure[1])
+                raise
+        return ref
+
+    def _keep_nonce(self, slot: tuple[str, str | None], nonce: int, since: float) -> None:
+        """Remember the nonce of a send that may have happened, for the retry to reuse."""
+        if len(self._unsure) > 1000:
+            now = self._clock.now()
+            for stale in [k for k, (_, t) in self._unsure.items() if now - t >= _NONCE_TTL]:
+                del self._unsure[stale]
+        self._unsure[slot] = (nonce, since)
 
     async def _send_interaction(self, chat: ChatRef, text: str, key: str) -> MessageRef:
+        """The first message of an answer fills the deferred response; later ones follow up.
+
+        When the interaction cannot carry the answer any more (its 15-minute token
+        expired, or the response was dismissed), a plain message in the channel still
+        reaches the user.
+        """
         entry = self._interactions.get(key)
-        if entry is None:  # expired or unknown: a plain message in the channel still reaches the user
+        if entry is None:  # expired or unknown
             return await self.send(chat, text)
         interaction, t, used = entry
-        if not used:
-            self._interactions[key] = (interaction, t, True)
-            msg = await self._call(interaction.edit_original_response(content=text, allowed_mentions=_NO_PINGS))
-            return MessageRef(chat, str(msg.id), handle=("original", interaction))
-        msg = await self._call(interaction.followup.send(content=text, allowed_mentions=_NO_PINGS, wait=True))
-        return MessageRef(chat, str(msg.id), handle=("followup", msg))
+        try:
+            if not used:
+                msg = await self._call(interaction.edit_original_response(content=text, allowed_mentions=_NO_PINGS))
+                self._interactions[key] = (interaction, t, True)
+                return MessageRef(chat, str(msg.id), handle=("original", interaction))
+            msg = await self._call(interaction.followup.send(content=text, allowed_mentions=_NO_PINGS, wait=True))
+            return MessageRef(chat, str(msg.id), handle=("followup", msg))
+        except TargetGone as exc:
+            log.info("discord: interaction %s cannot carry the answer (%s); posting in the channel", key, exc)
+            self._interactions.pop(key, None)
+            return await self.send(chat, text)
 
     async def edit(self, ref: MessageRef, text: str, *, markdown: bool = False) -> None:
         kind, obj = ref.handle if ref.handle else ("message", None)
@@ -187,6 +246,7 @@ class DiscordConnector:
         clock: Clock = REAL_CLOCK,
         on_rate_limited: Callable[[], None] | None = None,
         ready_timeout: float = 30.0,
+        max_ratelimit_timeout: float = 30.0,
     ) -> None:
         point_discord_at(api_base, gateway_url)
         self._token = token
@@ -205,19 +265,39 @@ class DiscordConnector:
             guild_ready_timeout=0.5,
             chunk_guilds_at_startup=False,
         )
+        self.max_ratelimit_timeout = max_ratelimit_timeout
         self.tree = app_commands.CommandTree(self.client)
-        self.outbox = DiscordOutbox(self.client)
+        self.outbox = DiscordOutbox(self.client, clock=clock)
         self.pacing = Pacing(pacing, clock)
         self.drafts = False
         self._gateway: Gateway | None = None
         self._ready = asyncio.Event()
+        self._awaited_guilds: set[int] = set()
         self._task: asyncio.Task[None] | None = None
-        self.client.event(self.on_ready)
-        self.client.event(self.on_message)
+        for handler in (self.on_connect, self.on_guild_available, self.on_guild_join, self.on_ready, self.on_message):
+            self.client.event(handler)
 
     @property
     def connected(self) -> bool:
         return self._ready.is_set() and not self.client.is_closed()
+
+    @property
+    def max_ratelimit_timeout(self) -> float:
+        """The longest 429 discord.py sleeps through itself; longer ones raise `RateLimited`.
+
+        A 429 that surfaces pauses the chat's `Pacer` (every call to that chat waits, and
+        interim edits collapse into one); one that discord.py sleeps through only delays
+        the call in flight. discord.py's constructor refuses values under 30 s, so a lower
+        threshold is set on its HTTP client directly (read on every 429, and by each
+        rate-limit bucket created afterwards).
+        """
+        return self.client.http.max_ratelimit_timeout or 30.0
+
+    @max_ratelimit_timeout.setter
+    def max_ratelimit_timeout(self, seconds: float) -> None:
+        if seconds <= 0:
+            raise ValueError("max_ratelimit_timeout must be positive")
+        self.client.http.max_ratelimit_timeout = float(seconds)
 
     async def start(self, gateway: "Gateway") -> None:
         self._gateway = gateway
@@ -237,7 +317,8 @@ class DiscordConnector:
         if self._slash:
             try:
                 await self.tree.sync()
-            except discord.HTTPException as exc:
+            except (discord.DiscordException, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                # The prefix form still works; the menu is registered on the next start.
                 log.warning("discord: could not register slash commands: %s", translate_error(exc))
         log.info("discord: connected as %s", self.client.user)
 
@@ -255,6 +336,25 @@ class DiscordConnector:
             except Exception:
                 pass
 
+    # ---- readiness ----------------------------------------------------------------------
+    # discord.py fires on_ready only once `guild_ready_timeout` passed without another
+    # GUILD_CREATE -- a guess. READY lists every guild of the bot, so parley is ready as
+    # soon as each of them has arrived (or at on_ready, whichever comes first).
+
+    async def on_connect(self) -> None:
+        """READY arrived: note the guilds still to come."""
+        self._awaited_guilds = {g.id for g in self.client.guilds if g.unavailable}
+        if not self._awaited_guilds:
+            self._ready.set()
+
+    async def on_guild_available(self, guild: discord.Guild) -> None:
+        self._awaited_guilds.discard(guild.id)
+        if not self._awaited_guilds:
+            self._ready.set()
+
+    async def on_guild_join(self, guild: discord.Guild) -> None:
+        await self.on_guild_available(guild)
+
     async def on_ready(self) -> None:
         self._ready.set()
 
@@ -265,11 +365,21 @@ class DiscordConnector:
     # ---- incoming ------------------------------------------------------------------------
 
     async def on_message(self, message: discord.Message) -> None:
-        if message.author.bot or self._gateway is None:
-            return  # never our own messages: model output cannot trigger anything
+        if self._gateway is None or not self.from_a_person(message):
+            return
         inbound = self.to_inbound(message)
         if inbound is not None:
             await self._gateway.handle(inbound)
+
+    def from_a_person(self, message: discord.Message) -> bool:
+        """Only what people write is handled: never a bot's message (parley's own output is
+        echoed back by the Gateway, so model output can never run a command or start a
+        turn), and never a system message (a thread named "!deny chat" is not a command).
+        """
+        me = self.client.user
+        if message.author.bot or message.webhook_id is not None or (me is not None and message.author.id == me.id):
+            return False
+        return message.type in (discord.MessageType.default, discord.MessageType.reply)
 
     def to_inbound(self, message: discord.Message) -> Inbound | None:
         me = self.client.user
@@ -324,15 +434,24 @@ class DiscordConnector:
         slash = app_commands.Command(name=command.name, description=command.description[:100], callback=callback)
         if command.args:
             app_commands.describe(**{a.name: a.description[:100] for a in command.args})(slash)
+        choices = {a.name: [app_commands.Choice(name=c, value=c) for c in a.choices] for a in command.args if a.choices}
+        if choices:
+            app_commands.choices(**choices)(slash)
         return slash
 
     async def _on_slash(self, interaction: discord.Interaction, command: Command, options: dict[str, Any]) -> None:
         # Acknowledge within Discord's 3 s at once; the answer edits the original response.
-        await interaction.response.defer(thinking=True)
+        try:
+            await interaction.response.defer(thinking=True)
+        except (discord.DiscordException, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            # Too late (10062) or already answered: the command still runs, and its answer
+            # goes to the channel as a plain message (see DiscordOutbox._send_interaction).
+            log.warning("discord: could not acknowledge /%s: %s", command.name, translate_error(exc))
         if self._gateway is None:
             return
         reply_to = self.outbox.remember_interaction(interaction)
-        args = " ".join(str(options[a.name]) for a in command.args if options.get(a.name))
+        args = " ".join(str(getattr(options[a.name], "value", options[a.name]))
+                        for a in command.args if options.get(a.name))
         channel = interaction.channel
         is_private = isinstance(channel, discord.DMChannel) or interaction.guild_id is None
         chat = ChatRef("discord", str(interaction.channel_id), is_private=is_private)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from agent import Agent
@@ -31,9 +31,20 @@ from bots.logs import turn_context
 from bots.metrics import Metrics, ReplyMetrics
 from bots.outbox import Outbox
 from bots.pacing import Pacing, Priority
-from bots.store import Store
+from bots.render import Layout
+from bots.store import Store, StoreError
 
 log = logging.getLogger(__name__)
+
+QUEUED_TEXT = "⏳ I'll answer this right after the current reply."
+QUEUE_FULL_TEXT = "⏳ I'm still busy and my queue for this chat is full. Please resend this in a moment."
+RESTARTING_TEXT = "parley is restarting. Please resend your message in a minute."
+PRUNE_EVERY = 3600.0
+"""How often (seconds) the ids of processed updates are pruned."""
+KEEP_UPDATE_IDS = timedelta(days=3)
+"""Longer than any platform redelivers (Telegram keeps undelivered updates 24 hours)."""
+HISTORY_STATUSES = ("ok", "interrupted", "error")
+"""Finished turns the model sees again (failed ones with a note); superseded ones are gone."""
 
 
 class Connector(Protocol):
@@ -125,17 +136,28 @@ class Gateway:
         self._last_error_line: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting = True
+        self._next_prune: float | None = None  # first message: prune at once
         self.metrics.track(lambda: self.lanes.active, lambda: sum(self.lanes.queue_depths().values()))
 
     def attach(self, connector: Connector) -> None:
         self.connectors[connector.platform] = connector
 
+    @property
+    def accepting(self) -> bool:
+        """False once `shutdown` began: new turns are refused (and their senders told)."""
+        return self._accepting
+
     # ---- incoming ----------------------------------------------------------------------
 
     async def handle(self, inbound: Inbound) -> None:
-        """Take one incoming message. Returns quickly: slow work runs in tasks and lanes."""
-        if not self._accepting:
-            return
+        """Take one incoming message. Returns quickly: turns run in lanes, replies in tasks.
+
+        Commands run here, before the next message of the chat is routed, so "/new"
+        followed at once by a question puts the question in the new conversation.
+        While parley shuts down, messages are still answered (a turn gets "parley is
+        restarting, resend it"): the platform already considers them delivered, so
+        dropping them would lose them silently.
+        """
         self.metrics.messages_received.labels(inbound.platform).inc()
         # One chat's messages are routed in arrival order even when a connector
         # delivers them concurrently (discord.py dispatches each event in its own task).
@@ -143,109 +165,156 @@ class Gateway:
         async with lock:
             try:
                 await self._route(inbound)
+            except StoreError as exc:
+                # Without the store parley cannot tell who may ask, nor whether it answered
+                # this update already: stay silent rather than risk a wrong or double reply.
+                log.error("chat %s: message %s not handled: %s", inbound.chat.key, inbound.update_id, exc)
             finally:
                 if not lock._waiters:  # type: ignore[attr-defined]
                     self._chat_locks.pop(inbound.chat.key, None)
 
     async def _route(self, inbound: Inbound) -> None:
+        # Remember who people are (so an admin can /allow @them) even from group chatter.
+        await self.store.remember_user(inbound.user_key, inbound.username, inbound.display_name)
+        if not inbound.addressed and self.defaults.group_trigger != "all":
+            return  # group chatter not meant for the bot: nothing to answer, nothing to de-duplicate
         if not await self.store.claim_update(inbound.platform, inbound.update_id):
             self.metrics.duplicates_ignored.labels(inbound.platform).inc()
             log.info("chat %s: update %s already handled; ignored", inbound.chat.key, inbound.update_id)
             return
-        await self.store.remember_user(inbound.user_key, inbound.username, inbound.display_name)
-        if not inbound.addressed and self.defaults.group_trigger != "all":
-            return  # group chatter not meant for the bot
+        self._maybe_prune()
         role = await self.access.role(inbound)
         if role == Role.BLOCKED:
             if inbound.expects_answer:
-                self._spawn(self.reply(inbound, "⛔ You can't use this bot."))
+                await self._answer(inbound, "⛔ You can't use this bot.")
             return
         if role == Role.NOBODY:
             tell = inbound.chat.is_private or inbound.expects_answer
             if tell and (inbound.expects_answer or self.access.should_tell_denied(inbound.user_key)):
-                self._spawn(self.reply(inbound, denial_text(inbound)))
+                await self._answer(inbound, denial_text(inbound))
             log.info("chat %s: message from %s without access", inbound.chat.key, inbound.user_key)
             return
         if inbound.command is not None:
-            self._route_command(inbound, role)
+            await self._run_command(inbound, role)
             return
         if not inbound.text.strip():
             return
         await self._submit(inbound)
 
-    def _route_command(self, inbound: Inbound, role: Role) -> None:
+    def _maybe_prune(self) -> None:
+        """Forget old update ids now and then, so the de-duplication table stays small."""
+        now = self.clock.now()
+        if self._next_prune is not None and now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_EVERY
+        self._spawn(self._prune())
+
+    async def _prune(self) -> None:
+        try:
+            pruned = await self.store.prune_updates(KEEP_UPDATE_IDS)
+        except Exception as exc:  # housekeeping: never worth failing a message over
+            log.warning("could not prune processed update ids: %s", exc)
+            return
+        if pruned:
+            log.info("pruned %d processed update ids", pruned)
+
+    async def _run_command(self, inbound: Inbound, role: Role) -> None:
+        """Run a command now (commands bypass the lane); its answer is sent in a task."""
         assert inbound.command is not None
         command = self.commands.get(inbound.command)
         if command is None:
             if inbound.chat.is_private or inbound.mentions_bot or inbound.expects_answer:
-                self._spawn(self.reply(inbound, f"Unknown command /{inbound.command}. Send /help for the list."))
+                await self._answer(inbound, f"Unknown command /{inbound.command}. Send /help for the list.")
             return
         ctx = CommandContext(inbound=inbound, role=role, gateway=self, command=command)
-
-        async def run() -> None:
-            text = await self.commands.run(ctx)
-            if text:
-                await self.reply(inbound, text)
-
-        self._spawn(run())
+        text = await self.commands.run(ctx)
+        if text:
+            await self._answer(inbound, text)
 
     async def _submit(self, inbound: Inbound) -> None:
         settings = await self.store.chat_settings(inbound.chat.key)
         policy = settings.busy_policy or self.defaults.busy_policy
+        if policy == "interrupt" and self.session_key(inbound) != inbound.chat.key:
+            running = self.lanes.running(inbound.chat.key)
+            if running is not None and running.user_key != inbound.user_key:
+                policy = "queue"  # a conversation of its own: nobody else may cut it off
         outcome = self.lanes.submit(inbound, policy=policy)
         if outcome is Submitted.QUEUED:
-            self._spawn(self.reply(inbound, "⏳ I'll answer this right after the current reply."))
+            await self._answer(inbound, QUEUED_TEXT)
         elif outcome is Submitted.FULL:
-            self._spawn(self.reply(inbound, "⏳ I'm still busy and my queue for this chat is full. Please resend this in a moment."))
+            await self._answer(inbound, QUEUE_FULL_TEXT)
         elif outcome is Submitted.CLOSED:
-            self._spawn(self.reply(inbound, "parley is restarting. Please resend your message in a minute."))
+            await self._answer(inbound, RESTARTING_TEXT)
+
+    async def _answer(self, inbound: Inbound, text: str) -> None:
+        """Reply in a task, so routing never waits on the platform -- except while
+        shutting down, when the reply must be out before the connector closes."""
+        if self._accepting:
+            self._spawn(self.reply(inbound, text))
+        else:
+            await self.reply(inbound, text)
 
     async def retry(self, inbound: Inbound) -> str:
-        """/retry: run the session's last user message again as a fresh turn."""
-        session = await self.store.current_session(self.session_key(inbound))
-        last = await self.store.last_user_message(session)
-        if last is None:
-            return "There is no earlier message in this conversation to retry."
-        turn_id, message = last
-        text = message.get("content") if isinstance(message.get("content"), str) else None
-        if not text:
-            return "The last message cannot be retried."
-        await self.store.mark_turn_superseded(turn_id)
-        from dataclasses import replace
+        """/retry: run the session's last user message again as a fresh turn.
 
-        retried = replace(inbound, command=None, args="", text=text)
-        await self._submit(retried)
+        The earlier attempt is marked superseded, so the model never sees the question
+        twice. A turn still being answered cannot be retried (stop it first).
+        """
+        session = await self.store.current_session(self.session_key(inbound))
+        last = await self.store.history(session, limit_turns=1)
+        if not last or not last[0].messages:
+            return "There is no earlier message in this conversation to retry."
+        turn = last[0]
+        if turn.status == "running":
+            return "That message is still being answered. Send /stop first if you want a fresh answer."
+        content = turn.messages[0].get("content")
+        if not isinstance(content, str) or not content.strip():
+            return "The last message cannot be retried."
+        await self.store.mark_turn_superseded(turn.id)
+        await self._submit(replace(inbound, command=None, args="", text=content))
         return ""
 
     # ---- replies outside a turn --------------------------------------------------------
 
     async def reply(self, inbound: Inbound, text: str) -> None:
-        """A short reply (command output, notices), paced like everything else."""
+        """A reply outside a turn (command output, notices), paced like everything else.
+
+        Plain text; one that does not fit one message (a long system prompt shown by
+        /system) goes out as several, never truncated.
+        """
         connector = self.connectors.get(inbound.platform)
         if connector is None:
             return
+        limits, measure = connector.outbox.limits, lambda t: connector.outbox.measure(t, markdown=False)
+        pieces = [p.text for p in Layout(limits.max_message_len, measure, measure).pieces(text, final=True)]
+        for i, piece in enumerate(pieces):
+            if not await self._send_one(connector, inbound, piece, reply_to=inbound.message_id if i == 0 else None):
+                return
+
+    async def _send_one(self, connector: Connector, inbound: Inbound, text: str, *, reply_to: str | None) -> bool:
+        """Send one message, waiting out rate limits; False when it could not be delivered."""
         pacer = connector.pacing.for_chat(inbound.chat)
         deadline = time.monotonic() + 120
         while True:
             await pacer.acquire(Priority.FINAL)
             try:
-                await connector.outbox.send(inbound.chat, text, reply_to=inbound.message_id)
+                await connector.outbox.send(inbound.chat, text, reply_to=reply_to)
                 self.metrics.platform_calls.labels(inbound.platform, "send").inc()
-                return
+                return True
             except RateLimited as exc:
-                self.metrics.rate_limited.labels(inbound.platform).inc()
+                self.metrics.record_rate_limited(inbound.platform)
                 pacer.pause(exc.retry_after, scope=exc.scope)
             except Transient as exc:
                 if time.monotonic() > deadline:
                     log.warning("chat %s: reply not delivered: %s", inbound.chat.key, exc)
-                    return
+                    return False
                 await self.clock.sleep(1.0)
             except Undeliverable as exc:
                 log.info("chat %s: cannot reply: %s", inbound.chat.key, exc)
-                return
+                return False
             except OutboxError as exc:
                 log.warning("chat %s: reply failed: %s", inbound.chat.key, exc)
-                return
+                return False
 
     # ---- turns -------------------------------------------------------------------------
 
@@ -257,28 +326,17 @@ class Gateway:
     async def _run_turn(self, inbound: Inbound, interrupt: asyncio.Event) -> None:
         connector = self.connectors[inbound.platform]
         started = time.monotonic()
-        settings = await self.store.chat_settings(inbound.chat.key)
-        model = settings.model or self.defaults.model
-        system_prompt = settings.system_prompt or self.defaults.system_prompt
-        streaming = self.defaults.streaming if settings.streaming is None else settings.streaming
-
-        if not await self._within_budget(inbound):
+        try:
+            plan = await self._plan_turn(inbound)
+        except Exception as exc:  # the store failed before anything was shown
+            log.exception("chat %s: could not start a turn", inbound.chat.key)
+            line = self._error_line(inbound, exc)
+            if line:
+                await self.reply(inbound, line)
             return
-        session = await self.store.current_session(self.session_key(inbound))
-        earlier = await self.store.history(session, limit_turns=self.defaults.history_max_messages)
-        usable = [hist.turn_for_model(t.messages, t.status) for t in earlier if t.status in ("ok", "interrupted")]
-        user_message = {"role": "user", "content": inbound.text}
-        trimmed = hist.trim_history(
-            system_prompt,
-            usable,
-            [user_message],
-            max_messages=self.defaults.history_max_messages,
-            max_tokens=self.defaults.history_max_tokens,
-        )
-        history = [m for m in trimmed[:-1] if m.get("role") != "system"]
-        turn_id = await self.store.begin_turn(
-            session, user_message=user_message, user_key=inbound.user_key, update_id=inbound.update_id
-        )
+        if plan is None:
+            return
+        model, system_prompt, streaming, history, turn_id = plan
         reply = LiveReply(
             connector.outbox,
             inbound.chat,
@@ -330,6 +388,33 @@ class Gateway:
                 turn_id, outcome, result.steps, result.usage.total_tokens,
                 f", fell back ({', '.join(result.fallback_causes)})" if result.fell_back else "",
             )
+
+    async def _plan_turn(self, inbound: Inbound) -> tuple[str, str, bool, list[dict], int] | None:
+        """Settings, budget, history; records the user message. None: refused (already said why)."""
+        settings = await self.store.chat_settings(inbound.chat.key)
+        allowed = self.defaults.allowed_models()
+        # A model chosen earlier may have left the configured list since.
+        model = settings.model if settings.model in allowed else self.defaults.model
+        system_prompt = settings.system_prompt or self.defaults.system_prompt
+        streaming = self.defaults.streaming if settings.streaming is None else settings.streaming
+        if not await self._within_budget(inbound):
+            return None
+        session = await self.store.current_session(self.session_key(inbound))
+        earlier = await self.store.history(session, limit_turns=self.defaults.history_max_messages)
+        usable = [hist.turn_for_model(t.messages, t.status) for t in earlier if t.status in HISTORY_STATUSES]
+        user_message = {"role": "user", "content": inbound.text}
+        trimmed = hist.trim_history(
+            system_prompt,
+            usable,
+            [user_message],
+            max_messages=self.defaults.history_max_messages,
+            max_tokens=self.defaults.history_max_tokens,
+        )
+        history = [m for m in trimmed[:-1] if m.get("role") != "system"]
+        turn_id = await self.store.begin_turn(
+            session, user_message=user_message, user_key=inbound.user_key, update_id=inbound.update_id
+        )
+        return model, system_prompt, streaming, history, turn_id
 
     async def _abandon(self, reply: LiveReply, turn_id: int) -> None:
         """The process is going down mid-turn: finalize what is visible, marked stopped."""
@@ -399,6 +484,17 @@ class Gateway:
             await self.lanes.wait_idle(chat_key)
             pending = [t for t in self._tasks if not t.done()]
             if not pending and not self.lanes.is_busy(chat_key):
+                return
+            if pending:
+                await asyncio.wait(pending)
+
+    async def settle_all(self) -> None:
+        """Wait until no chat has a running turn or queued message and no reply is pending."""
+        while True:
+            for key in self.lanes.busy_keys():
+                await self.lanes.wait_idle(key)
+            pending = [t for t in self._tasks if not t.done()]
+            if not pending and not self.lanes.busy_keys():
                 return
             if pending:
                 await asyncio.wait(pending)

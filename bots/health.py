@@ -6,6 +6,7 @@ it needs no authentication because it exposes no secrets and changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Awaitable, Callable
 
@@ -16,6 +17,9 @@ from bots.metrics import Metrics
 
 ReadyCheck = Callable[[], Awaitable[tuple[bool, dict[str, bool]]]]
 
+# A readiness probe must answer even when the database hangs: past this, "not ready".
+READY_TIMEOUT = 5.0
+
 
 class HealthServer:
     """`/healthz` (the process is up), `/readyz` (platforms connected, store reachable), `/metrics`."""
@@ -24,19 +28,23 @@ class HealthServer:
         self._metrics = metrics
         self._ready = ready
         self._runner: web.AppRunner | None = None
-        self.port: int | None = None
+        self.port: int = 0
 
     async def start(self, host: str, port: int) -> None:
+        """Listen on `host:port` (port 0: a free port, then in `self.port`); raises OSError."""
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics_view)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        server = site._server  # type: ignore[attr-defined]
-        self.port = server.sockets[0].getsockname()[1] if server and server.sockets else port
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -48,8 +56,8 @@ class HealthServer:
 
     async def _readyz(self, request: web.Request) -> web.Response:
         try:
-            ok, checks = await self._ready()
-        except Exception:
+            ok, checks = await asyncio.wait_for(self._ready(), READY_TIMEOUT)
+        except Exception:  # a readiness probe answers "not ready", never an error page
             ok, checks = False, {}
         body = json.dumps({"ready": ok, "checks": checks}) + "\n"
         return web.Response(text=body, status=200 if ok else 503, content_type="application/json")

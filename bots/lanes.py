@@ -7,7 +7,8 @@ at once; a message for a busy lane follows the chat's busy policy:
   acknowledged, later ones silently join it; a full queue refuses the message, and says so.
 - `interrupt`: stop the running turn (its partial answer is kept, marked interrupted)
   and run the new message next. Messages that pile up while the interrupted turn winds
-  down are merged into that next turn rather than interrupting each other in turn.
+  down are merged into that next turn rather than interrupting each other in turn --
+  one person's messages only: another person's wait for their own turn.
 
 The busy check and the state change happen synchronously in `submit`, with no await in
 between, so two racing messages can never both start a turn. Control commands (/stop,
@@ -43,6 +44,7 @@ class Submitted(Enum):
 class _Lane:
     key: str
     running: asyncio.Task[None] | None = None
+    current: Inbound | None = None  # the message the running turn answers
     interrupt: asyncio.Event | None = None
     queue: deque[Inbound] = field(default_factory=deque)
     acknowledged: bool = False
@@ -112,6 +114,15 @@ class Lanes:
         lane = self._lanes.get(key)
         return lane is not None and lane.running is not None
 
+    def running(self, key: str) -> Inbound | None:
+        """The message whose turn is running in this lane, if any."""
+        lane = self._lanes.get(key)
+        return lane.current if lane is not None and lane.running is not None else None
+
+    def busy_keys(self) -> list[str]:
+        """The lanes with a running turn."""
+        return [key for key, lane in self._lanes.items() if lane.running is not None]
+
     @property
     def active(self) -> int:
         return sum(1 for lane in self._lanes.values() if lane.running is not None)
@@ -144,6 +155,7 @@ class Lanes:
     # ---- internals -------------------------------------------------------------------
 
     def _start(self, lane: _Lane, inbound: Inbound) -> None:
+        lane.current = inbound
         lane.interrupt = asyncio.Event()
         lane.running = asyncio.create_task(self._run(lane, inbound, lane.interrupt), name=f"turn:{lane.key}")
 
@@ -157,6 +169,7 @@ class Lanes:
         finally:
             lane.running = None
             lane.interrupt = None
+            lane.current = None
             self._next(lane)
 
     def _next(self, lane: _Lane) -> None:
@@ -167,12 +180,20 @@ class Lanes:
                 self._lanes.pop(lane.key, None)
             return
         if lane.merge_next:
-            pending = list(lane.queue)
-            lane.queue.clear()
-            lane.merge_next = False
-            nxt = pending[-1] if len(pending) == 1 else _merge(pending)
+            # One person's messages merge; another person's never join theirs (in a
+            # group they would be answered, billed and remembered as someone else's).
+            first = lane.queue[0].user_key
+            pending = []
+            while lane.queue and lane.queue[0].user_key == first:
+                pending.append(lane.queue.popleft())
+            lane.merge_next = bool(lane.queue)
+            nxt = pending[0] if len(pending) == 1 else _merge(pending)
         else:
             nxt = lane.queue.popleft()
+        if not lane.queue:
+            # Everyone waiting has now been served: the next message to wait is a new
+            # wait, and deserves its own acknowledgement.
+            lane.acknowledged = False
         self._start(lane, nxt)
 
 

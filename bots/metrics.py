@@ -65,6 +65,21 @@ class Metrics:
         )
         self.active_turns = Gauge("parley_active_turns", "Turns running now", registry=r)
         self.queue_depth = Gauge("parley_queue_depth", "Messages waiting in chat queues", registry=r)
+        self._transport_429: set[str] = set()
+
+    def count_429_at_transport(self, platform: str) -> None:
+        """`platform`'s connector counts every 429 where it arrives (e.g. an HTTP trace hook).
+
+        Its client library may sleep through a 429 without ever raising, so the transport
+        is the only place that sees them all; a `RateLimited` that does surface later must
+        then not be counted a second time (see `record_rate_limited`).
+        """
+        self._transport_429.add(platform)
+
+    def record_rate_limited(self, platform: str) -> None:
+        """Count a `RateLimited` seen above the connector -- unless its transport counted it."""
+        if platform not in self._transport_429:
+            self.rate_limited.labels(platform).inc()
 
     def track(self, active: Callable[[], int], queued: Callable[[], int]) -> None:
         """Have the gauges read live values at scrape time."""
@@ -89,7 +104,7 @@ class ReplyMetrics:
         self._calls[kind].inc()
 
     def on_rate_limited(self, retry_after: float) -> None:
-        self._m.rate_limited.labels(self._platform).inc()
+        self._m.record_rate_limited(self._platform)
 
     def on_lateness(self, seconds: float) -> None:
         self._lateness.observe(seconds)

@@ -1190,14 +1190,15 @@ class FakeDiscord:
         return seen
 
     def user_says(self, channel: Any, user: Any, content: str, *, reply_to: Any = None,
-                  mentions_bot: bool = False) -> dict[str, Any]:
+                  mentions_bot: bool = False, reply_ping: bool = True) -> dict[str, Any]:
         """A person posts `content`; MESSAGE_CREATE goes to every connected bot.
 
         `mentions_bot=True` prefixes `<@BOTID>` unless the content already mentions the
         bot. A reply (`reply_to`, a message id) carries `message_reference` and
-        `referenced_message`, and pings the replied-to author (so a reply to the bot
-        counts as mentioning it). Returns the full Gateway payload (before any
-        MESSAGE_CONTENT stripping).
+        `referenced_message`, and by default pings the replied-to author (so a reply to
+        the bot counts as mentioning it); `reply_ping=False` is a reply with the client's
+        "@ mention" toggle turned off: the author is not added to `mentions`. Returns the
+        full Gateway payload (before any MESSAGE_CONTENT stripping).
         """
         ch = self._channel(channel)
         u = self._user(user)
@@ -1209,7 +1210,7 @@ class FakeDiscord:
             ref = self._messages.get(ref_id)
             if ref is None:
                 raise KeyError(f"unknown message {ref_id}")
-            if ref.author_id not in mentions:
+            if reply_ping and ref.author_id not in mentions:
                 mentions.append(ref.author_id)
         if ch.guild_id:
             g = self._guilds[ch.guild_id]
@@ -2294,7 +2295,8 @@ class FakeDiscord:
     async def _c_user_says(self, request: web.Request) -> web.Response:
         b = await request.json()
         msg = self.user_says(b.get("channel_id"), b.get("user_id"), b["content"],
-                             reply_to=b.get("reply_to"), mentions_bot=bool(b.get("mentions_bot")))
+                             reply_to=b.get("reply_to"), mentions_bot=bool(b.get("mentions_bot")),
+                             reply_ping=bool(b.get("reply_ping", True)))
         return _json_response(msg)
 
     async def _c_user_deletes(self, request: web.Request) -> web.Response:

@@ -1,0 +1,196 @@
+"""Gateway unit tests: ordering and failure paths that end-to-end tests cannot pin down.
+
+The gateway runs with a real Store (SQLite) and a real Agent against the fake provider;
+only the platform side is the in-memory Outbox (tests/support/memory_outbox.py), so a
+test can hold the store at an exact point and see every call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from agent import Agent, ToolRegistry
+from bots.access import Access, AccessPolicy, Role
+from bots.commands import Command, CommandRegistry, builtin_commands
+from bots.gateway import ChatDefaults, Gateway
+from bots.inbound import Inbound
+from bots.outbox import ChatRef
+from bots.pacing import Budget, Pacing, PacingPolicy
+from bots.store import Store, StoreError
+from tests.fakes.llm import FakeLLM
+from tests.support.memory_outbox import MemoryOutbox
+
+OWNER = "memory:1"
+CHAT = ChatRef("memory", "1", is_private=True)
+_ids = itertools.count(1)
+
+
+class MemoryConnector:
+    """The Connector protocol over the in-memory Outbox."""
+
+    platform = "memory"
+    drafts = False
+    connected = True
+
+    def __init__(self) -> None:
+        self.outbox = MemoryOutbox(limit=4096)
+        fast = Budget(rate=1000.0, burst=100)
+        self.pacing = Pacing(PacingPolicy(private=fast, group=fast, platform=fast))
+
+    def texts(self) -> list[str]:
+        return self.outbox.texts()
+
+    async def start(self, gateway: Gateway) -> None:
+        pass
+
+    async def stop_receiving(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
+class GatedStore(Store):
+    """A real store whose chosen methods wait for a gate first (to order races exactly)."""
+
+    gates: dict[str, asyncio.Event]
+    entered: dict[str, asyncio.Event]
+
+    async def _gate(self, name: str) -> None:
+        if name in self.gates:
+            self.entered[name].set()
+            await self.gates[name].wait()
+
+    async def new_session(self, session_key: str) -> int:
+        await self._gate("new_session")
+        return await super().new_session(session_key)
+
+    async def chat_settings(self, chat_key: str):  # noqa: ANN201
+        await self._gate("chat_settings")
+        return await super().chat_settings(chat_key)
+
+
+def message(text: str, *, command: str | None = None, args: str = "") -> Inbound:
+    n = next(_ids)
+    return Inbound(CHAT, "1", text, message_id=str(n), update_id=f"u{n}", command=command, args=args)
+
+
+@pytest.fixture
+async def stack(sqlite_url: str, fake_llm: FakeLLM) -> AsyncIterator[tuple[Gateway, MemoryConnector, GatedStore]]:
+    store = await GatedStore.open(sqlite_url)
+    store.gates, store.entered = {}, {}
+    agent = Agent(fake_llm.config(), tools=ToolRegistry())
+    gateway = Gateway(
+        store=store,
+        agent=agent,
+        access=Access(store, AccessPolicy(owners=frozenset({OWNER}))),
+        defaults=ChatDefaults(model="fake-model"),
+    )
+    connector = MemoryConnector()
+    gateway.attach(connector)
+    try:
+        yield gateway, connector, store
+    finally:
+        await gateway.shutdown(1)
+        await agent.aclose()
+        await store.close()
+
+
+async def test_a_command_completes_before_the_next_message_is_routed(stack: Any, fake_llm: FakeLLM) -> None:
+    gateway, connector, store = stack
+    await gateway.handle(message("first"))
+    await gateway.settle(CHAT.key)
+    store.gates["new_session"], store.entered["new_session"] = asyncio.Event(), asyncio.Event()
+    new = asyncio.create_task(gateway.handle(message("/new", command="new")))
+    await store.entered["new_session"].wait()  # /new is half-way through...
+    assert not new.done(), "...and its message is still being handled: the chat's next message waits"
+    question = asyncio.create_task(gateway.handle(message("second")))
+    store.gates["new_session"].set()
+    await asyncio.gather(new, question)
+    await gateway.settle(CHAT.key)
+    assert [m["role"] for m in fake_llm.requests[-1].messages] == ["system", "user"]
+    assert connector.texts() == ["You said: first", "🆕 Started a new conversation.", "You said: second"]
+
+
+async def test_a_command_that_crashes_answers_one_calm_line(stack: Any, caplog: pytest.LogCaptureFixture) -> None:
+    gateway, connector, _ = stack
+
+    async def broken(ctx: Any) -> str:
+        raise RuntimeError("boom: secret internals")
+
+    registry = builtin_commands()
+    registry.add(Command("broken", "always fails", Role.USER, broken))
+    gateway.commands = registry
+    await gateway.handle(message("/broken", command="broken"))
+    await gateway.settle(CHAT.key)
+    assert connector.texts() == ["⚠️ /broken failed. Please try again in a moment."]
+    assert "boom: secret internals" in caplog.text, "the details go to the log"
+
+
+async def test_store_failure_before_a_turn_is_one_friendly_line(stack: Any, fake_llm: FakeLLM) -> None:
+    gateway, connector, store = stack
+
+    async def failing(chat_key: str) -> Any:
+        raise StoreError("chat_settings failed: database is locked")
+
+    await gateway.handle(message("hello"))  # routed fine; now the store breaks inside the turn
+    await gateway.settle(CHAT.key)
+    store.chat_settings = failing  # type: ignore[method-assign]
+    gateway.lanes.submit(message("again"), policy="queue")
+    await gateway.settle(CHAT.key)
+    assert connector.texts()[-1] == "⚠️ Something went wrong while generating the reply. Please try again."
+    assert len(fake_llm.requests) == 1
+
+
+async def test_unknown_commands_are_answered_only_when_addressed(stack: Any) -> None:
+    gateway, connector, _ = stack
+    await gateway.handle(message("/nope", command="nope"))
+    group = ChatRef("memory", "-5", is_private=False)
+    await gateway.handle(Inbound(group, "1", "/nope", message_id="g1", update_id="g1", command="nope"))
+    await gateway.settle(CHAT.key)
+    assert connector.texts() == ["Unknown command /nope. Send /help for the list."]
+
+
+async def test_a_model_no_longer_configured_falls_back_to_the_default(stack: Any, fake_llm: FakeLLM) -> None:
+    gateway, _, store = stack
+    await store.update_chat_settings(CHAT.key, model="removed-from-config")
+    await gateway.handle(message("hi"))
+    await gateway.settle(CHAT.key)
+    assert fake_llm.requests[-1].model == "fake-model"
+
+
+def test_command_registry_rejects_bad_and_duplicate_names() -> None:
+    async def noop(ctx: Any) -> str:
+        return ""
+
+    registry = CommandRegistry([Command("ok", "fine", Role.USER, noop)])
+    with pytest.raises(ValueError, match="declared twice"):
+        registry.add(Command("ok", "again", Role.USER, noop))
+    with pytest.raises(ValueError, match="invalid command name"):
+        registry.add(Command("Bad-Name", "no", Role.USER, noop))
+    assert registry.get("OK") is registry.get("ok")
+
+
+def test_every_builtin_command_fits_telegram_menus() -> None:
+    for command in builtin_commands().all():
+        assert 1 <= len(command.description) <= 256, command.name
+        assert command.role in (Role.USER, Role.ADMIN, Role.OWNER), command.name
+
+
+async def test_old_update_ids_are_pruned(stack: Any, sqlite_url: str) -> None:
+    gateway, _, store = stack
+    long_ago = datetime.now(UTC) - timedelta(days=30)
+    async with await Store.open(sqlite_url, utcnow=lambda: long_ago) as past:
+        assert await past.claim_update("memory", "ancient")
+    assert await store.claim_update("memory", "recent")
+    await gateway.handle(message("hi"))
+    await gateway.settle(CHAT.key)
+    assert await store.claim_update("memory", "ancient"), "forgotten: it could be claimed again"
+    assert not await store.claim_update("memory", "recent"), "kept"
+
