@@ -13,8 +13,7 @@ RUN pip install --no-cache-dir --prefix=/install .
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PARLEY_STORE=sqlite:////data/parley.db \
-    PARLEY_DATA_DIR=/data
+    PARLEY_STORE=sqlite:////data/parley.db
 COPY --from=build /install /usr/local
 RUN useradd --system --uid 10001 --user-group --home-dir /data --shell /usr/sbin/nologin parley \
     && mkdir -p /data /config \

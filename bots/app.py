@@ -20,6 +20,7 @@ from agent.tools import current_time, make_fetch_url
 from bots.access import Access
 from bots.config import Listen, Settings
 from bots.errors import ParleyError
+from bots.inbound import GroupTrigger
 from bots.gateway import ChatDefaults, Connector, Gateway
 from bots.health import HealthServer
 from bots.metrics import Metrics
@@ -52,7 +53,6 @@ def chat_defaults(settings: Settings) -> ChatDefaults:
         pre_tool_text=chat.pre_tool_text,
         show_reasoning=chat.show_reasoning,
         sessions_per_user_in_groups=chat.sessions_per_user_in_groups,
-        group_trigger=settings.telegram.group_trigger,
         error_cooldown=chat.error_cooldown,
         history_max_messages=settings.agent.history.max_messages,
         history_max_tokens=settings.agent.history.max_tokens,
@@ -154,6 +154,7 @@ class App:
                     drafts=s.telegram.drafts,
                     pacing=s.telegram.pacing.policy(),
                     owners=frozenset(s.access.owners),
+                    group_trigger=GroupTrigger(s.telegram.group_trigger, dict(s.telegram.group_triggers)),
                 )
             )
         if s.discord.enabled:
@@ -172,6 +173,8 @@ class App:
                     slash_commands=s.discord.slash_commands,
                     pacing=s.discord.pacing.policy(),
                     on_rate_limited=self.metrics.rate_limited.labels("discord").inc,
+                    max_ratelimit_timeout=s.discord.max_ratelimit_timeout,
+                    group_trigger=GroupTrigger(s.discord.group_trigger, dict(s.discord.group_triggers)),
                 )
             )
         return connectors
@@ -253,9 +256,7 @@ class App:
                 return
             tasks: set[asyncio.Task[None]] = {graceful}
             if hurried is not None and hurried.done():
-                log.warning("stopping the %d running turn(s) now", self.gateway.lanes.active)
-                # A second close with no grace interrupts every running turn at once.
-                tasks.add(asyncio.create_task(self.gateway.shutdown(0), name="shutdown-now"))
+                log.warning("stopping the %d running turn(s) now", self.gateway.interrupt_all())
                 _, pending = await asyncio.wait(tasks, timeout=FINALIZE_TIMEOUT)
             else:
                 pending = tasks

@@ -690,6 +690,7 @@ class TelegramSettings(_Section):
     webhook: WebhookSettings = Field(default_factory=dict)
     drafts: bool = False
     group_trigger: Literal["mention", "all"] = "mention"
+    group_triggers: dict[str, Literal["mention", "all"]] = Field(default_factory=dict)
     pacing: TelegramPacing = Field(default_factory=dict)
 
     @property
@@ -741,6 +742,9 @@ class DiscordSettings(_Section):
     gateway_url: WsUrl = "wss://gateway.discord.gg/"
     command_prefix: str = Field(default="!", min_length=1)
     slash_commands: bool = True
+    group_trigger: Literal["mention", "all"] = "mention"
+    group_triggers: dict[str, Literal["mention", "all"]] = Field(default_factory=dict)
+    max_ratelimit_timeout: float = Field(default=30.0, ge=1)
     pacing: DiscordPacing = Field(default_factory=dict)
 
     @property
@@ -881,7 +885,6 @@ class Settings(BaseSettings):
     discord: DiscordSettings = Field(default_factory=dict)
     access: AccessSettings = Field(default_factory=dict)
     store: StoreUrl = Field(default_factory=lambda: StoreUrl("sqlite:///data/parley.db"))
-    data_dir: Path = Path("data")
     metrics: MetricsSettings = Field(default_factory=dict)
     logging: LoggingSettings = Field(default_factory=dict)
     shutdown_timeout: Seconds = 20.0

@@ -41,7 +41,7 @@ from bots.errors import (
     Transient,
     Undeliverable,
 )
-from bots.inbound import Inbound
+from bots.inbound import GroupTrigger, Inbound
 from bots.outbox import ChatRef, MessageRef, PlatformLimits
 from bots.pacing import Budget, Pacing, PacingPolicy
 
@@ -49,6 +49,10 @@ if TYPE_CHECKING:
     from bots.gateway import Gateway
 
 log = logging.getLogger(__name__)
+
+# parley never joins voice channels; without this every start warns about missing voice libraries.
+discord.VoiceClient.warn_nacl = False
+discord.VoiceClient.warn_dave = False
 
 DISCORD_LIMITS = PlatformLimits(max_message_len=2000, utf16=False, typing_interval=8.0)
 
@@ -247,9 +251,11 @@ class DiscordConnector:
         on_rate_limited: Callable[[], None] | None = None,
         ready_timeout: float = 30.0,
         max_ratelimit_timeout: float = 30.0,
+        group_trigger: GroupTrigger = GroupTrigger(),
     ) -> None:
         point_discord_at(api_base, gateway_url)
         self._token = token
+        self._trigger = group_trigger
         self._prefix = command_prefix
         self._slash = slash_commands
         self._ready_timeout = ready_timeout
@@ -323,8 +329,9 @@ class DiscordConnector:
         log.info("discord: connected as %s", self.client.user)
 
     async def stop_receiving(self) -> None:
-        """Ignore new messages from now on; the connection stays up for finishing replies."""
-        self._gateway = None
+        """Nothing to do: Discord never redelivers, so messages that still arrive go to the
+        gateway, which (no longer accepting) tells their senders to resend after the restart.
+        The connection stays up for finishing replies until `stop()`."""
 
     async def stop(self) -> None:
         self._gateway = None
@@ -411,6 +418,7 @@ class DiscordConnector:
             command=command,
             args=args,
             mentions_bot=mentions,
+            listening=not is_private and self._trigger.listens(chat.chat_id),
             reply_to_bot=reply_to_bot,
             reply_to_user_id=reply_user,
             reply_to_username=reply_name,

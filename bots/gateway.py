@@ -78,7 +78,6 @@ class ChatDefaults:
     pre_tool_text: str = "hide"
     show_reasoning: bool = False
     sessions_per_user_in_groups: bool = False
-    group_trigger: str = "mention"  # or "all"
     error_cooldown: float = 60.0
     history_max_messages: int = 40
     history_max_tokens: int = 12000
@@ -176,7 +175,7 @@ class Gateway:
     async def _route(self, inbound: Inbound) -> None:
         # Remember who people are (so an admin can /allow @them) even from group chatter.
         await self.store.remember_user(inbound.user_key, inbound.username, inbound.display_name)
-        if not inbound.addressed and self.defaults.group_trigger != "all":
+        if not inbound.addressed:
             return  # group chatter not meant for the bot: nothing to answer, nothing to de-duplicate
         if not await self.store.claim_update(inbound.platform, inbound.update_id):
             self.metrics.duplicates_ignored.labels(inbound.platform).inc()
@@ -498,6 +497,10 @@ class Gateway:
                 return
             if pending:
                 await asyncio.wait(pending)
+
+    def interrupt_all(self) -> int:
+        """Stop every running turn now; their live messages are finalized as stopped."""
+        return self.lanes.interrupt_all()
 
     async def shutdown(self, timeout: float) -> None:
         """Stop taking messages, let turns finish up to `timeout`, then stop them visibly."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from bots.outbox import ChatRef
 
@@ -31,6 +32,7 @@ class Inbound:
     reply_to_user_id: str | None = None  # author of the message this one replies to
     reply_to_username: str | None = None
     expects_answer: bool = False  # the platform shows a pending state until answered (slash commands)
+    listening: bool = False  # the bot answers every message in this group (group_trigger: all)
 
     @property
     def platform(self) -> str:
@@ -43,4 +45,20 @@ class Inbound:
     @property
     def addressed(self) -> bool:
         """Whether the message is meant for the bot in a group (mention, reply or command)."""
-        return self.chat.is_private or self.mentions_bot or self.reply_to_bot or self.command is not None
+        return (
+            self.chat.is_private or self.listening or self.mentions_bot or self.reply_to_bot or self.command is not None
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GroupTrigger:
+    """When the bot speaks in a group: only when addressed ("mention"), or to everything ("all").
+
+    `default` applies to every group; `overrides` maps a chat (or channel) id to its own mode.
+    """
+
+    default: str = "mention"
+    overrides: Mapping[str, str] = field(default_factory=dict)
+
+    def listens(self, chat_id: str) -> bool:
+        return self.overrides.get(chat_id, self.default) == "all"

@@ -132,6 +132,15 @@ class Lanes:
 
     # ---- shutdown --------------------------------------------------------------------
 
+    def interrupt_all(self) -> int:
+        """Ask every running turn to stop now (a second shutdown signal); returns how many."""
+        count = 0
+        for lane in self._lanes.values():
+            if lane.interrupt is not None and not lane.interrupt.is_set():
+                lane.interrupt.set()
+                count += 1
+        return count
+
     async def close(self, timeout: float) -> list[Inbound]:
         """Refuse new messages, give running turns `timeout` seconds, then interrupt them.
 
@@ -146,9 +155,7 @@ class Lanes:
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout)
             if pending:
-                for lane in self._lanes.values():
-                    if lane.interrupt is not None:
-                        lane.interrupt.set()
+                self.interrupt_all()
                 await asyncio.wait(pending)
         return leftovers
 

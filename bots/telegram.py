@@ -55,7 +55,7 @@ from bots.errors import (
     Transient,
     Undeliverable,
 )
-from bots.inbound import Inbound
+from bots.inbound import GroupTrigger, Inbound
 from bots.outbox import ChatRef, MessageRef, PlatformLimits
 from bots.pacing import Budget, Pacing, PacingPolicy
 from bots.render import text_length
@@ -204,6 +204,7 @@ class TelegramConnector:
         drafts: bool = False,
         pacing: PacingPolicy = DEFAULT_PACING,
         owners: frozenset[str] = frozenset(),
+        group_trigger: GroupTrigger = GroupTrigger(),
         clock: Clock = REAL_CLOCK,
         poll_timeout: int = 10,
     ) -> None:
@@ -224,6 +225,7 @@ class TelegramConnector:
         self.drafts = drafts
         self._webhook = webhook
         self._owners = owners
+        self._trigger = group_trigger
         self._poll_timeout = poll_timeout
         self._gateway: Gateway | None = None
         self._running = False
@@ -345,6 +347,7 @@ class TelegramConnector:
             command=command,
             args=args,
             mentions_bot=mentions,
+            listening=not ref.is_private and self._trigger.listens(ref.chat_id),
             reply_to_bot=reply_to_bot,
             reply_to_user_id=reply_user,
             reply_to_username=reply_name,

@@ -461,3 +461,18 @@ async def test_ten_channels_streaming_at_default_limits_get_no_429(make_fake_dis
     assert sorted(t for ch in channels for t in fake.bot_texts(ch)) == sorted(answers)
     assert all(len(bot_messages(fake, ch)[0].versions) >= 5 for ch in channels), "some replies were not streamed"
     assert fake.count_429() == 0
+
+
+async def test_group_trigger_all_for_one_channel(fast_discord, fake_llm, parley) -> None:
+    chatty = fast_discord.default_channel
+    quiet = fast_discord.text_channel(name="quiet")
+    p = await parley(discord=fast_discord, overrides={"discord": {"group_triggers": {str(chatty.id): "all"}}})
+    owner = fast_discord.user(OWNER_DC, "owner")
+    fake_llm.script(Reply.text("Heard without a mention."))
+    fast_discord.user_says(quiet, owner, "nobody called the bot")
+    fast_discord.user_says(chatty, owner, "nobody called the bot here either")
+    await fast_discord.wait_for(lambda: fast_discord.bot_texts(chatty) == ["Heard without a mention."], timeout=10)
+    await p.gateway.settle(chat_key(chatty))
+    await p.gateway.settle(chat_key(quiet))
+    assert fast_discord.bot_texts(quiet) == []
+    assert len(fake_llm.requests) == 1

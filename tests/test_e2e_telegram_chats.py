@@ -61,6 +61,20 @@ async def test_group_trigger_all_answers_every_message(fast_telegram, fake_llm, 
     await p.gateway.settle(f"telegram:{group.id}")
 
 
+async def test_group_trigger_per_chat_override(fast_telegram, fake_llm, parley) -> None:
+    owner = fast_telegram.user(OWNER_TG, "Owner")
+    chatty, quiet = fast_telegram.group("Chatty"), fast_telegram.group("Quiet")
+    p = await parley(telegram=fast_telegram, overrides={"telegram": {"group_triggers": {str(chatty.id): "all"}}})
+    fake_llm.script(Reply.text("Answered without a mention."))
+    fast_telegram.user_says(quiet, owner, "no mention here")
+    fast_telegram.user_says(chatty, owner, "no mention here either")
+    await fast_telegram.wait_for(lambda: len(bot_msgs(fast_telegram, chatty.id)) == 1, timeout=10)
+    await p.gateway.settle(f"telegram:{chatty.id}")
+    await p.gateway.settle(f"telegram:{quiet.id}")
+    assert bot_msgs(fast_telegram, quiet.id) == []
+    assert len(fake_llm.requests) == 1
+
+
 async def test_forum_topic_replies_stay_in_the_topic(fast_telegram, fake_llm, parley) -> None:
     p = await parley(telegram=fast_telegram)
     owner = fast_telegram.user(OWNER_TG, "Owner")
