@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bots.gateway import RESTARTING_TEXT
 from bots.live_reply import STOPPED_MARKER
 from bots.store import Store
 from tests.fakes.llm import Reply
@@ -137,9 +138,11 @@ async def test_signal_mid_turn_stops_receiving_finalizes_marked_stopped_and_exit
 
             proc.signal(sig)
             await proc.wait_for_line("stopped receiving; waiting up to 1s for 2 running turn(s)")
-            # Stopped receiving: these are not taken any more.
+            # Stopped receiving: these are not taken any more. Telegram keeps the update for the
+            # next process; Discord never redelivers, so its sender is told to resend.
             fast_telegram.user_says(chat, tg_owner, "are you still there?")
             fast_discord.user_says(channel, dc_owner, "are you still there?")
+            await fast_discord.wait_for(lambda: len(fast_discord.bot_texts(channel)) == 2, timeout=15)
 
             assert await proc.wait_exit(30) == 0
     finally:
@@ -147,7 +150,7 @@ async def test_signal_mid_turn_stops_receiving_finalizes_marked_stopped_and_exit
 
     stopped = f"{PARTIAL}\n\n{STOPPED_MARKER}"
     assert fast_telegram.bot_texts(chat.id) == [stopped]
-    assert fast_discord.bot_texts(channel) == [stopped]
+    assert fast_discord.bot_texts(channel) == [stopped, RESTARTING_TEXT]
     # The Telegram update that arrived after the signal is still on Telegram's side,
     # for the next process to answer; nobody consumed it.
     assert [u["message"]["text"] for u in fast_telegram.pending_updates] == ["are you still there?"]
