@@ -18,7 +18,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from agent import Agent
-from agent.errors import AgentError, ProviderError
+from agent.errors import (
+    AgentError,
+    ProviderAuthError,
+    ProviderBadRequest,
+    ProviderBadResponse,
+    ProviderError,
+    ProviderRateLimited,
+    ProviderTimeout,
+    ProviderUnavailable,
+)
 from bots import history as hist
 from bots.access import Access, Role, denial_text
 from bots.clock import REAL_CLOCK, Clock
@@ -89,19 +98,19 @@ class ChatDefaults:
 
 def friendly_error(exc: BaseException) -> str:
     """One short line for the chat: what happened and what to do. Never the raw error."""
-    from agent import errors as e
-
-    if isinstance(exc, getattr(e, "ProviderAuthError", ())):
+    if isinstance(exc, ProviderAuthError):
         return "⚠️ The model provider rejected parley's credentials. An admin needs to check the API key."
-    if isinstance(exc, getattr(e, "ProviderRateLimited", ())):
+    if isinstance(exc, ProviderRateLimited):
         return "⚠️ The model provider is rate-limiting requests right now. Please try again in a minute."
-    if isinstance(exc, getattr(e, "ProviderTimeout", ())):
+    if isinstance(exc, ProviderTimeout):
         return "⚠️ The model took too long to answer. Please try again."
-    if isinstance(exc, getattr(e, "ProviderUnavailable", ())):
+    if isinstance(exc, ProviderUnavailable):
         return "⚠️ The model provider isn't reachable right now. Please try again shortly."
-    if isinstance(exc, getattr(e, "ProviderBadRequest", ())):
+    if isinstance(exc, ProviderBadResponse):
+        return "⚠️ The model provider sent a broken answer. Please try again."
+    if isinstance(exc, ProviderBadRequest):
         text = str(exc).lower()
-        if "context" in text or "too long" in text or "maximum" in text and "token" in text:
+        if "context" in text or "too long" in text or ("maximum" in text and "token" in text):
             return "⚠️ This conversation is too long for the model. Send /new to start a fresh one."
         return "⚠️ The model provider refused the request. An admin may need to check the model settings."
     return "⚠️ Something went wrong while generating the reply. Please try again."

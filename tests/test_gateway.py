@@ -194,3 +194,36 @@ async def test_old_update_ids_are_pruned(stack: Any, sqlite_url: str) -> None:
     assert await store.claim_update("memory", "ancient"), "forgotten: it could be claimed again"
     assert not await store.claim_update("memory", "recent"), "kept"
 
+
+
+@pytest.mark.parametrize(
+    "error,expected",
+    [
+        ("ProviderAuthError", "API key"),
+        ("ProviderRateLimited", "rate-limiting"),
+        ("ProviderTimeout", "too long to answer"),
+        ("ProviderUnavailable", "isn't reachable"),
+        ("ProviderBadResponse", "broken answer"),
+        ("ProviderBadRequest", "refused the request"),
+        ("ProviderError", "Something went wrong"),
+    ],
+)
+def test_friendly_error_names_what_happened_never_the_raw_error(error: str, expected: str) -> None:
+    import agent.errors
+
+    from bots.gateway import friendly_error
+
+    raw = "upstream said: key sk-live-123 invalid at /v1/chat/completions (500 Traceback)"
+    line = friendly_error(getattr(agent.errors, error)(raw, status_code=500, provider_message=raw))
+    assert expected in line and line.startswith("⚠️")
+    assert "sk-live" not in line and "Traceback" not in line and "/v1/" not in line
+    assert "\n" not in line
+
+
+def test_friendly_error_spots_a_context_overflow() -> None:
+    from agent.errors import ProviderBadRequest
+
+    from bots.gateway import friendly_error
+
+    line = friendly_error(ProviderBadRequest("This model's maximum context length is 8192 tokens"))
+    assert "/new" in line
