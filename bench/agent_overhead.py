@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import openai  # noqa: E402
 
 from agent import Agent, NullEvents, ProviderConfig, Timeouts, ToolRegistry  # noqa: E402
+from bench.common import Processes, start_fake_llm  # noqa: E402
 from tests.fakes.llm import API_KEY, bench_text  # noqa: E402
 
 
@@ -46,21 +46,6 @@ class Collector(NullEvents):
     def __init__(self) -> None:
         self.parts: list[str] = []
         self.on_text = self.parts.append  # type: ignore[method-assign]
-
-
-def start_fake() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.llm", "--port", "0"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "listening on" not in line:
-        proc.kill()
-        raise RuntimeError(f"fake provider did not start: {line!r}")
-    return proc, line.strip().rsplit(" ", 1)[-1]
 
 
 async def raw_once(client: openai.AsyncOpenAI, model: str) -> tuple[float, str]:
@@ -95,8 +80,8 @@ async def turn_once(agent: Agent, model: str) -> tuple[float, str]:
 
 
 async def run(tokens: int, runs: int, profile: bool) -> dict[str, Any]:
-    proc, base_url = start_fake()
-    try:
+    async with Processes() as procs:
+        base_url = (await start_fake_llm(procs)).url
         model = f"bench:tokens={tokens},rate=0,ttft=0,chunk=1,seed=7"
         expected = bench_text(tokens, 7)
         timeouts = Timeouts(connect=10, first_token=60, idle=60, total=600)
@@ -138,9 +123,6 @@ async def run(tokens: int, runs: int, profile: bool) -> dict[str, Any]:
 
         await agent.aclose()
         await client.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
     raw_median = statistics.median(raw_times)
     turn_median = statistics.median(turn_times)

@@ -345,25 +345,29 @@ class LiveReply:
                 self._dirty.clear()
                 await self._dirty.wait()
                 continue
-            allowed_at = await self._pacer.acquire(op.priority)
-            op = self._next_op()  # the newest state wins: coalesce what arrived meanwhile
-            if op is None:
-                continue
-            self._obs.on_lateness(max(0.0, self._clock.now() - allowed_at))
-            try:
-                await self._apply(op)
-            except RateLimited as exc:
-                self._obs.on_rate_limited(exc.retry_after)
-                self._pacer.pause(exc.retry_after, scope=exc.scope)
-                continue
-            except Undeliverable as exc:
-                self._give_up(str(exc))
+            error: Exception | None = None
+            async with self._pacer.sending(op.priority) as allowed_at:
+                op = self._next_op()  # the newest state wins: coalesce what arrived meanwhile
+                if op is None:
+                    continue
+                self._obs.on_lateness(max(0.0, self._clock.now() - allowed_at))
+                try:
+                    await self._apply(op)
+                except Exception as exc:  # handled below, once the call's place in flight is free
+                    error = exc
+            if error is None:
+                failing_since, backoff = None, 0.5
+            elif isinstance(error, RateLimited):
+                self._obs.on_rate_limited(error.retry_after)
+                self._pacer.pause(error.retry_after, scope=error.scope)
+            elif isinstance(error, Undeliverable):
+                self._give_up(str(error))
                 return
-            except Exception as exc:  # Transient, or a connector bug: back off and retry
-                if isinstance(exc, Transient):
-                    log.info("chat %s: %s failed (%s); retrying in %.1fs", self._chat.key, op.kind, exc, backoff)
+            else:  # Transient, or a connector bug: back off and retry
+                if isinstance(error, Transient):
+                    log.info("chat %s: %s failed (%s); retrying in %.1fs", self._chat.key, op.kind, error, backoff)
                 else:
-                    log.exception("chat %s: unexpected error during %s", self._chat.key, op.kind)
+                    log.error("chat %s: unexpected error during %s", self._chat.key, op.kind, exc_info=error)
                 now = self._clock.now()
                 failing_since = now if failing_since is None else failing_since
                 if now - failing_since >= self._opts.give_up_after:
@@ -371,8 +375,6 @@ class LiveReply:
                     return
                 await self._clock.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
-                continue
-            failing_since, backoff = None, 0.5
 
     async def _apply(self, op: _Op) -> None:
         """One platform call, and what it means for `_shown`. Raises what the loop handles."""

@@ -10,6 +10,14 @@ message (`Priority.FINAL`) goes before interim edits (`Priority.INTERIM`), so un
 pressure the newest-text edits are the ones that wait -- and because the caller reads
 the newest text only *after* its slot is granted, everything that arrived meanwhile
 collapses into one edit. A 429 pauses the chat (or the bot) for exactly `retry_after`.
+
+The platform counts calls when they arrive, not when parley granted them. A busy event
+loop can hold granted calls back and then release several together, so a granted call
+also checks the same budget against the moments earlier calls actually left (GCRA)
+before it goes: late calls never bunch up past the burst. And since a stalled loop can
+also hold back calls that already left the Pacer, only `PacingPolicy.in_flight` calls
+per platform may be under way at once (`Pacer.sending`). `acquire` returns the moment
+the budget allowed the call, so `now - acquire()` is the event loop's delay (lateness).
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -62,9 +72,15 @@ class Limiter:
         self._tokens = self._capacity
         self._stamp = float("-inf")  # a new bucket is full
         self._paused_until = float("-inf")
-        self._waiters: list[tuple[int, int, asyncio.Future[float]]] = []
+        self._waiters: list[tuple[int, int, asyncio.Future[float], float]] = []  # prio, seq, fut, since
         self._seq = itertools.count()
         self._timer: TimerHandle | None = None
+        self._timer_at = 0.0  # when the armed timer is due: the moment the next token exists
+        self._tat = float("-inf")  # GCRA state of the calls actually released (see release_wait)
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
 
     @property
     def paused_until(self) -> float:
@@ -72,7 +88,7 @@ class Limiter:
 
     @property
     def waiting(self) -> int:
-        return sum(1 for _, _, fut in self._waiters if not fut.done())
+        return sum(1 for _, _, fut, _ in self._waiters if not fut.done())
 
     def idle(self) -> bool:
         """True when forgetting this bucket loses nothing (full, not paused, nobody waiting)."""
@@ -92,13 +108,33 @@ class Limiter:
         return False
 
     async def take(self, priority: Priority = Priority.FINAL) -> float:
-        """Wait for a token; returns the time at which the budget allowed the call."""
+        """Wait for a token; returns the time at which the budget allowed the call.
+
+        That is the moment a token existed for this waiter -- not the moment the timer
+        callback happened to run -- so `now - take()` shows how late the event loop let
+        the call go out (LiveReply reports it as edit lateness).
+        """
+        now = self._clock.now()
         if self.try_take():
-            return self._clock.now()
+            return now
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (int(priority), next(self._seq), fut))
+        heapq.heappush(self._waiters, (int(priority), next(self._seq), fut, now))
         self._arm()
         return await fut
+
+    def release_wait(self, now: float) -> float:
+        """Seconds until a granted call may actually leave, judged by when earlier calls left.
+
+        Tokens are granted on schedule, but a busy event loop can hold granted calls back
+        and then let several go at once -- and the platform counts calls when they
+        arrive. This checks the same budget (as GCRA) against the moments calls were
+        released, so calls that went out late can never bunch up past the burst.
+        """
+        return max(0.0, self._tat - (self._capacity - 1) / self._rate - now)
+
+    def released(self, now: float) -> None:
+        """A granted call leaves now."""
+        self._tat = max(self._tat, now) + 1 / self._rate
 
     def pause(self, seconds: float) -> None:
         """Nothing leaves for `seconds`; then exactly one call may go at once."""
@@ -129,39 +165,92 @@ class Limiter:
         while self._waiters and self._waiters[0][2].done():
             heapq.heappop(self._waiters)
         if self._waiters:
-            self._timer = self._clock.call_at(self._ready_at(self._clock.now()), self._dispatch)
+            self._timer_at = self._ready_at(self._clock.now())
+            self._timer = self._clock.call_at(self._timer_at, self._dispatch)
 
     def _dispatch(self) -> None:
         self._timer = None
         now = self._clock.now()
         self._refill(now)
+        granted = 0
         while self._waiters and now >= self._paused_until - _EPS and self._tokens >= 1 - _EPS:
-            _, _, fut = heapq.heappop(self._waiters)
+            _, _, fut, since = heapq.heappop(self._waiters)
             if fut.done():  # the waiter was cancelled
                 continue
             self._tokens -= 1
-            fut.set_result(now)
+            # The first token existed when the timer was due, each further one 1/rate
+            # later (a late timer finds several); a waiter that came later still was
+            # allowed on arrival. Never in the future.
+            fut.set_result(min(now, max(since, self._timer_at + granted / self._rate)))
+            granted += 1
         self._arm()
 
 
 class Pacer:
     """The budget of one chat, drawing from the platform-wide budget too."""
 
-    def __init__(self, chat: Limiter, platform: Limiter) -> None:
+    def __init__(self, chat: Limiter, platform: Limiter, in_flight: asyncio.Semaphore | None = None) -> None:
         self._chat = chat
         self._platform = platform
+        self._in_flight = in_flight
 
     async def acquire(self, priority: Priority = Priority.FINAL) -> float:
-        """Wait until both budgets allow one call; returns when they allowed it."""
-        await self._chat.take(priority)
-        return await self._platform.take(priority)
+        """Wait until both budgets allow one call; returns when they allowed it.
+
+        If the platform budget has a token free once the chat's is granted, the call was
+        allowed when the chat's budget allowed it: any time spent getting here since is
+        the event loop's delay, and is reported as such.
+        """
+        return await self._release(await self._grant(priority))
+
+    @asynccontextmanager
+    async def sending(self, priority: Priority = Priority.FINAL) -> AsyncIterator[float]:
+        """`acquire`, holding one of the platform's places for calls in flight until the
+        block ends: make exactly one platform call inside it. Yields when the call was allowed.
+
+        Only `in_flight` calls per platform may be between leaving and being answered.
+        Those are the calls a stalled event loop can hold back and then let arrive
+        together with later ones; bounding them keeps such a bunch within the platform's
+        burst (see `PacingPolicy.in_flight`).
+        """
+        allowed = await self._grant(priority)
+        if self._in_flight is None:
+            yield await self._release(allowed)
+            return
+        async with self._in_flight:
+            yield await self._release(allowed)
+
+    async def _grant(self, priority: Priority) -> float:
+        allowed = await self._chat.take(priority)
+        if not self._platform.try_take():
+            allowed = await self._platform.take(priority)
+        return allowed
+
+    async def _release(self, allowed: float) -> float:
+        """Hold a granted call while releasing it now would bunch it up with calls that left late."""
+        clock = self._chat.clock
+        while True:
+            now = clock.now()
+            wait = max(self._chat.release_wait(now), self._platform.release_wait(now))
+            if wait <= _EPS:
+                break
+            allowed = max(allowed, now + wait)  # the budget allows it only then
+            await clock.sleep(wait)
+        self._chat.released(now)
+        self._platform.released(now)
+        return min(allowed, now)
 
     def try_acquire(self) -> bool:
         """A background call (typing) goes only if both budgets have a token free now."""
+        now = self._chat.clock.now()
+        if max(self._chat.release_wait(now), self._platform.release_wait(now)) > _EPS:
+            return False
         if not self._chat.try_take():
             return False
         if not self._platform.try_take():
             return False  # the chat token is spent; being conservative is the point
+        self._chat.released(now)
+        self._platform.released(now)
         return True
 
     def pause(self, seconds: float, *, scope: str = "chat") -> None:
@@ -180,6 +269,15 @@ class PacingPolicy:
     private: Budget
     group: Budget
     platform: Budget
+    # Calls of the whole platform allowed between leaving and being answered. A stalled
+    # event loop can let that many arrive bunched on top of a full burst, so it should not
+    # exceed the platform's burst minus parley's (Telegram ~30 vs 25). It also caps
+    # throughput at in_flight / round-trip time: 100/s at 50 ms, 25/s at 200 ms.
+    in_flight: int = 5
+
+    def __post_init__(self) -> None:
+        if self.in_flight < 1:
+            raise ValueError("in_flight must be at least 1")
 
 
 class Pacing:
@@ -191,6 +289,7 @@ class Pacing:
         self.policy = policy
         self._clock = clock
         self._platform: Limiter | None = None
+        self._in_flight = asyncio.Semaphore(policy.in_flight)
         self._chats: dict[str, Pacer] = {}
 
     def for_chat(self, chat: ChatRef) -> Pacer:
@@ -201,7 +300,7 @@ class Pacing:
             if len(self._chats) > self._PRUNE_ABOVE:
                 self._prune()
             budget = self.policy.private if chat.is_private else self.policy.group
-            pacer = Pacer(Limiter(budget, self._clock), self._platform_limiter())
+            pacer = Pacer(Limiter(budget, self._clock), self._platform_limiter(), self._in_flight)
             self._chats[key] = pacer
         return pacer
 

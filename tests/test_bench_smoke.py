@@ -1,0 +1,331 @@
+"""The benchmarks still run, and what they measure is measured right.
+
+Benchmarks are not tests: nothing here judges a number. Each script runs once with tiny
+parameters (so it cannot rot) and must print one JSON object with the fields
+bench/README.md documents. The pure measurement code -- when a word became visible,
+quantiles of a Prometheus histogram, the moment the Pacer says a call was allowed -- is
+unit-tested, because a benchmark that measures the wrong thing is worse than none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.scale import bucket_of, histogram_quantile, median_of, parse_metrics
+from bench.visibility import Change, changes_from_fake, final_words, lags, visible_times
+from bots.clock import TimerHandle
+from bots.outbox import ChatRef
+from bots.pacing import Budget, Limiter, Pacer, Pacing, PacingPolicy
+from tests.support.fakeclock import FakeClock
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------- visibility
+
+
+def test_a_word_is_visible_from_the_first_version_that_shows_it() -> None:
+    changes = [Change(10.0, 1, "alpha"), Change(11.0, 1, "alpha bravo charlie"), Change(12.0, 1, "alpha bravo charlie delta")]
+    assert visible_times(changes, "alpha bravo charlie delta") == [10.0, 11.0, 11.0, 12.0]
+
+
+def test_a_wrong_or_partial_word_is_not_visible() -> None:
+    changes = [Change(1.0, 1, "alpha brav"), Change(2.0, 1, "alpha bravo oops")]
+    assert visible_times(changes, "alpha bravo charlie") == [1.0, 2.0, None]
+
+
+def test_words_are_read_across_messages_in_order_and_deleted_messages_vanish() -> None:
+    changes = changes_from_fake(
+        [
+            {"from_bot": False, "message_id": 1, "edits": [[0.5, "go", []]], "deleted": False},
+            {"from_bot": True, "message_id": 2, "edits": [[1.0, "alpha", []], [2.0, "alpha bravo", []]],
+             "deleted": False},
+            {"from_bot": True, "message_id": 3, "edits": [[3.0, "charlie", []]], "deleted": True, "deleted_at": 4.0},
+        ]
+    )  # fmt: skip
+    assert visible_times(changes, "alpha bravo charlie") == [1.0, 2.0, 3.0]
+    assert final_words(changes) == "alpha bravo"
+
+
+def test_a_light_fake_is_refused_rather_than_misread() -> None:
+    with pytest.raises(ValueError, match="light"):
+        changes_from_fake([{"from_bot": True, "message_id": 2, "edits": [[1.0, None, None]], "deleted": False}])
+
+
+def test_lag_is_visible_minus_generated_and_lost_words_count_until_the_end() -> None:
+    # Words generated at 100.0, 100.5, 101.0 (rate 2/s); the last never became visible.
+    assert lags([100.2, 101.0, None], t_first=100.0, rate=2.0, t_end=105.0) == pytest.approx([0.2, 0.5, 4.0])
+
+
+# ---------------------------------------------------------------------------- histogram
+
+
+METRICS_BEFORE = """\
+# TYPE parley_edit_lateness_seconds histogram
+parley_edit_lateness_seconds_bucket{le="0.001",platform="telegram"} 10.0
+parley_edit_lateness_seconds_bucket{le="0.01",platform="telegram"} 10.0
+parley_edit_lateness_seconds_bucket{le="0.1",platform="telegram"} 10.0
+parley_edit_lateness_seconds_bucket{le="+Inf",platform="telegram"} 10.0
+parley_edit_lateness_seconds_count{platform="telegram"} 10.0
+parley_edit_lateness_seconds_sum{platform="telegram"} 0.001
+# TYPE parley_turns_total counter
+parley_turns_total{outcome="ok",platform="telegram"} 1.0
+"""
+
+METRICS_AFTER = """\
+# TYPE parley_edit_lateness_seconds histogram
+parley_edit_lateness_seconds_bucket{le="0.001",platform="telegram"} 60.0
+parley_edit_lateness_seconds_bucket{le="0.01",platform="telegram"} 100.0
+parley_edit_lateness_seconds_bucket{le="0.1",platform="telegram"} 110.0
+parley_edit_lateness_seconds_bucket{le="+Inf",platform="telegram"} 110.0
+parley_edit_lateness_seconds_count{platform="telegram"} 110.0
+parley_edit_lateness_seconds_sum{platform="telegram"} 0.5
+# TYPE parley_turns_total counter
+parley_turns_total{outcome="ok",platform="telegram"} 90.0
+parley_turns_total{outcome="error",platform="telegram"} 2.0
+"""
+
+
+def test_quantiles_count_only_what_happened_between_two_scrapes() -> None:
+    before, after = parse_metrics(METRICS_BEFORE), parse_metrics(METRICS_AFTER)
+    assert after.turns_done == 92
+    # 100 new observations: 50 in (0, 1 ms], 40 in (1, 10 ms], 10 in (10, 100 ms].
+    assert histogram_quantile(0.50, before.lateness, after.lateness) == pytest.approx(0.001)
+    assert histogram_quantile(0.70, before.lateness, after.lateness) == pytest.approx(0.001 + 0.009 * 20 / 40)
+    assert histogram_quantile(0.99, before.lateness, after.lateness) == pytest.approx(0.01 + 0.09 * 9 / 10)
+    assert histogram_quantile(0.99, after.lateness, after.lateness) is None  # nothing new
+
+
+def test_runs_of_one_size_combine_into_medians_and_totals() -> None:
+    runs = [
+        {"wall_s": 10.0, "delivery_s": {"p50": 1.0, "max": 4.0}, "replies_exact": True, "http_429": 0,
+         "turns_unfinished": 0, "turns": {"ok": 3}},
+        {"wall_s": 30.0, "delivery_s": {"p50": 3.0, "max": 2.0}, "replies_exact": False, "http_429": 2,
+         "turns_unfinished": 1, "turns": {"ok": 2}},
+        {"wall_s": 20.0, "delivery_s": {"p50": 2.0, "max": 9.0}, "replies_exact": True, "http_429": 1,
+         "turns_unfinished": 0, "turns": {"ok": 3}},
+    ]  # fmt: skip
+    combined = median_of(runs)
+    assert combined["wall_s"] == 20.0 and combined["delivery_s"] == {"p50": 2.0, "max": 4.0}
+    assert combined["replies_exact"] is False  # exact only if every run was
+    assert combined["http_429"] == 3 and combined["turns_unfinished"] == 1  # totals, not medians
+    assert bucket_of(0.0047, [0.001, 0.005, 0.01]) == [0.001, 0.005]
+
+
+# ---------------------------------------------------------------------------- lateness
+
+
+class LateClock(FakeClock):
+    """A FakeClock whose timers fire `lag` seconds late, like a busy event loop's."""
+
+    def __init__(self, lag: float) -> None:
+        super().__init__()
+        self.lag = lag
+
+    def call_at(self, when: float, callback: Any) -> TimerHandle:
+        return super().call_at(when + self.lag, callback)
+
+
+async def test_a_late_timer_shows_as_lateness_not_as_a_later_allowance() -> None:
+    clock = LateClock(lag=0.3)
+    limiter = Limiter(Budget(rate=1.0, burst=1), clock)
+    assert limiter.try_take()
+    waiter = asyncio.create_task(limiter.take())
+    await clock.advance(2.0)
+    # The token existed at 1001.0; the loop ran the dispatch only at 1001.3.
+    assert waiter.result() == pytest.approx(1001.0)
+
+
+async def test_tokens_a_late_timer_finds_were_allowed_one_interval_apart() -> None:
+    clock = LateClock(lag=2.5)
+    limiter = Limiter(Budget(rate=2.0, burst=5), clock)
+    for _ in range(5):
+        assert limiter.try_take()
+    waiters = [asyncio.create_task(limiter.take()) for _ in range(3)]
+    await clock.advance(4.0)
+    assert [w.result() for w in waiters] == pytest.approx([1000.5, 1001.0, 1001.5])
+
+
+async def test_a_call_the_platform_admits_at_once_was_allowed_when_the_chat_budget_was() -> None:
+    clock = LateClock(lag=0.2)
+    pacer = Pacing(PacingPolicy(Budget(1.0, 1), Budget(1.0, 1), Budget(100.0, 100)), clock).for_chat(
+        ChatRef("telegram", "1")
+    )
+    assert isinstance(pacer, Pacer)
+    await pacer.acquire()
+    second = asyncio.create_task(pacer.acquire())
+    await clock.advance(2.0)
+    assert second.result() == pytest.approx(1001.0)
+
+
+class BusyLoopClock(FakeClock):
+    """Timers fire on time, but the tasks the n-th one wakes run `busy[n]` seconds later:
+    an event loop busy with other work between a grant and the granted call leaving."""
+
+    def __init__(self, busy: list[float]) -> None:
+        super().__init__()
+        self.busy = list(busy)
+
+    async def advance(self, seconds: float) -> None:
+        target = self._now + seconds
+        await self.settle()
+        while self._timers and self._timers[0][0] <= target:
+            when, _, timer, callback = heapq.heappop(self._timers)
+            if timer.cancelled:
+                continue
+            self._now = max(self._now, when)
+            callback()
+            self._now += self.busy.pop(0) if self.busy else 0.0
+            await self.settle()
+        self._now = max(self._now, target)
+        await self.settle()
+
+
+async def test_calls_held_back_by_a_busy_loop_never_leave_bunched_past_the_budget() -> None:
+    clock = BusyLoopClock(busy=[1.5])
+    pacing = Pacing(PacingPolicy(Budget(10.0, 10), Budget(10.0, 10), Budget(rate=1.0, burst=2)), clock)
+    left: list[float] = []
+    allowed: list[float] = []
+
+    async def call(chat: str) -> None:
+        allowed.append(await pacing.for_chat(ChatRef("telegram", chat)).acquire())
+        left.append(clock.now())
+
+    tasks = [asyncio.create_task(call(str(i))) for i in range(5)]
+    await clock.advance(10.0)
+    await asyncio.gather(*tasks)
+    # Two at once (the burst); the third was granted at 1001 but the loop let it go at
+    # 1002.5, together with the fourth. The platform counts arrivals: bucket(1/s, 2)
+    # means no three calls within one second, so the fifth must wait until 1003.5.
+    assert left == pytest.approx([1000.0, 1000.0, 1002.5, 1002.5, 1003.5])
+    assert all(c - a >= 1.0 - 1e-9 for a, c in zip(left, left[2:]))
+    assert allowed[2] == pytest.approx(1001.0)  # reported as 1.5 s late, not as on time
+
+
+async def test_only_in_flight_calls_per_platform_are_under_way_at_once() -> None:
+    clock = FakeClock()
+    policy = PacingPolicy(Budget(100.0, 100), Budget(100.0, 100), Budget(100.0, 100), in_flight=2)
+    pacing = Pacing(policy, clock)
+    answered = asyncio.Event()
+    under_way: list[int] = [0]
+    most = 0
+
+    async def call(chat: str) -> None:
+        nonlocal most
+        async with pacing.for_chat(ChatRef("telegram", chat)).sending():
+            under_way[0] += 1
+            most = max(most, under_way[0])
+            await answered.wait()
+            under_way[0] -= 1
+
+    tasks = [asyncio.create_task(call(str(i))) for i in range(5)]
+    await clock.settle()
+    assert under_way[0] == 2  # two calls wait for their answers; the other three wait for a place
+    answered.set()
+    await asyncio.gather(*tasks)
+    assert most == 2 and under_way[0] == 0
+
+
+def test_in_flight_must_allow_a_call() -> None:
+    with pytest.raises(ValueError):
+        PacingPolicy(Budget(1, 1), Budget(1, 1), Budget(1, 1), in_flight=0)
+
+
+# ---------------------------------------------------------------------------- the scripts
+
+
+async def run_script(*argv: str, timeout: float = 90.0) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
+    lines = out.decode().strip().splitlines()
+    assert len(lines) == 1, f"expected one JSON line, got {len(lines)}"
+    return json.loads(lines[0])
+
+
+def has_fields(obj: dict[str, Any], *names: str) -> None:
+    missing = [n for n in names if n not in obj]
+    assert not missing, f"missing fields {missing} in {sorted(obj)}"
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+MACHINE = ("cpus", "cpu_model", "python", "packages", "loadavg_at_start")
+
+
+async def test_latency_benchmark_runs() -> None:
+    result = await run_script(
+        "bench/latency.py", "--tokens", "12", "--rate", "60", "--ttft", "0.05", "--rtt", "0.01", "--runs", "1"
+    )
+    has_fields(result, "bench", "params", "rtt_measured_ms", "targets", "strategies", "runs", "machine")
+    has_fields(result["machine"], *MACHINE)
+    assert set(result["strategies"]) == {"parley", "every_delta", "fixed_1s"}
+    for name, s in result["strategies"].items():
+        has_fields(
+            s, "ttfv_overhead_ms", "staleness_ratio", "lag_mean_ms", "lag_p95_ms", "tail_ms", "edits_per_reply",
+            "calls_per_reply", "typing_per_reply", "http_429", "http_429_per_reply", "replies_exact",
+            "tokens_never_visible",
+        )  # fmt: skip
+        assert is_number(s["staleness_ratio"]["median"]) and is_number(s["lag_mean_ms"]["p95"]), name
+        if name != "parley":
+            has_fields(s, "staleness_vs_parley")
+    assert result["strategies"]["parley"]["replies_exact"] == "1/1"
+    assert is_number(result["strategies"]["parley"]["ttfv_overhead_ms"]["median"])
+
+
+async def test_scale_benchmark_runs() -> None:
+    result = await run_script("bench/scale.py", "--chats", "2", "--tokens", "20", "--rate", "50", "--ttft", "0.1")
+    has_fields(result, "bench", "params", "targets", "results", "machine")
+    has_fields(result["machine"], *MACHINE)
+    (one,) = result["results"]
+    has_fields(
+        one, "chats", "cpu_s", "cpu_s_per_1k_tokens", "parley_cores_mean", "parley_cores_peak", "idle_rss_mb",
+        "peak_rss_mb", "rss_per_active_turn_kb", "p50_edit_lateness_ms", "p99_edit_lateness_ms",
+        "p99_edit_lateness_bucket_ms", "replies_exact",
+        "replies_exact_count", "http_429", "first_visible_s", "delivery_s", "turns", "turns_unfinished",
+        "parley_errors", "fakes_cpu_s", "provider_asked_s", "fake_peak_calls_per_s", "fake_lag_ms",
+    )  # fmt: skip
+    for name in ("cpu_s_per_1k_tokens", "peak_rss_mb", "rss_per_active_turn_kb", "p99_edit_lateness_ms"):
+        assert is_number(one[name]), name
+    assert one["chats"] == 2
+    assert one["replies_exact"] is True and one["turns"] == {"ok": 2}
+
+
+async def test_stream_cost_benchmark_runs() -> None:
+    result = await run_script("bench/stream_cost.py", "--streams", "2", "--tokens", "20", "--rate", "200", "--runs", "1")
+    has_fields(result, "bench", "params", "agent", "sdk", "floor", "agent_over_sdk", "agent_over_floor", "machine")
+    for reader in ("agent", "sdk", "floor"):
+        has_fields(result[reader], "cpu_us_per_token", "cores", "cpu_s_runs")
+        assert is_number(result[reader]["cpu_us_per_token"])
+
+
+async def test_pacing_stall_benchmark_runs() -> None:
+    result = await run_script("bench/pacing_stall.py", "--chats", "3", "--seconds", "1", "--stalls", "0.2")
+    has_fields(result, "bench", "params", "rounds", "machine")
+    assert [r["mode"] for r in result["rounds"]] == ["acquire", "sending"]
+    for r in result["rounds"]:
+        has_fields(r, "stall_max_s", "calls", "calls_per_s", "release_peak_per_s", "fake_peak_per_s", "http_429", "errors")
+        assert r["calls"] > 0
+
+
+async def test_agent_overhead_benchmark_runs() -> None:
+    result = await run_script("bench/agent_overhead.py", "--tokens", "50", "--runs", "1")
+    has_fields(result, "bench", "raw_median_s", "run_turn_median_s", "overhead_ratio", "python", "openai", "cpus")
+    assert is_number(result["overhead_ratio"])
