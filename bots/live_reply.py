@@ -279,7 +279,7 @@ class LiveReply:
         if self._opts.pre_tool_text == "keep":
             parts.extend(t for t in ("".join(s.text).strip() for s in self._steps) if t)
         elif answer.strip():
-            parts.append(answer)
+            parts.append(answer.rstrip())
         if self._tools and not answer.strip():
             parts.append(self._progress())
         if final:
@@ -415,6 +415,8 @@ class LiveReply:
                 self._shown.pop(i)
                 self._plain_only.discard(i)
         except TargetGone:
+            if op.kind == "send":  # nothing of ours is gone: the chat (topic, interaction) is
+                raise Undeliverable("the chat to send to no longer exists") from None
             # The user deleted the message we were editing: continue in a new one.
             self._shown[i].ref = None
         except BadFormatting:

@@ -388,3 +388,22 @@ async def test_random_failures_never_lose_or_duplicate(seed: int) -> None:
     assert set(words) - set(shown) <= deleted
     assert shown[-1] == words[-1]
     assert h.edits_without_change() == 0
+
+
+async def test_target_gone_on_send_means_the_chat_is_gone() -> None:
+    h = Harness()
+    await h.clock.settle()
+    h.outbox.fail_next("send", TargetGone("message thread not found"))
+    h.reply.on_text("Hi")
+    delivery = await h.finish(final_text="Hi", horizon=5)
+    assert not delivery.complete
+    assert h.outbox.count("send") == 1  # given up at once, not retried for minutes
+
+
+async def test_stopped_marker_follows_the_text_without_trailing_blanks() -> None:
+    h = Harness()
+    await h.clock.settle()
+    h.reply.on_text("The beginning of \n\n")
+    await h.clock.advance(1.0)
+    await h.finish(interrupted=True)
+    assert h.outbox.texts() == [f"The beginning of\n\n{STOPPED_MARKER}"]
