@@ -144,6 +144,7 @@ class Gateway:
         self._last_error_line: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting = True
+        self._seen_users: dict[str, tuple[str | None, str | None]] = {}  # skip rewriting unchanged names
         self._next_prune: float | None = None  # first message: prune at once
         self.metrics.track(lambda: self.lanes.active, lambda: sum(self.lanes.queue_depths().values()))
 
@@ -181,12 +182,34 @@ class Gateway:
                 if not lock._waiters:  # type: ignore[attr-defined]
                     self._chat_locks.pop(inbound.chat.key, None)
 
+    STORE_RETRIES = (0.1, 0.5, 2.0)
+    """Back-off (seconds) before retrying a store call that failed: a busy database is not a lost message."""
+
+    async def _with_retries(self, what: str, call, *args):  # noqa: ANN001, ANN202
+        for delay in (*self.STORE_RETRIES, None):
+            try:
+                return await call(*args)
+            except StoreError as exc:
+                if delay is None:
+                    raise
+                log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
+                await self.clock.sleep(delay)
+
+    def _remember_seen(self, inbound: Inbound) -> None:
+        if len(self._seen_users) > 50_000:
+            self._seen_users.clear()
+        self._seen_users[inbound.user_key] = (inbound.username, inbound.display_name)
+
     async def _route(self, inbound: Inbound) -> None:
         # Remember who people are (so an admin can /allow @them) even from group chatter.
-        await self.store.remember_user(inbound.user_key, inbound.username, inbound.display_name)
+        if self._seen_users.get(inbound.user_key) != (inbound.username, inbound.display_name):
+            await self._with_retries(
+                "remember_user", self.store.remember_user, inbound.user_key, inbound.username, inbound.display_name
+            )
+            self._remember_seen(inbound)
         if not inbound.addressed:
             return  # group chatter not meant for the bot: nothing to answer, nothing to de-duplicate
-        if not await self.store.claim_update(inbound.platform, inbound.update_id):
+        if not await self._with_retries("claim_update", self.store.claim_update, inbound.platform, inbound.update_id):
             self.metrics.duplicates_ignored.labels(inbound.platform).inc()
             log.info("chat %s: update %s already handled; ignored", inbound.chat.key, inbound.update_id)
             return

@@ -460,6 +460,10 @@ class Store:
         self._now = utcnow
         self._closed = False
         self._dialect = engine.dialect.name
+        # SQLite allows one writer at a time. Queue writers here, in the event loop, rather
+        # than in SQLite's busy timeout: under load a saturated loop can keep a writer waiting
+        # past that timeout and the write fails with "database is locked".
+        self._write_lock: asyncio.Lock | None = asyncio.Lock() if self._dialect == "sqlite" else None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -528,6 +532,9 @@ class Store:
         """One transaction; database errors become `StoreError`, bad values `ValueError`."""
         if self._closed:
             raise StoreError(f"{what}: the store is closed")
+        lock = self._write_lock if write else None
+        if lock is not None:
+            await lock.acquire()
         try:
             async with self._engine.connect() as conn:
                 if write and self._dialect == "sqlite":
@@ -543,6 +550,9 @@ class Store:
             raise StoreError(f"{what} failed: {_describe(exc)}") from exc
         except OSError as exc:  # e.g. connection refused, before the driver wraps it
             raise StoreError(f"{what} failed: cannot reach {self._display_url}: {_describe(exc)}") from exc
+        finally:
+            if lock is not None:
+                lock.release()
 
     def _insert(self, table: sa.Table) -> Any:
         """INSERT with the dialect's ON CONFLICT support (both spell it the same way)."""

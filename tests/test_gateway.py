@@ -148,6 +148,24 @@ async def test_store_failure_before_a_turn_is_one_friendly_line(stack: Any, fake
     assert len(fake_llm.requests) == 1
 
 
+async def test_a_busy_store_is_retried_not_a_lost_message(stack: Any, fake_llm: FakeLLM) -> None:
+    gateway, connector, store = stack
+    gateway.STORE_RETRIES = (0.0, 0.0, 0.0)
+    real_claim, failures = store.claim_update, [2]
+
+    async def flaky_claim(platform: str, update_id: str) -> bool:
+        if failures[0]:
+            failures[0] -= 1
+            raise StoreError("claim_update failed: database is locked")
+        return await real_claim(platform, update_id)
+
+    store.claim_update = flaky_claim  # type: ignore[method-assign]
+    await gateway.handle(message("hello"))
+    await gateway.settle(CHAT.key)
+    assert connector.texts() == ["You said: hello"]
+    assert failures == [0]
+
+
 async def test_unknown_commands_are_answered_only_when_addressed(stack: Any) -> None:
     gateway, connector, _ = stack
     await gateway.handle(message("/nope", command="nope"))
