@@ -521,6 +521,7 @@ class PacingSettings(_Section):
     private: Rate
     group: Rate
     global_: Rate = Field(alias="global")
+    in_flight: int = Field(default=5, ge=1, le=100)
 
     @model_validator(mode="before")
     @classmethod
@@ -541,7 +542,12 @@ class PacingSettings(_Section):
         """These budgets as a `bots.pacing.PacingPolicy`."""
         from bots.pacing import PacingPolicy
 
-        return PacingPolicy(private=self.private.budget(), group=self.group.budget(), platform=self.global_.budget())
+        return PacingPolicy(
+            private=self.private.budget(),
+            group=self.group.budget(),
+            platform=self.global_.budget(),
+            in_flight=self.in_flight,
+        )
 
 
 class Timeouts(_Section):

@@ -10,7 +10,6 @@ unit-tested, because a benchmark that measures the wrong thing is worse than non
 from __future__ import annotations
 
 import asyncio
-import heapq
 import json
 import math
 import sys
@@ -21,10 +20,6 @@ import pytest
 
 from bench.scale import bucket_of, histogram_quantile, median_of, parse_metrics
 from bench.visibility import Change, changes_from_fake, final_words, lags, visible_times
-from bots.clock import TimerHandle
-from bots.outbox import ChatRef
-from bots.pacing import Budget, Limiter, Pacer, Pacing, PacingPolicy
-from tests.support.fakeclock import FakeClock
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,125 +113,6 @@ def test_runs_of_one_size_combine_into_medians_and_totals() -> None:
     assert combined["replies_exact"] is False  # exact only if every run was
     assert combined["http_429"] == 3 and combined["turns_unfinished"] == 1  # totals, not medians
     assert bucket_of(0.0047, [0.001, 0.005, 0.01]) == [0.001, 0.005]
-
-
-# ---------------------------------------------------------------------------- lateness
-
-
-class LateClock(FakeClock):
-    """A FakeClock whose timers fire `lag` seconds late, like a busy event loop's."""
-
-    def __init__(self, lag: float) -> None:
-        super().__init__()
-        self.lag = lag
-
-    def call_at(self, when: float, callback: Any) -> TimerHandle:
-        return super().call_at(when + self.lag, callback)
-
-
-async def test_a_late_timer_shows_as_lateness_not_as_a_later_allowance() -> None:
-    clock = LateClock(lag=0.3)
-    limiter = Limiter(Budget(rate=1.0, burst=1), clock)
-    assert limiter.try_take()
-    waiter = asyncio.create_task(limiter.take())
-    await clock.advance(2.0)
-    # The token existed at 1001.0; the loop ran the dispatch only at 1001.3.
-    assert waiter.result() == pytest.approx(1001.0)
-
-
-async def test_tokens_a_late_timer_finds_were_allowed_one_interval_apart() -> None:
-    clock = LateClock(lag=2.5)
-    limiter = Limiter(Budget(rate=2.0, burst=5), clock)
-    for _ in range(5):
-        assert limiter.try_take()
-    waiters = [asyncio.create_task(limiter.take()) for _ in range(3)]
-    await clock.advance(4.0)
-    assert [w.result() for w in waiters] == pytest.approx([1000.5, 1001.0, 1001.5])
-
-
-async def test_a_call_the_platform_admits_at_once_was_allowed_when_the_chat_budget_was() -> None:
-    clock = LateClock(lag=0.2)
-    pacer = Pacing(PacingPolicy(Budget(1.0, 1), Budget(1.0, 1), Budget(100.0, 100)), clock).for_chat(
-        ChatRef("telegram", "1")
-    )
-    assert isinstance(pacer, Pacer)
-    await pacer.acquire()
-    second = asyncio.create_task(pacer.acquire())
-    await clock.advance(2.0)
-    assert second.result() == pytest.approx(1001.0)
-
-
-class BusyLoopClock(FakeClock):
-    """Timers fire on time, but the tasks the n-th one wakes run `busy[n]` seconds later:
-    an event loop busy with other work between a grant and the granted call leaving."""
-
-    def __init__(self, busy: list[float]) -> None:
-        super().__init__()
-        self.busy = list(busy)
-
-    async def advance(self, seconds: float) -> None:
-        target = self._now + seconds
-        await self.settle()
-        while self._timers and self._timers[0][0] <= target:
-            when, _, timer, callback = heapq.heappop(self._timers)
-            if timer.cancelled:
-                continue
-            self._now = max(self._now, when)
-            callback()
-            self._now += self.busy.pop(0) if self.busy else 0.0
-            await self.settle()
-        self._now = max(self._now, target)
-        await self.settle()
-
-
-async def test_calls_held_back_by_a_busy_loop_never_leave_bunched_past_the_budget() -> None:
-    clock = BusyLoopClock(busy=[1.5])
-    pacing = Pacing(PacingPolicy(Budget(10.0, 10), Budget(10.0, 10), Budget(rate=1.0, burst=2)), clock)
-    left: list[float] = []
-    allowed: list[float] = []
-
-    async def call(chat: str) -> None:
-        allowed.append(await pacing.for_chat(ChatRef("telegram", chat)).acquire())
-        left.append(clock.now())
-
-    tasks = [asyncio.create_task(call(str(i))) for i in range(5)]
-    await clock.advance(10.0)
-    await asyncio.gather(*tasks)
-    # Two at once (the burst); the third was granted at 1001 but the loop let it go at
-    # 1002.5, together with the fourth. The platform counts arrivals: bucket(1/s, 2)
-    # means no three calls within one second, so the fifth must wait until 1003.5.
-    assert left == pytest.approx([1000.0, 1000.0, 1002.5, 1002.5, 1003.5])
-    assert all(c - a >= 1.0 - 1e-9 for a, c in zip(left, left[2:]))
-    assert allowed[2] == pytest.approx(1001.0)  # reported as 1.5 s late, not as on time
-
-
-async def test_only_in_flight_calls_per_platform_are_under_way_at_once() -> None:
-    clock = FakeClock()
-    policy = PacingPolicy(Budget(100.0, 100), Budget(100.0, 100), Budget(100.0, 100), in_flight=2)
-    pacing = Pacing(policy, clock)
-    answered = asyncio.Event()
-    under_way: list[int] = [0]
-    most = 0
-
-    async def call(chat: str) -> None:
-        nonlocal most
-        async with pacing.for_chat(ChatRef("telegram", chat)).sending():
-            under_way[0] += 1
-            most = max(most, under_way[0])
-            await answered.wait()
-            under_way[0] -= 1
-
-    tasks = [asyncio.create_task(call(str(i))) for i in range(5)]
-    await clock.settle()
-    assert under_way[0] == 2  # two calls wait for their answers; the other three wait for a place
-    answered.set()
-    await asyncio.gather(*tasks)
-    assert most == 2 and under_way[0] == 0
-
-
-def test_in_flight_must_allow_a_call() -> None:
-    with pytest.raises(ValueError):
-        PacingPolicy(Budget(1, 1), Budget(1, 1), Budget(1, 1), in_flight=0)
 
 
 # ---------------------------------------------------------------------------- the scripts

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 
-import pytest
 
 from tests.fakes.llm import Reply, bench_text
 from tests.support.stack import OWNER_TG
