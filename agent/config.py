@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 ApiMode = Literal["chat_completions", "responses"]
 API_MODES: tuple[str, ...] = ("chat_completions", "responses")
+Transport = Literal["aiohttp", "httpx"]
+TRANSPORTS: tuple[str, ...] = ("aiohttp", "httpx")
 
 
 @dataclass(slots=True)
@@ -49,6 +51,12 @@ class ProviderConfig:
     base_url+model, streaming is skipped for `stream_cooldown` seconds; the next
     streaming attempt after the cooldown is a probe (fail → cooldown again).
     `extra_params` are merged into every request body (e.g. temperature, reasoning).
+
+    `transport` is the HTTP client under the openai SDK: "aiohttp" (default; the SDK's
+    `DefaultAioHttpClient`, whose C HTTP parser reads a streamed body for about half the
+    CPU per network read) or "httpx" (the SDK's own httpx2/httpcore2 stack, for HTTP/2 or
+    anything aiohttp does not handle). Either way the SDK builds, sends and retries the
+    requests and parley reads streamed bodies itself (BENCHMARKS.md).
     """
 
     base_url: str
@@ -61,10 +69,13 @@ class ProviderConfig:
     stream: bool = True
     stream_failure_threshold: int = 3
     stream_cooldown: float = 300.0
+    transport: Transport = "aiohttp"
 
     def __post_init__(self) -> None:
         if self.api not in API_MODES:
             raise ValueError(f"ProviderConfig.api must be one of {API_MODES}, got {self.api!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"ProviderConfig.transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if not self.model:
             raise ValueError("ProviderConfig.model must not be empty")
         if self.max_retries < 0:
@@ -77,5 +88,6 @@ class ProviderConfig:
     def __repr__(self) -> str:  # never print the API key
         return (
             f"ProviderConfig(base_url={self.base_url!r}, model={self.model!r}, api={self.api!r}, "
-            f"stream={self.stream}, timeouts={self.timeouts!r}, max_retries={self.max_retries})"
+            f"stream={self.stream}, timeouts={self.timeouts!r}, max_retries={self.max_retries}, "
+            f"transport={self.transport!r})"
         )

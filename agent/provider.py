@@ -16,6 +16,21 @@ the SDK's own retries) are raised at once instead of being doubled by a fallback
 After `stream_failure_threshold` consecutive streaming failures for one model, streaming
 is skipped for `stream_cooldown` seconds (`StreamHealth`).
 
+The lean path: `openai.AsyncOpenAI` still builds and sends every request (auth,
+base_url, timeouts, its retries, typed status errors raised *before* the body), but a
+streamed body is read here (`with_streaming_response` hands over the `httpx2` response
+untouched): `agent.sse.SSEDecoder` + `json.loads` into the dict accumulators of
+`agent.stream`. The SDK's stream wrapper built a model object per chunk -- most of
+parley's CPU under load. Consequences worth knowing:
+
+- empty-data SSE events (keepalives after an `id:` line, `retry:`, `event: ping`) and
+  comments a proxy re-wrapped as `data: : ...` are skipped instead of breaking the stream;
+- a stream request answered with `Content-Type: application/json` is read as the complete
+  answer (no second request) when it is one, and as the provider's in-band error (a
+  fallback with cause `in_band_error`) when it carries an `error`;
+- transport failures mid-body arrive as `httpx2` exceptions (`RemoteProtocolError`,
+  `ReadTimeout`, ...), mapped to the same causes the SDK's wrappers used to produce.
+
 Clocks: one `_Watchdog` per request (a single timer handle re-armed lazily, never a task
 or a `wait_for` per chunk) enforces first-token, idle and total deadlines; the httpx read
 timeout is the byte-level backstop.
@@ -24,13 +39,16 @@ timeout is the byte-level backstop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx2
 import openai
 
@@ -45,6 +63,7 @@ from .errors import (
     ProviderUnavailable,
 )
 from .events import TurnEvents
+from .sse import SSEDecoder
 from .stream import (
     ChatAccumulator,
     ModelResponse,
@@ -298,6 +317,21 @@ def _retry_after(exc: openai.APIStatusError) -> float | None:
     return None
 
 
+def _disguised_disconnect(exc: BaseException) -> bool:
+    """True for a "timeout" that is really a refused or dropped connection.
+
+    The SDK's aiohttp transport (`openai.DefaultAioHttpClient`) names every
+    `aiohttp.ClientConnectionError` it has no better name for -- a refused connection, a
+    server that hung up -- `httpx2.ConnectTimeout`. Its cause chain still tells the truth.
+    """
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(cause, TimeoutError):
+            return True
+        cause = cause.__cause__
+    return False
+
+
 def to_provider_error(exc: BaseException, api_key: str = "") -> ProviderError:
     """Map an SDK (or watchdog) exception to the agent's typed hierarchy, scrubbing the key."""
     if isinstance(exc, ProviderError):
@@ -320,10 +354,12 @@ def to_provider_error(exc: BaseException, api_key: str = "") -> ProviderError:
         if status >= 500:
             return ProviderUnavailable(text, **kwargs)
         return ProviderBadRequest(text, **kwargs)
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, openai.APITimeoutError) and not _disguised_disconnect(exc):
         return ProviderTimeout("provider request timed out", provider_message=message)
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__
+        if cause is not None and cause.__cause__ is not None and _disguised_disconnect(cause):
+            cause = cause.__cause__  # name aiohttp's own error, not the transport's disguise
         detail = f"{type(cause).__name__}: {cause}" if cause is not None else message
         return ProviderUnavailable(f"could not reach the provider ({_scrub(detail, api_key)})", provider_message=message)
     if isinstance(exc, openai.APIError):  # an error the provider reported inside a 200 response
@@ -341,7 +377,12 @@ def _is_terminal_status(exc: BaseException) -> bool:
 
 
 def _stream_cause(exc: BaseException, acc: Any) -> str:
-    """Short machine-readable cause for a streaming failure (used in logs and TurnResult)."""
+    """Short machine-readable cause for a streaming failure (used in logs and TurnResult).
+
+    Before the body, failures are the SDK's (`APIStatusError`, `APITimeoutError`,
+    `APIConnectionError`); while the body is read they are `httpx2`'s own, since the
+    body is read without the SDK's stream wrapper.
+    """
     if isinstance(exc, openai.APIStatusError):
         message = _provider_message(exc)
         param = _body_field(exc, "param")
@@ -350,6 +391,8 @@ def _stream_cause(exc: BaseException, acc: Any) -> str:
         if param == "stream" or _STREAM_RE.search(message):
             return "stream_rejected"
         return f"http_{exc.status_code}"
+    if isinstance(exc, (openai.APIConnectionError, httpx2.TransportError)) and _disguised_disconnect(exc):
+        return "connection_dropped"
     if isinstance(exc, openai.APITimeoutError):
         if isinstance(exc.__cause__, httpx2.ConnectTimeout):
             return "connect_timeout"
@@ -358,9 +401,44 @@ def _stream_cause(exc: BaseException, acc: Any) -> str:
         return "connection_dropped"
     if isinstance(exc, openai.APIError):
         return "in_band_error"
+    if isinstance(exc, httpx2.TimeoutException):  # the byte-level read timeout, mid-body
+        return "idle_timeout" if acc is not None and acc.chunks else "first_token_timeout"
+    if isinstance(exc, httpx2.DecodingError):  # a broken gzip/deflate body
+        return "malformed_chunk"
+    if isinstance(exc, httpx2.TransportError):  # RemoteProtocolError, ReadError, ...
+        return "connection_dropped"
     if isinstance(exc, (ValueError, TypeError, AttributeError, IndexError, KeyError)):
-        return "malformed_chunk"  # json.JSONDecodeError is a ValueError
+        return "malformed_chunk"  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
     return "stream_error"
+
+
+def _in_band_error(obj: Any) -> StreamBroken:
+    """An error the provider put inside a 200 answer: `{"error": {...}}`, `{"error": "text"}`,
+    OpenRouter's error chunk, or a flat Responses `error` event."""
+    if not isinstance(obj, dict):
+        obj = {"message": str(obj)}  # `event: error` with a bare JSON string or number
+    error = obj.get("error")
+    if isinstance(error, dict):
+        code, message = error.get("code"), error.get("message")
+    elif error:
+        code, message = None, str(error)
+    else:
+        code, message = obj.get("code"), obj.get("message")
+    return StreamBroken("in_band_error", f"{code}: {message or 'an error occurred during streaming'}")
+
+
+_DONE = b"[DONE]"
+_DRAIN_SECONDS = 0.1  # after [DONE]: read the rest of the body so the connection can be reused
+
+
+async def _drain(response: httpx2.Response, chunks: AsyncIterator[bytes]) -> None:
+    """Consume what follows `[DONE]` (usually just the end of the chunked body), briefly."""
+    if response.is_closed or response.http_version != "HTTP/1.1":
+        return
+    with contextlib.suppress(TimeoutError, httpx2.HTTPError):
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            async for _ in chunks:
+                pass
 
 
 # ---------------------------------------------------------------------------
@@ -430,6 +508,85 @@ def to_responses_input(messages: list[dict[str, Any]]) -> tuple[str | None, list
 
 
 # ---------------------------------------------------------------------------
+# Reading a streamed body
+
+
+class _BodyReader:
+    """Reads one SSE body into an accumulator: the per-token hot path.
+
+    Per network read: one `SSEDecoder.feed`, one clock read for the idle watchdog. Per
+    event: a first-byte check, `json.loads` into a dict, one `error` lookup, the
+    accumulator's `feed`. No task, no `wait_for` and no object beyond the dict per chunk.
+    `[DONE]` ends Chat Completions (and is tolerated after a Responses terminal event);
+    otherwise the body ends at EOF.
+    """
+
+    __slots__ = ("acc", "cut", "done", "watchdog")
+
+    def __init__(self, acc: ChatAccumulator | ResponsesAccumulator, watchdog: _Watchdog) -> None:
+        self.acc = acc
+        self.watchdog = watchdog
+        self.done = False  # saw [DONE]
+        self.cut = False  # the body ended inside an event (no blank line after it)
+
+    async def read(self, http: httpx2.Response) -> None:
+        encoding = http.headers.get("content-encoding", "").lower()
+        # Without a content encoding, skip httpx2's decoder layers (one generator per read).
+        source = http.aiter_raw() if encoding in ("", "identity") else http.aiter_bytes()
+        decoder = SSEDecoder()
+        decode = decoder.feed
+        loads = json.loads
+        feed = self.acc.feed
+        watchdog = self.watchdog
+        now = asyncio.get_running_loop().time
+        async with contextlib.aclosing(source) as chunks:
+            async for raw in chunks:
+                events = decode(raw)
+                if not events:
+                    continue
+                watchdog.last = now()
+                for event, data in events:
+                    if data[0] != 123:  # not "{"
+                        if data.startswith(_DONE):
+                            self.done = True
+                            break
+                        if data[0] == 58:  # ":" -- a keepalive comment a proxy re-wrapped as data
+                            continue
+                    obj = loads(data)
+                    if event == "error" or obj.get("error"):
+                        raise _in_band_error(obj)
+                    feed(obj)
+                if self.done:
+                    await _drain(http, chunks)
+                    return
+            self.cut = decoder.close()
+
+
+def _answer_from_body(body: bytes, responses: bool) -> ModelResponse:
+    """A JSON body that answered a stream request: the complete answer, or the provider's error."""
+    try:
+        obj = json.loads(body)
+    except ValueError as exc:
+        raise StreamBroken("malformed_chunk", f"a JSON body that does not parse: {exc}") from exc
+    if isinstance(obj, dict) and (obj.get("error") or obj.get("status") == "failed"):
+        raise _in_band_error(obj)
+    try:
+        return response_from_responses(obj) if responses else response_from_chat_completion(obj)
+    except (ProviderBadResponse, TypeError, AttributeError, KeyError, IndexError) as exc:
+        raise StreamBroken("malformed_chunk", f"an unusable JSON body ({type(exc).__name__}: {exc})") from exc
+
+
+def _emit_whole(response: ModelResponse, callbacks: tuple[Callable[..., None], ...]) -> None:
+    """Report a whole answer through the stream's callbacks, as one delta of each kind."""
+    on_text, on_reasoning, on_first = callbacks
+    on_first()
+    if response.reasoning:
+        on_reasoning(response.reasoning)
+    if response.visible_text:
+        on_text(response.visible_text)
+
+
+# ---------------------------------------------------------------------------
 
 
 class Provider:
@@ -447,6 +604,11 @@ class Provider:
         read = max((v for v in (t.idle, t.first_token) if v is not None), default=None)
         self._stream_timeout = openai.Timeout(t.total, connect=t.connect, read=read)
         self._plain_timeout = openai.Timeout(t.total, connect=t.connect)
+        if http_client is None and cfg.transport == "aiohttp":
+            # The SDK's own aiohttp-backed httpx2 client: same requests, retries and errors,
+            # but aiohttp's C parser reads each network read of a stream for about half the
+            # CPU of httpcore2 + h11 (BENCHMARKS.md, "Where the CPU goes").
+            http_client = openai.DefaultAioHttpClient(timeout=self._plain_timeout)
         self._client = openai.AsyncOpenAI(
             base_url=cfg.base_url,
             api_key=cfg.api_key,
@@ -563,6 +725,9 @@ class Provider:
         step: StepState,
         stream_options: bool,
     ) -> ModelResponse:
+        """One streaming request: the SDK sends it (auth, retries, typed status errors before
+        the body), we read the body -- SSE through `SSEDecoder` + `json.loads` into the
+        dict accumulators, or a JSON body as the complete answer."""
         loop = asyncio.get_running_loop()
 
         def on_first() -> None:
@@ -581,30 +746,45 @@ class Provider:
             kwargs["stream_options"] = {"include_usage": True}
         t = self.cfg.timeouts
         watchdog = _Watchdog(acc, first_token=t.first_token, idle=t.idle, total=t.total)
+        reader = _BodyReader(acc, watchdog)
         try:
             with watchdog:
                 if responses:
-                    stream = await self._client.responses.create(**kwargs, stream=True, timeout=self._stream_timeout)
+                    opener = self._client.responses.with_streaming_response.create(
+                        **kwargs, stream=True, timeout=self._stream_timeout
+                    )
                 else:
-                    stream = await self._client.chat.completions.create(**kwargs, stream=True, timeout=self._stream_timeout)
-                async with stream:
-                    feed = acc.feed
-                    now = loop.time
-                    async for item in stream:
-                        watchdog.last = now()
-                        feed(item)
+                    opener = self._client.chat.completions.with_streaming_response.create(
+                        **kwargs, stream=True, timeout=self._stream_timeout
+                    )
+                async with opener as raw:
+                    http = raw.http_response
+                    if http.headers.get("content-type", "").lower().startswith("application/json"):
+                        # A relay that ignored `stream` (or an error body): one complete answer.
+                        body = await http.aread()
+                        response = _answer_from_body(body, responses)
+                        _emit_whole(response, callbacks)
+                        if response.model is None:
+                            response.model = model
+                        log.debug("model=%s answered a stream request with a JSON body; used it whole", model)
+                        return response
+                    await reader.read(http)
         except StreamBroken:
             raise
         except _WatchdogTimeout as exc:
-            raise StreamBroken(exc.cause) from exc
+            if not reader.done:  # a deadline during the brief drain after [DONE] changes nothing
+                raise StreamBroken(exc.cause) from exc
         except Exception as exc:
             if _is_terminal_status(exc):
                 raise to_provider_error(exc, self.cfg.api_key) from exc
             raise StreamBroken(_stream_cause(exc, acc), f"{type(exc).__name__}: {_provider_message(exc)}") from exc
         if not acc.chunks:
+            if reader.cut:
+                raise StreamBroken("truncated", "the body ended inside an event, before any chunk")
             raise StreamBroken("empty_stream", "the stream ended without a single chunk")
         if not acc.has_finish:
-            raise StreamBroken("truncated", f"the stream ended after {acc.chunks} chunks without a finish reason")
+            where = " (inside an unterminated event)" if reader.cut else ""
+            raise StreamBroken("truncated", f"the stream ended after {acc.chunks} chunks without a finish reason{where}")
         response = acc.result()
         if response.finish_reason == "error":
             raise StreamBroken("in_band_error", "finish_reason=error")

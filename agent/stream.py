@@ -14,9 +14,14 @@ every string it sees, so repeated ids become `call_acall_a`, Ollama's parallel c
 - the final finish reason is "error" > "length"/"content_filter" > "tool_calls" (when
   calls accumulated) > last seen; a stream without any finish reason is truncated.
 
-They also drive the text events: deltas before the first tool-call delta of a response
-are emitted through `on_text`; later text is only accumulated. This is the per-chunk
-hot path, so it does no allocation beyond the list appends it needs.
+They take plain dicts -- the `json.loads` of each SSE `data:` line (`agent/sse.py`) --
+not the SDK's chunk models: building a model per chunk was most of parley's CPU under
+load. They also drive the text events: deltas before the first tool-call delta of a
+response are emitted through `on_text`; later text is only accumulated. This is the
+per-chunk hot path, so it does no allocation beyond the list appends it needs.
+
+The `response_from_*` converters take either shape (the SDK's parsed non-streaming
+objects, or the dict of a JSON body that answered a stream request).
 """
 
 from __future__ import annotations
@@ -250,7 +255,12 @@ class _Base:
 
 
 class ChatAccumulator(_Base):
-    """Accumulates Chat Completions chunks (`ChatCompletionChunk` objects from the SDK)."""
+    """Accumulates Chat Completions chunks: the `json.loads` of each SSE `data:` (plain dicts).
+
+    Shapes no provider sends (a `delta` that is not an object, `choices` that is not a
+    list) raise `TypeError`/`AttributeError`/`KeyError`, which the provider reports as a
+    malformed chunk.
+    """
 
     def __init__(
         self,
@@ -262,61 +272,61 @@ class ChatAccumulator(_Base):
         self._by_index: dict[Any, _Slot] = {}
         self._open: _Slot | None = None
 
-    def feed(self, chunk: Any) -> None:
-        """Fold one chunk in. Raises `TypeError`/`AttributeError` on shapes no provider sends."""
+    def feed(self, chunk: dict[str, Any]) -> None:
+        """Fold one chunk in (the per-token hot path: a handful of dict lookups)."""
         self.chunks += 1
-        usage = chunk.usage
+        usage = chunk.get("usage")
         if usage is not None:
             self.usage_obj = usage  # replace, never sum (Gemini sends cumulative usage)
         if self.model is None:
-            self.model = chunk.model or None
-        choices = chunk.choices
+            self.model = chunk.get("model") or None
+        choices = chunk.get("choices")
         if not choices:  # usage chunk, Azure prompt filter, DeepInfra, `choices: null`
             return
         # No filtering on `object`: Azure's async-filter events (`object: ""`) carry no
         # delta, and sloppy proxies label real chunks "chat.completion"; structure decides.
         choice = choices[0]
-        delta = choice.delta
-        if delta is not None:
-            content = delta.content
+        delta = choice.get("delta")
+        if delta:
+            content = delta.get("content")
             if content:
+                if content.__class__ is not str:
+                    raise TypeError(f"delta.content is {type(content).__name__}, not a string")
                 self.content_parts.append(content)
                 if self.visible_count is None:
                     if not self.started:
                         self._first()
                     self._on_text(content)
-            refusal = delta.refusal
-            if refusal:
+            refusal = delta.get("refusal")
+            if refusal and refusal.__class__ is str:
                 self.content_parts.append(refusal)
                 if self.visible_count is None:
                     if not self.started:
                         self._first()
                     self._on_text(refusal)
-            extra = delta.__pydantic_extra__
-            if extra:
-                # One of the two per delta: vLLM's shim may mirror one into the other.
-                reasoning = extra.get("reasoning_content") or extra.get("reasoning")
-                if reasoning and isinstance(reasoning, str):
-                    self._reasoning(reasoning)
-            tool_calls = delta.tool_calls
+            # One of the two per delta: vLLM's shim may mirror one into the other.
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning and reasoning.__class__ is str:
+                self._reasoning(reasoning)
+            tool_calls = delta.get("tool_calls")
             if tool_calls:
                 self._feed_tools(tool_calls)
-        finish = choice.finish_reason
+        finish = choice.get("finish_reason")
         if finish:
-            self.finish_reasons.append(finish)
+            self.finish_reasons.append(finish if finish.__class__ is str else str(finish))
 
     def _feed_tools(self, deltas: list[Any]) -> None:
         self._tool_seen()
         for tc in deltas:
-            index = getattr(tc, "index", None)
-            call_id = tc.id
+            index = tc.get("index")
+            call_id = tc.get("id")
             if call_id is not None:
                 call_id = call_id if isinstance(call_id, str) else str(call_id)
                 if not call_id:
                     call_id = None
-            function = tc.function
-            name = function.name if function is not None else None
-            arguments = function.arguments if function is not None else None
+            function = tc.get("function")
+            name = function.get("name") if function else None
+            arguments = function.get("arguments") if function else None
 
             if index is None:
                 slot = self._open
@@ -334,7 +344,7 @@ class ChatAccumulator(_Base):
                 slot.id = call_id  # keep the first id (Poolside changes ids mid-call)
             if name:
                 slot.name = name
-            kind = tc.type
+            kind = tc.get("type")
             if kind:
                 slot.type = kind
             if arguments is not None:
@@ -343,9 +353,10 @@ class ChatAccumulator(_Base):
                         slot.args.append(arguments)
                 else:  # litellm ollama_chat: a whole dict
                     slot.args = [json.dumps(arguments)]
-            extra = tc.__pydantic_extra__
-            if extra:
-                slot.extra.update(extra)
+            if not tc.keys() <= _TOOL_DELTA_KEYS:
+                for key, value in tc.items():
+                    if key not in _TOOL_DELTA_KEYS:
+                        slot.extra[key] = value  # e.g. Gemini's extra_content.thought_signature
 
     def _new_slot(self, index: Any) -> _Slot:
         slot = _Slot(index)
@@ -355,8 +366,11 @@ class ChatAccumulator(_Base):
         return slot
 
 
+_TOOL_DELTA_KEYS = frozenset(("index", "id", "type", "function"))
+
+
 class ResponsesAccumulator(_Base):
-    """Accumulates Responses API stream events.
+    """Accumulates Responses API stream events (the `json.loads` of each SSE `data:`).
 
     Complete iff `response.completed` or `response.incomplete` arrived; `response.failed`
     and `error` events raise `StreamBroken("in_band_error")` (the SDK yields them as
@@ -372,49 +386,51 @@ class ResponsesAccumulator(_Base):
         super().__init__(on_text, on_reasoning, on_first)
         self._by_item: dict[Any, _Slot] = {}
 
-    def feed(self, event: Any) -> None:
+    def feed(self, event: dict[str, Any]) -> None:
         self.chunks += 1
-        kind = event.type
+        kind = event["type"]
         if kind == "response.output_text.delta" or kind == "response.refusal.delta":
-            delta = event.delta
+            delta = event.get("delta")
             if delta:
+                if delta.__class__ is not str:
+                    raise TypeError(f"{kind} delta is {type(delta).__name__}, not a string")
                 self.content_parts.append(delta)
                 if self.visible_count is None:
                     if not self.started:
                         self._first()
                     self._on_text(delta)
         elif kind == "response.function_call_arguments.delta":
-            delta = event.delta
-            slot = self._slot(event.item_id)
+            delta = event.get("delta")
+            slot = self._slot(event.get("item_id"))
             self._tool_seen()
-            if delta:
+            if delta and isinstance(delta, str):
                 slot.args.append(delta)
         elif kind == "response.reasoning_summary_text.delta" or kind == "response.reasoning_text.delta":
-            delta = event.delta
-            if delta:
+            delta = event.get("delta")
+            if delta and isinstance(delta, str):
                 self._reasoning(delta)
         elif kind == "response.output_item.added" or kind == "response.output_item.done":
-            item = event.item
+            item = event.get("item")
             if _get(item, "type") == "function_call":
                 slot = self._slot(_get(item, "id") or _get(item, "call_id"))
                 self._tool_seen()
                 self._fill(slot, item, kind == "response.output_item.done")
         elif kind == "response.function_call_arguments.done":
-            arguments = event.arguments
+            arguments = event.get("arguments")
             if isinstance(arguments, str):
-                self._slot(event.item_id).args = [arguments]
+                self._slot(event.get("item_id")).args = [arguments]
         elif kind == "response.completed":
-            self._terminal(event.response, "stop")
+            self._terminal(event.get("response"), "stop")
         elif kind == "response.incomplete":
-            response = event.response
+            response = event.get("response")
             details = _get(response, "incomplete_details")
             reason = _get(details, "reason")
             self._terminal(response, "content_filter" if reason == "content_filter" else "length")
         elif kind == "response.created" or kind == "response.in_progress":
             if self.model is None:
-                self.model = _get(event.response, "model")
+                self.model = _get(event.get("response"), "model")
         elif kind == "response.failed":
-            error = _get(event.response, "error")
+            error = _get(event.get("response"), "error")
             message = _get(error, "message") or "response.failed"
             raise StreamBroken("in_band_error", f"{_get(error, 'code')}: {message}")
         elif kind == "error":
@@ -493,7 +509,10 @@ def response_from_chat_completion(completion: Any) -> ModelResponse:
         elif not isinstance(arguments, str):
             arguments = json.dumps(arguments)
         call_id = _get(tc, "id")
-        extra = dict(getattr(tc, "__pydantic_extra__", None) or {})
+        if isinstance(tc, dict):
+            extra = {k: v for k, v in tc.items() if k not in _TOOL_DELTA_KEYS}
+        else:
+            extra = dict(getattr(tc, "__pydantic_extra__", None) or {})
         calls.append(
             ToolCall(
                 id=str(call_id) if call_id not in (None, "") else f"call_{position}",

@@ -7,15 +7,20 @@ per-token ones. This runs N concurrent `bench:` streams from the fake provider (
 process) through three readers, in rotating order, and measures this process's CPU:
 
 - `agent`: `Agent.run_turn` with a consumer that appends every `on_text` delta -- exactly
-  what parley does per token, minus the chat side;
-- `sdk`: the openai SDK alone (`create(stream=True)`, collecting content deltas), the
-  path `Agent` is built on;
+  what parley does per token, minus the chat side (the SDK sends the request over its
+  aiohttp transport; parley reads the body with its own SSE decoder and `json.loads`);
+- `agent_httpx`: the same with `ProviderConfig(transport="httpx")`: the SDK's default
+  httpx2/httpcore2/h11 stack under the same lean reader;
+- `sdk`: the openai SDK's own stream (`create(stream=True)`, collecting content deltas):
+  a model object per chunk -- what `Agent` read through before the lean path;
 - `floor`: aiohttp reading the same SSE response line by line and `json.loads`-ing each
-  `data:` line -- about the least any Python consumer can do with the same bytes.
+  `data:` line -- about the least any Python consumer can do with the same bytes
+  (`bench.agent_overhead.read_floor`).
 
-All must produce `bench_text()` exactly. `floor` is not a proposal to copy, it is the
-bound that says how much of parley's per-token CPU the SDK's stream path leaves on the
-table. Prints one JSON object (fields: bench/README.md).
+All must produce `bench_text()` exactly. `floor` is not a proposal to copy (it has no SSE
+rules, no error handling, no timeouts), it is the bound: `agent_over_floor` says how much
+parley's per-token path costs over the minimum. Prints one JSON object (fields:
+bench/README.md).
 
     .venv/bin/python bench/stream_cost.py [--streams 100] [--tokens 300] [--rate 30] [--tick 0.1] [--runs 3]
         [--profile]
@@ -39,7 +44,7 @@ import aiohttp  # noqa: E402
 import openai  # noqa: E402
 
 from agent import Agent, ProviderConfig, Timeouts, ToolRegistry  # noqa: E402
-from bench.agent_overhead import Collector  # noqa: E402
+from bench.agent_overhead import Collector, read_floor  # noqa: E402
 from bench.common import BenchError, Processes, machine_info, start_fake_llm  # noqa: E402
 from tests.fakes.llm import API_KEY, bench_text  # noqa: E402
 
@@ -64,22 +69,6 @@ async def read_with_sdk(client: openai.AsyncOpenAI, model: str) -> str:
     return "".join(parts)
 
 
-async def read_floor(http: aiohttp.ClientSession, base_url: str, model: str) -> str:
-    parts: list[str] = []
-    body = {"model": model, "messages": [{"role": "user", "content": "go"}], "stream": True}
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    async with http.post(f"{base_url}/chat/completions", json=body, headers=headers) as resp:
-        resp.raise_for_status()
-        async for line in resp.content:
-            if line.startswith(b"data: {"):
-                choices = json.loads(line[6:]).get("choices")
-                if choices:
-                    content = choices[0].get("delta", {}).get("content")
-                    if content:
-                        parts.append(content)
-    return "".join(parts)
-
-
 async def measure(reader: Any, streams: int, expected: str) -> tuple[float, float]:
     """(CPU seconds, wall seconds) of this process for `streams` concurrent reads."""
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -94,16 +83,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     model = f"bench:tokens={args.tokens},rate={args.rate},ttft=0.1,chunk=1,seed=7,tick={args.tick}"
     expected = bench_text(args.tokens, 7)
     machine = machine_info()
-    names = ("agent", "sdk", "floor")
+    names = ("agent", "agent_httpx", "sdk", "floor")
     cpu: dict[str, list[float]] = {name: [] for name in names}
     wall: dict[str, list[float]] = {name: [] for name in names}
     async with Processes() as procs:
         llm = await start_fake_llm(procs)
         timeouts = Timeouts(connect=30, first_token=120, idle=120, total=1800)
-        agent = Agent(
-            ProviderConfig(base_url=llm.url, api_key=API_KEY, model=model, timeouts=timeouts, max_retries=0),
-            tools=ToolRegistry(),
-        )
+        cfg = {"base_url": llm.url, "api_key": API_KEY, "model": model, "timeouts": timeouts, "max_retries": 0}
+        agent = Agent(ProviderConfig(**cfg), tools=ToolRegistry())
+        agent_httpx = Agent(ProviderConfig(**cfg, transport="httpx"), tools=ToolRegistry())
         client = openai.AsyncOpenAI(
             base_url=llm.url, api_key=API_KEY, max_retries=0, timeout=openai.Timeout(1800, connect=30, read=120)
         )
@@ -111,6 +99,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=1800)) as http:
             readers = {
                 "agent": lambda: read_with_agent(agent, model),
+                "agent_httpx": lambda: read_with_agent(agent_httpx, model),
                 "sdk": lambda: read_with_sdk(client, model),
                 "floor": lambda: read_floor(http, llm.url, model),
             }
@@ -127,9 +116,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
                 profiler = Profiler(async_mode="enabled")
                 with profiler:
-                    await measure(readers["agent"], args.streams, expected)
+                    await measure(readers[args.profile_reader], args.streams, expected)
                 print(profiler.output_text(unicode=False, color=False, show_all=True), file=sys.stderr)
         await agent.aclose()
+        await agent_httpx.aclose()
         await client.close()
     tokens = args.streams * args.tokens
     out: dict[str, Any] = {
@@ -158,6 +148,8 @@ def main() -> None:
     parser.add_argument("--tick", type=float, default=0.1, help="the fake provider's write coalescing interval, s")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="pyinstrument one more `agent` round (all frames) to stderr")
+    parser.add_argument("--profile-reader", default="agent", choices=("agent", "agent_httpx", "sdk", "floor"),
+                        help="the reader --profile profiles")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args))))
 

@@ -576,6 +576,7 @@ class ProviderSettings(_Section):
     stream: bool = True
     stream_failure_threshold: int = Field(default=3, ge=1)
     stream_cooldown: float = Field(default=300.0, ge=0)
+    transport: Literal["aiohttp", "httpx"] = "aiohttp"
     prices: dict[str, Price] = Field(default_factory=dict)
 
     @property
@@ -608,6 +609,7 @@ class ProviderSettings(_Section):
             stream=self.stream,
             stream_failure_threshold=self.stream_failure_threshold,
             stream_cooldown=self.stream_cooldown,
+            transport=self.transport,
         )
 
     def _cross_check(self) -> list[tuple[str, str]]:

@@ -61,8 +61,9 @@ async def test_stream_not_supported_falls_back_to_one_plain_request(fake_llm: Fa
         ("abort_midstream", "connection_dropped"),
         ("connection_lost_error", "in_band_error"),
         ("midstream_error", "in_band_error"),
-        ("comment_after_id", "malformed_chunk"),
-        ("data_comment", "malformed_chunk"),
+        ("junk_data", "malformed_chunk"),
+        ("200_error_json", "in_band_error"),
+        ("last_event_unterminated", "truncated"),
         ("eof_no_done", "truncated"),
         ("llamacpp_error_field", "empty_stream"),
     ],
@@ -79,6 +80,59 @@ async def test_any_other_stream_error_falls_back(fake_llm: FakeLLM, fault: str, 
     assert TEXT.startswith(events.text)  # whatever streamed was a prefix of the final text
     assert after.text == "next turn" and not after.fell_back  # the entry was consumed exactly once
     assert stream_flags(fake_llm) == [True, False, True]
+
+
+@pytest.mark.parametrize("fault", ["comment_after_id", "retry_directive", "event_ping_nodata", "data_comment"])
+async def test_empty_data_events_are_keepalives_not_failures(fake_llm: FakeLLM, api: str, fault: str) -> None:
+    """They broke the SDK's stream (JSONDecodeError) and forced a fallback; now they are skipped."""
+    fake_llm.script(Reply.text(TEXT, chunk=6, fault=fault), Reply.text("next turn"))
+    events = RecordingEvents()
+    async with make_agent(fake_llm, api) as agent:
+        result = await agent.run_turn([], "hi", events)
+        after = await agent.run_turn([], "again", RecordingEvents())
+    assert result.text == events.text == TEXT and not result.fell_back
+    assert after.text == "next turn"
+    assert stream_flags(fake_llm) == [True, True]
+
+
+async def test_a_json_answer_to_a_stream_request_is_used_whole(fake_llm: FakeLLM, api: str) -> None:
+    """A relay that ignores `stream`: its complete answer is the answer -- no second request."""
+    ran: list[str] = []
+
+    @tool
+    async def lookup(q: str) -> str:
+        ran.append(q)
+        return "found"
+
+    fake_llm.script(
+        Reply.tool_calls([("lookup", {"q": "x"})], text_before="Looking. ", reasoning="plan", fault="ignore_stream"),
+        Reply.text("Here it is.", fault="ignore_stream"),
+    )
+    events = RecordingEvents()
+    async with make_agent(fake_llm, api, tools=ToolRegistry([lookup])) as agent:
+        result = await agent.run_turn([], "find x", events)
+    assert ran == ["x"]
+    assert result.text == "Here it is." and not result.fell_back
+    assert events.deltas == ["Looking. ", "Here it is."]  # each step's text as one delta
+    assert events.reasoning == "plan" and events.first_deltas == 2
+    assert events.fallbacks == []
+    assert stream_flags(fake_llm) == [True, True]
+    assert result.usage.total_tokens > 0
+
+
+async def test_a_json_error_answer_to_a_stream_request_falls_back(fake_llm: FakeLLM, api: str, caplog: Any) -> None:
+    """llama.cpp's 200 `application/json` error: the provider's error, answered like any in-band
+    error (one non-streaming request; a provider that fails there too raises that error)."""
+    caplog.set_level(logging.INFO, logger="agent")
+    fake_llm.script(Reply.text(TEXT, fault="200_error_json"))
+    events = RecordingEvents()
+    async with make_agent(fake_llm, api) as agent:
+        result = await agent.run_turn([], "hi", events)
+        with pytest.raises(ProviderBadRequest, match="maximum context length"):
+            await agent.run_turn([], "hi", RecordingEvents(), model="fault:200_error_json+nonstream_400")
+    assert result.text == TEXT and result.fallback_causes == ["in_band_error"]
+    assert events.fallbacks == [TEXT] and events.deltas == []
+    assert any("exceeds the available context size" in r.getMessage() for r in caplog.records)
 
 
 async def test_stall_past_idle_timeout_falls_back(fake_llm: FakeLLM, api: str) -> None:
@@ -131,7 +185,7 @@ async def test_non_streaming_request_past_total_timeout_raises(fake_llm: FakeLLM
     [
         ("abort_midstream+nonstream_500", ProviderUnavailable, None),
         ("abort_midstream+nonstream_400", ProviderBadRequest, "context_length_exceeded"),
-        ("comment_after_id+nonstream_429", ProviderRateLimited, "rate_limit_exceeded"),
+        ("junk_data+nonstream_429", ProviderRateLimited, "rate_limit_exceeded"),
         ("abort_midstream+nonstream_200_error", ProviderBadResponse, {"responses": "server_error"}),
     ],
 )
@@ -267,9 +321,11 @@ async def test_repeated_failures_skip_streaming_for_the_cooldown(fake_llm: FakeL
     assert stream_flags(fake_llm) == [True, False, True, False, False, True, True]
 
 
-async def test_failure_after_the_cooldown_starts_a_new_cooldown(fake_llm: FakeLLM) -> None:
+@pytest.mark.parametrize(("transport", "error_class"), [("aiohttp", "ReadError"), ("httpx", "RemoteProtocolError")])
+async def test_failure_after_the_cooldown_starts_a_new_cooldown(fake_llm: FakeLLM, transport: str, error_class: str) -> None:
     clock = Clock()
-    async with make_agent(fake_llm, clock=clock, stream_failure_threshold=2, stream_cooldown=10.0) as agent:
+    cfg = {"stream_failure_threshold": 2, "stream_cooldown": 10.0, "transport": transport}
+    async with make_agent(fake_llm, clock=clock, **cfg) as agent:
         for _ in range(2):
             await agent.run_turn([], "x", RecordingEvents(), model="fault:abort_midstream")
         clock.now += 11
@@ -279,7 +335,8 @@ async def test_failure_after_the_cooldown_starts_a_new_cooldown(fake_llm: FakeLL
     assert probe.fallback_causes == ["connection_dropped"]
     assert after.fallback_causes == ["cooldown"]
     assert health["streaming"] == "cooldown" and health["last_error"] == "connection_dropped"
-    assert health["last_error_class"] == "APIConnectionError"
+    # the body is read without the SDK's stream wrapper: httpx2's own exception, as each transport names it
+    assert health["last_error_class"] == error_class
 
 
 async def test_a_model_that_rejects_streaming_is_not_asked_again(fake_llm: FakeLLM) -> None:
@@ -306,14 +363,21 @@ async def test_probe_with_a_wrong_key_raises_auth_error(fake_llm: FakeLLM) -> No
             await agent.probe()
 
 
-async def test_probe_of_an_unreachable_provider_raises_unavailable() -> None:
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_an_unreachable_provider_is_unavailable_not_a_timeout(transport: str) -> None:
+    """aiohttp's refused connection reaches us disguised as `httpx2.ConnectTimeout`."""
     fake = FakeLLM()
     await fake.start()
-    cfg = fake.config(timeouts=Timeouts(connect=1, first_token=1, idle=1, total=3))
+    cfg = fake.config(timeouts=Timeouts(connect=1, first_token=1, idle=1, total=3), transport=transport)
     await fake.stop()  # nothing listens on that port any more
-    async with Agent(cfg) as agent:
-        with pytest.raises(ProviderUnavailable):
+    async with Agent(cfg, tools=ToolRegistry()) as agent:
+        with pytest.raises(ProviderUnavailable, match="could not reach the provider") as info:
             await agent.probe()
+        with pytest.raises(ProviderUnavailable):  # streaming: one fallback, whose error propagates
+            await agent.run_turn([], "hi", RecordingEvents())
+        health = agent.health()["models"]["fake-model"]
+    assert not isinstance(info.value, ProviderTimeout)
+    assert health["last_error"] == "connection_dropped"
 
 
 async def test_health_reports_no_secrets(fake_llm: FakeLLM) -> None:

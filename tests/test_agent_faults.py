@@ -21,6 +21,7 @@ OK = ("ok",)
 TOOLS = ("tools",)
 REASONING = ("reasoning",)
 INTERRUPT = ("interrupt",)
+WHOLE = ("whole",)  # a complete JSON answer to a stream request: one delta, one request
 
 
 def fallback(cause: str) -> tuple[str, str]:
@@ -34,12 +35,17 @@ SHARED_EXPECTED: dict[str, tuple[Any, ...]] = {
     "multi_data_lines": OK,
     "text_plain": OK,
     "comment_keepalive": OK,
-    "comment_after_id": fallback("malformed_chunk"),
-    "retry_directive": fallback("malformed_chunk"),
-    "event_ping_nodata": fallback("malformed_chunk"),
-    "data_comment": fallback("malformed_chunk"),
-    "200_error_json": fallback("empty_stream"),
-    "ignore_stream": fallback("empty_stream"),
+    # Empty-data events and re-wrapped comments are keepalives to the lean SSE reader (they
+    # broke the SDK's stream with a JSONDecodeError and forced a fallback).
+    "comment_after_id": OK,
+    "retry_directive": OK,
+    "event_ping_nodata": OK,
+    "data_comment": OK,
+    "junk_data": fallback("malformed_chunk"),
+    # A JSON body answering a stream request is read as what it is: the provider's error
+    # (fall back) or the complete answer (used whole, no second request).
+    "200_error_json": fallback("in_band_error"),
+    "ignore_stream": WHOLE,
     "last_event_unterminated": fallback("truncated"),
     "abort_midstream": fallback("connection_dropped"),
     "stall": fallback("idle_timeout"),
@@ -128,8 +134,8 @@ async def get_time() -> str:
     return "noon"
 
 
-async def run_mode(fake: FakeLLM, api: str, mode: str, expected: tuple[Any, ...]) -> None:
-    agent = Agent(fake.config(api=api, timeouts=TIMEOUTS), tools=ToolRegistry([get_weather, get_time]))
+async def run_mode(fake: FakeLLM, api: str, mode: str, expected: tuple[Any, ...], transport: str) -> None:
+    agent = Agent(fake.config(api=api, timeouts=TIMEOUTS, transport=transport), tools=ToolRegistry([get_weather, get_time]))
     events = RecordingEvents()
     model = f"fault:{mode}{MODEL_SUFFIX.get(mode, '')}"
     kind = expected[0]
@@ -164,6 +170,10 @@ async def run_mode(fake: FakeLLM, api: str, mode: str, expected: tuple[Any, ...]
     if kind == "ok":
         assert result.text == events.text == FAULT_TEXT
         assert result.usage.completion_tokens == EXPECTED_COMPLETION_TOKENS
+    elif kind == "whole":
+        assert result.text == FAULT_TEXT and events.deltas == [FAULT_TEXT] and events.first_deltas == 1
+        assert result.usage.completion_tokens == EXPECTED_COMPLETION_TOKENS
+        assert len(fake.requests) == 1
     elif kind == "text":
         assert result.text == events.text == expected[1]
         assert events.started == []
@@ -185,11 +195,18 @@ async def run_mode(fake: FakeLLM, api: str, mode: str, expected: tuple[Any, ...]
         raise AssertionError(f"unknown expectation {expected}")
 
 
+# Both HTTP transports under the SDK (agent/config.py `transport`): the body reader is the
+# same, but each names transport failures its own way.
+TRANSPORTS = ["aiohttp", "httpx"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("mode", sorted(CHAT_FAULTS))
-async def test_chat_completions_fault_mode(fake_llm: FakeLLM, mode: str) -> None:
-    await run_mode(fake_llm, "chat_completions", mode, CHAT_EXPECTED[mode])
+async def test_chat_completions_fault_mode(fake_llm: FakeLLM, mode: str, transport: str) -> None:
+    await run_mode(fake_llm, "chat_completions", mode, CHAT_EXPECTED[mode], transport)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("mode", sorted(RESPONSES_FAULTS))
-async def test_responses_fault_mode(fake_llm: FakeLLM, mode: str) -> None:
-    await run_mode(fake_llm, "responses", mode, RESPONSES_EXPECTED[mode])
+async def test_responses_fault_mode(fake_llm: FakeLLM, mode: str, transport: str) -> None:
+    await run_mode(fake_llm, "responses", mode, RESPONSES_EXPECTED[mode], transport)

@@ -1,7 +1,8 @@
-"""Unit tests of the accumulators (agent/stream.py), fed real SDK chunk/event objects.
+"""Unit tests of the accumulators (agent/stream.py), fed what the provider feeds them.
 
-Chunks are built the way the SDK builds them from the wire (`construct`, no validation),
-so a provider's odd shapes arrive here exactly as they would in production.
+Chunks and events are plain dicts, exactly what `json.loads` makes of each SSE `data:`
+line, so a provider's odd shapes (`choices: null`, no `index`, integer ids) arrive here
+as they would in production.
 """
 
 from __future__ import annotations
@@ -9,9 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from openai._models import construct_type
-from openai.types.chat import ChatCompletionChunk
-from openai.types.responses import ResponseStreamEvent
 
 from agent.errors import ProviderBadResponse
 from agent.stream import (
@@ -25,12 +23,12 @@ from agent.stream import (
 )
 
 
-def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **top: Any) -> ChatCompletionChunk:
+def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **top: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
     if delta is not None or finish is not None:
         body["choices"] = [{"index": 0, "delta": delta or {}, "finish_reason": finish}]
     body.update(top)
-    return ChatCompletionChunk.construct(**body)
+    return body
 
 
 def tc(**fields: Any) -> dict[str, Any]:
@@ -253,31 +251,40 @@ def test_non_data_chunks_are_skipped() -> None:
     result = feed(
         rec.acc(),
         chunk(choices=[], prompt_filter_results=[{"prompt_index": 0}]),  # Azure prompt filter
-        ChatCompletionChunk.construct(id="x", choices=None),  # proxies in front of Claude
-        ChatCompletionChunk.construct(  # Azure async content filter: no delta
-            id="", object="", choices=[{"index": 0, "finish_reason": None, "content_filter_results": {}}]
-        ),
+        {"id": "x", "choices": None},  # proxies in front of Claude
+        {"id": "x", "usage": {"prompt_tokens": 1}},  # DeepInfra: no `choices` key at all
+        {  # Azure async content filter: no delta
+            "id": "", "object": "", "choices": [{"index": 0, "finish_reason": None, "content_filter_results": {}}]
+        },
         chunk({"content": "ok"}),
-        ChatCompletionChunk.construct(  # a proxy that mislabels real chunks
-            id="x", object="chat.completion", choices=[{"index": 0, "delta": {"content": "!"}}]
-        ),
+        {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "delta": {"content": "!"}}]},  # mislabelled
         chunk({}, "stop"),
     )
     assert result.content == "ok!"
     assert rec.text == ["ok", "!"]
 
 
-def test_malformed_chunk_raises_a_plain_python_error() -> None:
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"id": "x", "choices": [{"index": 0, "delta": "not a dict"}]},
+        {"id": "x", "choices": [{"index": 0, "delta": {"content": ["a", "list"]}}]},
+        {"id": "x", "choices": {"index": 0}},
+        {"id": "x", "choices": ["not a dict"]},
+    ],
+)
+def test_malformed_chunk_raises_a_plain_python_error(bad: dict[str, Any]) -> None:
+    """The provider maps these to `malformed_chunk` (a fallback), never to a crash."""
     acc = Rec().acc()
-    with pytest.raises((TypeError, AttributeError)):
-        acc.feed(ChatCompletionChunk.construct(id="x", choices=[{"index": 0, "delta": "not a dict"}]))
+    with pytest.raises((TypeError, AttributeError, KeyError)):
+        acc.feed(bad)
 
 
 # -- Responses events ------------------------------------------------------------
 
 
-def event(kind: str, **fields: Any) -> Any:
-    return construct_type(type_=ResponseStreamEvent, value={"type": kind, "sequence_number": 0, **fields})
+def event(kind: str, **fields: Any) -> dict[str, Any]:
+    return {"type": kind, "sequence_number": 0, **fields}
 
 
 def test_responses_text_tool_call_reasoning_and_usage() -> None:

@@ -205,10 +205,11 @@ def test_provider_settings_become_the_agents_provider_config(tmp_path: Path) -> 
     path = write(
         tmp_path / "c.yaml",
         "provider: {model: m1, models: [m2], api: responses, extra_params: {temperature: 0.1},"
-        " timeouts: {idle: 12}, max_retries: 0, stream: false}\n",
+        " timeouts: {idle: 12}, max_retries: 0, stream: false, transport: httpx}\n",
     )
     cfg = load_config(path, env=BASE_ENV).provider.agent_config("m2")
     assert (cfg.model, cfg.api, cfg.api_key, cfg.max_retries, cfg.stream) == ("m2", "responses", OPENAI_KEY, 0, False)
+    assert cfg.transport == "httpx"
     assert cfg.extra_params == {"temperature": 0.1}
     assert (cfg.timeouts.idle, cfg.timeouts.first_token) == (12.0, 90.0)
     assert OPENAI_KEY not in repr(cfg)
@@ -216,6 +217,13 @@ def test_provider_settings_become_the_agents_provider_config(tmp_path: Path) -> 
     local = write(tmp_path / "l.yaml", "provider: {base_url: 'http://127.0.0.1:8080/v1'}\n")
     keyless = load_config(local, env={}).provider.agent_config()
     assert keyless.api_key == NO_API_KEY and keyless.model == "gpt-4.1-mini"
+    assert keyless.transport == "aiohttp"
+
+
+def test_an_unknown_transport_is_refused_with_the_choices(tmp_path: Path) -> None:
+    exc = load_error(write(tmp_path / "t.yaml", "provider: {transport: requests}\n"), env=BASE_ENV)
+    message = problems_of(exc)["provider.transport"]
+    assert "aiohttp" in message and "httpx" in message
 
 
 def test_missing_variable_for_the_store_is_an_error(tmp_path: Path) -> None:

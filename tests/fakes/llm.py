@@ -77,12 +77,13 @@ _SHARED_FAULTS: dict[str, str] = {
     "multi_data_lines": "JSON split over several data: lines",
     "text_plain": "Content-Type: text/plain",
     "comment_keepalive": "': OPENROUTER PROCESSING' comments between events",
-    "comment_after_id": "events carry id:, then a ': ping' comment → empty event → JSONDecodeError",
-    "retry_directive": "'retry: 3000' mid-stream → empty event → JSONDecodeError",
-    "event_ping_nodata": "'event: ping' without data → JSONDecodeError",
-    "data_comment": "'data: : OPENROUTER PROCESSING' (comment re-wrapped as data) → JSONDecodeError",
-    "200_error_json": "HTTP 200 application/json error body to a stream request (0 chunks)",
-    "ignore_stream": "HTTP 200 application/json full response to a stream request (0 chunks)",
+    "comment_after_id": "events carry id:, then a ': ping' comment → an empty-data event (SDK: JSONDecodeError)",
+    "retry_directive": "'retry: 3000' mid-stream → an empty-data event (SDK: JSONDecodeError)",
+    "event_ping_nodata": "'event: ping' without data (SDK: JSONDecodeError)",
+    "data_comment": "'data: : OPENROUTER PROCESSING' (comment re-wrapped as data; SDK: JSONDecodeError)",
+    "junk_data": "a data: line that is not JSON mid-stream (a proxy's HTML error page)",
+    "200_error_json": "HTTP 200 application/json error body to a stream request (SDK: 0 chunks)",
+    "ignore_stream": "HTTP 200 application/json full response to a stream request (SDK: 0 chunks)",
     "last_event_unterminated": "the final events lack the blank line before EOF (dropped)",
     "abort_midstream": "two content events, then the TCP connection is closed mid-body",
     "stall": "one content event, then silence for `stall` seconds (default 30)",
@@ -1245,6 +1246,8 @@ class FakeLLM:
             await writer.raw(f"event: ping{nl}{nl}")
         if "data_comment" in modes:
             await writer.raw(f"data: : OPENROUTER PROCESSING{nl}{nl}")
+        if "junk_data" in modes:
+            await writer.raw(f"data: <html><body>502 Bad Gateway</body></html>{nl}{nl}")
         if "stall" in modes:
             await asyncio.sleep(params["stall"])
         error: _Frame | None = None
@@ -1355,9 +1358,12 @@ class FakeLLM:
 
 _STREAM_OPTIONS_FAULTS = {"reject_stream_options", "reject_stream_options_422", "reject_stream_options_500"}
 # Payload quirks: they change the shape of a *valid* answer and are not failures, so a
-# scripted entry served with one of them is consumed like a clean reply.
+# scripted entry served with one of them is consumed like a clean reply. The empty-data
+# framings and a JSON answer to a stream request are quirks too: parley's SSE reader
+# takes them in stride (the SDK's stream wrapper did not).
 _QUIRKS = {
     "normal", "crlf", "byte_by_byte", "multi_data_lines", "text_plain", "comment_keepalive", "slow_drip",
+    "comment_after_id", "retry_directive", "event_ping_nodata", "data_comment", "ignore_stream",
     "keepalive_only", "headers_late", "reasoning", "reasoning_openrouter", "reasoning_mirrored", "tool_std",
     "done_nospace", "trailing_after_done", "null_choices", "empty_choices_mid", "azure_filter", "role_every_chunk",
     "usage_every_chunk", "empty_finish_reason", "think_in_content", "tool_all_at_once", "stop_with_tools",
