@@ -6,10 +6,23 @@ updates (so a redelivered update never produces a second reply). One code path
 serves both databases — SQLAlchemy Core over `aiosqlite` or `asyncpg` — and the
 schema is migrated to head by alembic every time the store opens.
 
-Every public method is one transaction. SQLite transactions that write start with
-`BEGIN IMMEDIATE`, so a read-then-write can never fail half-way with "database is
-locked" (SQLite cannot upgrade a WAL read snapshot to a write once another writer has
-committed); reads use a plain deferred `BEGIN` and never block.
+Every public method is one transaction, written once as a plain function of a
+SQLAlchemy `Connection` and run by `Store._run`:
+
+- **SQLite**: on one worker thread of the store's own (`sqlite3` blocks, so a thread is
+  the only way to keep it off the event loop), the whole transaction in one hand-off. Through
+  `aiosqlite` every statement, BEGIN, COMMIT and pool reset was a hand-off of its own --
+  about 9 per transaction -- each waiting for a turn of the event loop, so under load a
+  one-row write took 5-10 ms and more (BENCHMARKS.md). The single thread also queues the
+  writers of this process in order, so they never wait in SQLite's busy timeout.
+- **PostgreSQL**: `asyncpg` through `AsyncConnection.run_sync` (each statement is a network
+  round trip anyway).
+
+SQLite transactions that write start with `BEGIN IMMEDIATE`, so a read-then-write can
+never fail half-way with "database is locked" (SQLite cannot upgrade a WAL read snapshot
+to a write once another writer has committed); reads use a plain deferred `BEGIN` and
+never block. A transaction handed to the worker thread runs to its end even if the
+awaiting task is cancelled meanwhile.
 
 Errors: invalid arguments raise `ValueError` (a programming error in the caller);
 anything the database does wrong raises `StoreError` (or a subclass), never a raw
@@ -22,12 +35,12 @@ import asyncio
 import logging
 import re
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import sqlalchemy as sa
 from alembic.util import CommandError as AlembicCommandError
@@ -43,6 +56,7 @@ from bots.errors import ConfigError, ParleyError
 log = logging.getLogger(__name__)
 
 Message = dict[str, Any]
+T = TypeVar("T")
 WallClock = Callable[[], datetime]
 """Returns the current time, timezone-aware (wall time: unlike `bots.clock.Clock`, not monotonic)."""
 
@@ -364,7 +378,25 @@ def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
     return create_async_engine(target.url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
 
 
+def sqlite_worker_engine(engine: AsyncEngine) -> sa.Engine:
+    """A synchronous `sqlite3` engine on the same database file and with the same
+    per-connection setup as `engine`, for the store's worker thread."""
+    sync = sa.create_engine(
+        engine.url.set(drivername="sqlite"),
+        echo=engine.echo,
+        connect_args={"check_same_thread": False},  # created and used on the worker thread; disposed there too
+    )
+    event.listen(sync, "connect", _sqlite_on_connect)
+    event.listen(sync, "begin", _sqlite_on_begin)
+    return sync
+
+
 async def prepare_for_migration(conn: AsyncConnection, url: str) -> None:
+    """`prepare_migration` for an async connection (alembic's env.py runs on one)."""
+    await conn.run_sync(prepare_migration, url)
+
+
+def prepare_migration(conn: sa.Connection, url: str) -> None:
     """Run first in a migrating transaction: serialize migrators, create `?schema=`.
 
     On PostgreSQL two parley processes starting at once must not both create the
@@ -374,11 +406,11 @@ async def prepare_for_migration(conn: AsyncConnection, url: str) -> None:
     if conn.dialect.name != "postgresql":
         return
     schema = _resolve(url).schema
-    await conn.execute(
+    conn.execute(
         sa.text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": f"parley.migrate:{schema or ''}"}
     )
     if schema is not None:  # a validated identifier: safe to interpolate
-        await conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {schema}")
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -460,10 +492,12 @@ class Store:
         self._now = utcnow
         self._closed = False
         self._dialect = engine.dialect.name
-        # SQLite allows one writer at a time. Queue writers here, in the event loop, rather
-        # than in SQLite's busy timeout: under load a saturated loop can keep a writer waiting
-        # past that timeout and the write fails with "database is locked".
-        self._write_lock: asyncio.Lock | None = asyncio.Lock() if self._dialect == "sqlite" else None
+        # SQLite: whole transactions on one thread of our own (see the module docstring).
+        self._sqlite: sa.Engine | None = None
+        self._worker: ThreadPoolExecutor | None = None
+        if self._dialect == "sqlite":
+            self._sqlite = sqlite_worker_engine(engine)
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parley-sqlite")
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -489,21 +523,32 @@ class Store:
     async def _migrate(self, url: str) -> None:
         # alembic keeps its running migration in module-global state, so two stores of one
         # process must not migrate interleaved (the database locks only order processes).
-        async with _migration_lock(), self._tx("migrate", write=True) as conn:
-            await prepare_for_migration(conn, url)
-            before = await conn.run_sync(migrations.current_revision)
-            head = migrations.head_revision()
+        head = migrations.head_revision()
+
+        def migrate(conn: sa.Connection) -> str | None:
+            prepare_migration(conn, url)
+            before = migrations.current_revision(conn)
             if before == head:
-                return  # the usual case: nothing to do, and no need to load the scripts
+                return before  # the usual case: nothing to do, and no need to load the scripts
             try:
-                await conn.run_sync(migrations.upgrade_to_head)
+                migrations.upgrade_to_head(conn)
             except AlembicCommandError as exc:  # e.g. a revision only a newer parley knows
                 raise StoreError(f"cannot migrate {self._display_url} from revision {before!r}: {exc}") from exc
-        log.info("store schema migrated from %s to %s at %s", before or "empty", head, self._display_url)
+            return before
+
+        async with _migration_lock():
+            before = await self._run("migrate", migrate, write=True)
+        if before != head:
+            log.info("store schema migrated from %s to %s at %s", before or "empty", head, self._display_url)
 
     async def close(self) -> None:
         """Release every connection; the store cannot be used afterwards."""
         self._closed = True
+        worker, self._worker = self._worker, None  # closing twice is harmless
+        if worker is not None:
+            assert self._sqlite is not None
+            await asyncio.get_running_loop().run_in_executor(worker, self._sqlite.dispose)
+            worker.shutdown(wait=False)
         await self._engine.dispose()
 
     async def __aenter__(self) -> Self:
@@ -515,8 +560,7 @@ class Store:
     async def ping(self) -> bool:
         """Readiness: can the database answer a query right now? Never raises."""
         try:
-            async with self._tx("ping", write=False) as conn:
-                await conn.execute(sa.text("SELECT 1"))
+            await self._run("ping", lambda conn: conn.execute(sa.text("SELECT 1")).scalar(), write=False)
         except StoreError as exc:
             log.warning("store ping failed at %s: %s", self._display_url, exc)
             return False
@@ -524,23 +568,22 @@ class Store:
 
     async def schema_revision(self) -> str | None:
         """The migration revision the database is at (see `bots.migrations.head_revision`)."""
-        async with self._tx("schema_revision", write=False) as conn:
-            return await conn.run_sync(migrations.current_revision)
+        return await self._run("schema_revision", migrations.current_revision, write=False)
 
-    @asynccontextmanager
-    async def _tx(self, what: str, *, write: bool) -> AsyncIterator[AsyncConnection]:
-        """One transaction; database errors become `StoreError`, bad values `ValueError`."""
+    async def _run(self, what: str, work: Callable[[sa.Connection], T], *, write: bool) -> T:
+        """Run `work(conn)` as one transaction and return its result.
+
+        Database errors become `StoreError`, bad values `ValueError`; a `StoreError` that
+        `work` raises itself passes through.
+        """
         if self._closed:
             raise StoreError(f"{what}: the store is closed")
-        lock = self._write_lock if write else None
-        if lock is not None:
-            await lock.acquire()
         try:
+            if self._worker is not None:
+                return await asyncio.get_running_loop().run_in_executor(self._worker, self._sqlite_tx, work, write)
             async with self._engine.connect() as conn:
-                if write and self._dialect == "sqlite":
-                    await conn.execution_options(parley_write=True)
                 async with conn.begin():
-                    yield conn
+                    return await conn.run_sync(work)
         except sa.exc.StatementError as exc:
             if not isinstance(exc, sa.exc.DBAPIError) and isinstance(exc.orig, (TypeError, ValueError)):
                 # Raised while binding parameters: e.g. a message that is not JSON-serializable.
@@ -550,9 +593,15 @@ class Store:
             raise StoreError(f"{what} failed: {_describe(exc)}") from exc
         except OSError as exc:  # e.g. connection refused, before the driver wraps it
             raise StoreError(f"{what} failed: cannot reach {self._display_url}: {_describe(exc)}") from exc
-        finally:
-            if lock is not None:
-                lock.release()
+
+    def _sqlite_tx(self, work: Callable[[sa.Connection], T], write: bool) -> T:
+        """On the worker thread: one SQLite transaction (BEGIN IMMEDIATE when it writes)."""
+        assert self._sqlite is not None
+        with self._sqlite.connect() as conn:
+            if write:
+                conn.execution_options(parley_write=True)
+            with conn.begin():
+                return work(conn)
 
     def _insert(self, table: sa.Table) -> Any:
         """INSERT with the dialect's ON CONFLICT support (both spell it the same way)."""
@@ -573,9 +622,7 @@ class Store:
             .values(platform=platform, update_id=update_id, seen_at=self._now())
             .on_conflict_do_nothing(index_elements=["platform", "update_id"])
         )
-        async with self._tx("claim_update", write=True) as conn:
-            result = await conn.execute(stmt)
-        return result.rowcount == 1
+        return await self._run("claim_update", lambda conn: conn.execute(stmt).rowcount == 1, write=True)
 
     async def prune_updates(self, older_than: timedelta) -> int:
         """Forget update ids claimed more than `older_than` ago; returns how many.
@@ -583,16 +630,15 @@ class Store:
         Keep them longer than a platform may redeliver (Telegram keeps updates 24 h).
         """
         cutoff = self._now() - older_than
-        async with self._tx("prune_updates", write=True) as conn:
-            result = await conn.execute(sa.delete(processed_updates).where(processed_updates.c.seen_at < cutoff))
-        return result.rowcount
+        stmt = sa.delete(processed_updates).where(processed_updates.c.seen_at < cutoff)
+        return await self._run("prune_updates", lambda conn: conn.execute(stmt).rowcount, write=True)
 
     # ---------------------------------------------------------------- chats
 
     async def chat_settings(self, chat_key: str) -> ChatSettings:
         """The chat's overrides; all None (and not allowed) for a chat never configured."""
-        async with self._tx("chat_settings", write=False) as conn:
-            row = (await conn.execute(sa.select(chats).where(chats.c.chat_key == chat_key))).first()
+        query = sa.select(chats).where(chats.c.chat_key == chat_key)
+        row = await self._run("chat_settings", lambda conn: conn.execute(query).first(), write=False)
         return ChatSettings() if row is None else _chat_settings(row._mapping)
 
     async def update_chat_settings(self, chat_key: str, **fields: Any) -> ChatSettings:
@@ -615,8 +661,7 @@ class Store:
             index_elements=["chat_key"],
             set_={name: stmt.excluded[name] for name in (*fields, "updated_at")},
         ).returning(*chats.c)
-        async with self._tx("update_chat_settings", write=True) as conn:
-            row = (await conn.execute(stmt)).one()
+        row = await self._run("update_chat_settings", lambda conn: conn.execute(stmt).one(), write=True)
         return _chat_settings(row._mapping)
 
     # ---------------------------------------------------------------- sessions and history
@@ -624,8 +669,8 @@ class Store:
     async def current_session(self, session_key: str) -> int:
         """The session a new message in `session_key` belongs to; the first is created lazily."""
         _require_text("session_key", session_key)
-        async with self._tx("current_session", write=False) as conn:
-            found = await conn.scalar(self._latest_session(session_key))
+        latest = self._latest_session(session_key)
+        found = await self._run("current_session", lambda conn: conn.scalar(latest), write=False)
         if found is not None:
             return int(found)
         stmt = (
@@ -633,12 +678,15 @@ class Store:
             .values(session_key=session_key, number=1, created_at=self._now())
             .on_conflict_do_nothing(index_elements=["session_key", "number"])
         )
-        async with self._tx("current_session", write=True) as conn:
-            await self._lock_session_key(conn, session_key)
-            await conn.execute(stmt)  # a concurrent caller may have won: then this is a no-op
-            return int(await conn.scalar(self._latest_session(session_key)))
 
-    async def _lock_session_key(self, conn: AsyncConnection, session_key: str) -> None:
+        def create(conn: sa.Connection) -> int:
+            self._lock_session_key(conn, session_key)
+            conn.execute(stmt)  # a concurrent caller may have won: then this is a no-op
+            return int(conn.scalar(latest))
+
+        return await self._run("current_session", create, write=True)
+
+    def _lock_session_key(self, conn: sa.Connection, session_key: str) -> None:
         """Serialize session creation per key, so numbering never collides.
 
         SQLite's write transactions are already serial (BEGIN IMMEDIATE); PostgreSQL takes
@@ -646,7 +694,7 @@ class Store:
         statement sees the sessions a concurrent creator committed.
         """
         if self._dialect == "postgresql":
-            await conn.execute(
+            conn.execute(
                 sa.text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": f"parley.session:{session_key}"}
             )
 
@@ -672,9 +720,12 @@ class Store:
             .values(session_key=session_key, number=next_number, created_at=self._now())
             .returning(sessions.c.id)
         )
-        async with self._tx("new_session", write=True) as conn:
-            await self._lock_session_key(conn, session_key)
-            return int((await conn.execute(stmt)).scalar_one())
+
+        def create(conn: sa.Connection) -> int:
+            self._lock_session_key(conn, session_key)
+            return int(conn.execute(stmt).scalar_one())
+
+        return await self._run("new_session", create, write=True)
 
     async def begin_turn(self, session_id: int, *, user_message: Message, user_key: str, update_id: str | None) -> int:
         """Record a turn's user message before the model is called; the turn is "running".
@@ -685,23 +736,18 @@ class Store:
         if not isinstance(user_message, dict) or user_message.get("role") != "user":
             raise ValueError(f"user_message must be a dict with role 'user', got {user_message!r:.200}")
         _require_text("user_key", user_key)
-        now = self._now()
-        async with self._tx("begin_turn", write=True) as conn:
-            turn_id = (
-                await conn.execute(
-                    sa.insert(turns)
-                    .values(
-                        session_id=session_id,
-                        user_key=user_key,
-                        update_id=update_id,
-                        status=TURN_RUNNING,
-                        created_at=now,
-                    )
-                    .returning(turns.c.id)
-                )
-            ).scalar_one()
-            await conn.execute(sa.insert(turn_messages).values(turn_id=turn_id, seq=0, message=user_message))
-        return int(turn_id)
+        stmt = (
+            sa.insert(turns)
+            .values(session_id=session_id, user_key=user_key, update_id=update_id, status=TURN_RUNNING, created_at=self._now())
+            .returning(turns.c.id)
+        )
+
+        def begin(conn: sa.Connection) -> int:
+            turn_id = conn.execute(stmt).scalar_one()
+            conn.execute(sa.insert(turn_messages).values(turn_id=turn_id, seq=0, message=user_message))
+            return int(turn_id)
+
+        return await self._run("begin_turn", begin, write=True)
 
     async def finish_turn(self, turn_id: int, messages: list[Message], *, status: str) -> None:
         """Append the turn's messages after the user message and set its final status, atomically.
@@ -715,24 +761,27 @@ class Store:
             raise ValueError(f"status must be one of {TURN_FINISHED_STATUSES}, got {status!r}")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError("messages must be a list of dicts")
-        async with self._tx("finish_turn", write=True) as conn:
-            result = await conn.execute(
-                sa.update(turns)
-                .where(turns.c.id == turn_id, turns.c.status == TURN_RUNNING)
-                .values(status=status, finished_at=self._now())
-            )
-            if result.rowcount != 1:
-                current = await conn.scalar(sa.select(turns.c.status).where(turns.c.id == turn_id))
+        stmt = (
+            sa.update(turns)
+            .where(turns.c.id == turn_id, turns.c.status == TURN_RUNNING)
+            .values(status=status, finished_at=self._now())
+        )
+
+        def finish(conn: sa.Connection) -> None:
+            if conn.execute(stmt).rowcount != 1:
+                current = conn.scalar(sa.select(turns.c.status).where(turns.c.id == turn_id))
                 raise TurnStateError(
                     f"turn {turn_id} does not exist"
                     if current is None
                     else f"turn {turn_id} is already finished ({current})"
                 )
             if messages:
-                await conn.execute(
+                conn.execute(
                     sa.insert(turn_messages),
                     [{"turn_id": turn_id, "seq": seq, "message": m} for seq, m in enumerate(messages, start=1)],
                 )
+
+        await self._run("finish_turn", finish, write=True)
 
     async def history(
         self, session_id: int, *, limit_turns: int | None = None, before_turn: int | None = None
@@ -756,8 +805,7 @@ class Store:
             .select_from(t.outerjoin(turn_messages, turn_messages.c.turn_id == t.c.id))
             .order_by(t.c.id, turn_messages.c.seq)
         )
-        async with self._tx("history", write=False) as conn:
-            rows = (await conn.execute(query)).all()
+        rows = await self._run("history", lambda conn: conn.execute(query).all(), write=False)
         result: list[Turn] = []
         for row in rows:
             if not result or result[-1].id != row.id:
@@ -785,23 +833,21 @@ class Store:
             .order_by(turns.c.id.desc())
             .limit(1)
         )
-        async with self._tx("last_user_message", write=False) as conn:
-            row = (await conn.execute(query)).first()
+        row = await self._run("last_user_message", lambda conn: conn.execute(query).first(), write=False)
         return None if row is None else (int(row.id), row.message)
 
     async def running_turns(self) -> list[int]:
         """Turns still marked running: at startup these were cut off by a crash or restart."""
         query = sa.select(turns.c.id).where(turns.c.status == TURN_RUNNING).order_by(turns.c.id)
-        async with self._tx("running_turns", write=False) as conn:
-            return [int(turn_id) for turn_id in (await conn.scalars(query)).all()]
+        ids = await self._run("running_turns", lambda conn: conn.scalars(query).all(), write=False)
+        return [int(turn_id) for turn_id in ids]
 
     async def mark_stale_turns(self, status: str = "error") -> int:
         """Give every running turn a final status (at startup, before any new turn); returns how many."""
         if status not in TURN_FINISHED_STATUSES:
             raise ValueError(f"status must be one of {TURN_FINISHED_STATUSES}, got {status!r}")
         stmt = sa.update(turns).where(turns.c.status == TURN_RUNNING).values(status=status, finished_at=self._now())
-        async with self._tx("mark_stale_turns", write=True) as conn:
-            return (await conn.execute(stmt)).rowcount
+        return await self._run("mark_stale_turns", lambda conn: conn.execute(stmt).rowcount, write=True)
 
     async def mark_turn_superseded(self, turn_id: int) -> bool:
         """/retry: mark a finished turn as replaced, so history users can leave it out.
@@ -814,8 +860,7 @@ class Store:
             .where(turns.c.id == turn_id, turns.c.status.in_(TURN_FINISHED_STATUSES))
             .values(status=TURN_SUPERSEDED)
         )
-        async with self._tx("mark_turn_superseded", write=True) as conn:
-            return (await conn.execute(stmt)).rowcount == 1
+        return await self._run("mark_turn_superseded", lambda conn: conn.execute(stmt).rowcount == 1, write=True)
 
     # ---------------------------------------------------------------- usage
 
@@ -837,19 +882,17 @@ class Store:
         _require_count("prompt_tokens", prompt_tokens)
         _require_count("completion_tokens", completion_tokens)
         _require_count("reasoning_tokens", reasoning_tokens)
-        async with self._tx("add_usage", write=True) as conn:
-            await conn.execute(
-                sa.insert(usage).values(
-                    created_at=self._now(),
-                    user_key=user_key,
-                    chat_key=chat_key,
-                    model=model,
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    reasoning_tokens=reasoning_tokens,
-                    cost=None if cost is None else float(cost),
-                )
-            )
+        stmt = sa.insert(usage).values(
+            created_at=self._now(),
+            user_key=user_key,
+            chat_key=chat_key,
+            model=model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            reasoning_tokens=reasoning_tokens,
+            cost=None if cost is None else float(cost),
+        )
+        await self._run("add_usage", lambda conn: conn.execute(stmt), write=True)
 
     async def usage(
         self, *, since: datetime, user_key: str | None = None, chat_key: str | None = None
@@ -876,8 +919,7 @@ class Store:
             query = query.where(usage.c.user_key == user_key)
         if chat_key is not None:
             query = query.where(usage.c.chat_key == chat_key)
-        async with self._tx("usage", write=False) as conn:
-            rows = (await conn.execute(query)).all()
+        rows = await self._run("usage", lambda conn: conn.execute(query).all(), write=False)
         return [
             UsageRow(
                 model=model,
@@ -900,8 +942,7 @@ class Store:
         query = sa.select(sa.func.coalesce(sa.func.sum(usage.c.prompt_tokens + usage.c.completion_tokens), 0)).where(
             usage.c.user_key == user_key, usage.c.created_at >= since
         )
-        async with self._tx("tokens_used", write=False) as conn:
-            return int(await conn.scalar(query))
+        return int(await self._run("tokens_used", lambda conn: conn.scalar(query), write=False))
 
     # ---------------------------------------------------------------- access lists
 
@@ -915,33 +956,31 @@ class Store:
             index_elements=["user_key"],
             set_={name: stmt.excluded[name] for name in ("role", "granted_by", "granted_at")},
         )
-        async with self._tx("set_role", write=True) as conn:
-            await conn.execute(stmt)
+        await self._run("set_role", lambda conn: conn.execute(stmt), write=True)
 
     async def clear_role(self, user_key: str) -> None:
         """Remove the user's stored role (a no-op when there is none)."""
-        async with self._tx("clear_role", write=True) as conn:
-            await conn.execute(sa.delete(roles).where(roles.c.user_key == user_key))
+        stmt = sa.delete(roles).where(roles.c.user_key == user_key)
+        await self._run("clear_role", lambda conn: conn.execute(stmt), write=True)
 
     async def role(self, user_key: str) -> str | None:
         """The stored role, or None."""
-        async with self._tx("role", write=False) as conn:
-            return await conn.scalar(sa.select(roles.c.role).where(roles.c.user_key == user_key))
+        query = sa.select(roles.c.role).where(roles.c.user_key == user_key)
+        return await self._run("role", lambda conn: conn.scalar(query), write=False)
 
     async def users_with_role(self, role: str) -> list[str]:
         """User keys holding `role`, sorted."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         query = sa.select(roles.c.user_key).where(roles.c.role == role).order_by(roles.c.user_key)
-        async with self._tx("users_with_role", write=False) as conn:
-            return list((await conn.scalars(query)).all())
+        return list(await self._run("users_with_role", lambda conn: conn.scalars(query).all(), write=False))
 
     async def set_budget(self, user_key: str, tokens_per_day: int | None) -> None:
         """Cap a user's tokens per day; None removes the cap."""
         _require_text("user_key", user_key)
         if tokens_per_day is None:
-            async with self._tx("set_budget", write=True) as conn:
-                await conn.execute(sa.delete(budgets).where(budgets.c.user_key == user_key))
+            delete = sa.delete(budgets).where(budgets.c.user_key == user_key)
+            await self._run("set_budget", lambda conn: conn.execute(delete), write=True)
             return
         _require_count("tokens_per_day", tokens_per_day)
         stmt = self._insert(budgets).values(user_key=user_key, tokens_per_day=tokens_per_day, updated_at=self._now())
@@ -949,13 +988,12 @@ class Store:
             index_elements=["user_key"],
             set_={name: stmt.excluded[name] for name in ("tokens_per_day", "updated_at")},
         )
-        async with self._tx("set_budget", write=True) as conn:
-            await conn.execute(stmt)
+        await self._run("set_budget", lambda conn: conn.execute(stmt), write=True)
 
     async def budget(self, user_key: str) -> int | None:
         """The user's tokens-per-day cap, or None."""
-        async with self._tx("budget", write=False) as conn:
-            value = await conn.scalar(sa.select(budgets.c.tokens_per_day).where(budgets.c.user_key == user_key))
+        query = sa.select(budgets.c.tokens_per_day).where(budgets.c.user_key == user_key)
+        value = await self._run("budget", lambda conn: conn.scalar(query), write=False)
         return None if value is None else int(value)
 
     # ---------------------------------------------------------------- known users
@@ -986,8 +1024,7 @@ class Store:
                 users.c.display_name.is_distinct_from(stmt.excluded.display_name),
             ),
         )
-        async with self._tx("remember_user", write=True) as conn:
-            await conn.execute(stmt)
+        await self._run("remember_user", lambda conn: conn.execute(stmt), write=True)
 
     async def find_user(self, platform: str, username: str) -> str | None:
         """The user key behind "@alice" / "alice" on a platform (case-insensitive), or None.
@@ -1003,8 +1040,7 @@ class Store:
             .order_by(users.c.updated_at.desc())
             .limit(1)
         )
-        async with self._tx("find_user", write=False) as conn:
-            return await conn.scalar(query)
+        return await self._run("find_user", lambda conn: conn.scalar(query), write=False)
 
 
 def _chat_settings(row: Mapping[str, Any]) -> ChatSettings:

@@ -240,6 +240,7 @@ async def test_ping_and_close(store_url: str) -> None:
     assert await store.ping() is False
     with pytest.raises(StoreError, match="closed"):
         await store.role("telegram:42")
+    await store.close()  # closing twice is harmless (the app and a test fixture may both close it)
 
 
 # ----------------------------------------------------------------------------- update de-duplication
