@@ -142,7 +142,7 @@ class Gateway:
         self.started_at = time.monotonic()
         self._chat_locks: dict[str, asyncio.Lock] = {}
         self._last_error_line: dict[str, float] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()  # replies in flight and messages being routed
         self._accepting = True
         self._seen_users: dict[str, tuple[str | None, str | None]] = {}  # skip rewriting unchanged names
         self._next_prune: float | None = None  # first message: prune at once
@@ -167,20 +167,29 @@ class Gateway:
         restarting, resend it"): the platform already considers them delivered, so
         dropping them would lose them silently.
         """
+        # Counted among the pending work until routed, so `settle_all` also waits for
+        # messages still being routed (connectors deliver concurrently).
+        routed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tasks.add(routed)
         self.metrics.messages_received.labels(inbound.platform).inc()
-        # One chat's messages are routed in arrival order even when a connector
-        # delivers them concurrently (discord.py dispatches each event in its own task).
+        # One chat's messages are routed in arrival order even when a connector delivers
+        # them concurrently (discord.py and python-telegram-bot run each in its own task,
+        # started in arrival order): the chat's lock is taken before the first pause.
         lock = self._chat_locks.setdefault(inbound.chat.key, asyncio.Lock())
-        async with lock:
-            try:
-                await self._route(inbound)
-            except StoreError as exc:
-                # Without the store parley cannot tell who may ask, nor whether it answered
-                # this update already: stay silent rather than risk a wrong or double reply.
-                log.error("chat %s: message %s not handled: %s", inbound.chat.key, inbound.update_id, exc)
-            finally:
-                if not lock._waiters:  # type: ignore[attr-defined]
-                    self._chat_locks.pop(inbound.chat.key, None)
+        try:
+            async with lock:
+                try:
+                    await self._route(inbound)
+                except StoreError as exc:
+                    # Without the store parley cannot tell who may ask, nor whether it answered
+                    # this update already: stay silent rather than risk a wrong or double reply.
+                    log.error("chat %s: message %s not handled: %s", inbound.chat.key, inbound.update_id, exc)
+                finally:
+                    if not lock._waiters:  # type: ignore[attr-defined]
+                        self._chat_locks.pop(inbound.chat.key, None)
+        finally:
+            routed.set_result(None)
+            self._tasks.discard(routed)
 
     STORE_RETRIES = (0.1, 0.5, 2.0)
     """Back-off (seconds) before retrying a store call that failed: a busy database is not a lost message."""

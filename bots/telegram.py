@@ -190,6 +190,16 @@ class WebhookOptions:
     secret_token: str | None = None
 
 
+UPDATE_CONCURRENCY = 256
+"""Updates python-telegram-bot hands to the gateway at once.
+
+One at a time (PTB's default), every update waits for the store calls of all updates
+before it; under load that queued new conversations for tens of seconds (BENCHMARKS.md).
+The gateway still routes one chat's messages in arrival order: PTB starts the update
+tasks in order and each takes its chat's lock before its first pause.
+"""
+
+
 class TelegramConnector:
     """Receives Telegram updates and offers the Telegram outbox."""
 
@@ -216,6 +226,7 @@ class TelegramConnector:
             .base_file_url(f"{base}/file/bot")
             .connection_pool_size(256)
             .pool_timeout(30.0)
+            .concurrent_updates(UPDATE_CONCURRENCY)
             .build()
         )
         self._app.add_handler(TypeHandler(Update, self._on_update))

@@ -196,3 +196,32 @@ async def test_ten_chats_streaming_at_once_stay_under_default_limits(fake_telegr
     assert fake_telegram.count_429() == 0
     edits = sum(len(fake_telegram.calls_to("editMessageText", chat_id=c.id)) for c, _ in chats)
     assert edits >= 10, "replies were streamed with edits, not sent once"
+
+
+async def test_a_chat_stuck_in_routing_does_not_hold_up_the_others(fast_telegram, fake_llm, parley) -> None:
+    """Updates are routed concurrently (one chat's still in order): a message whose routing
+    waits -- here on a slow store read -- never delays another chat's answer."""
+    p = await parley(telegram=fast_telegram)
+    owner = fast_telegram.user(OWNER_TG, "Owner")
+    private, group = fast_telegram.private_chat(owner), fast_telegram.group("Team")
+    store, release = p.gateway.store, asyncio.Event()
+    real_settings = store.chat_settings
+
+    async def slow_for_the_private_chat(chat_key: str):  # noqa: ANN202
+        if chat_key == f"telegram:{private.id}":
+            await release.wait()
+        return await real_settings(chat_key)
+
+    store.chat_settings = slow_for_the_private_chat
+    fake_llm.script(Reply.text("Answer in the group."), Reply.text("Answer in private."))
+    fast_telegram.user_says(private, owner, "first, in private")
+    fast_telegram.user_says(group, owner, "@parley_bot then in the group")
+    try:
+        await fast_telegram.wait_for(lambda: len(bot_msgs(fast_telegram, group.id)) == 1, timeout=10)
+        assert bot_msgs(fast_telegram, private.id) == []  # still held up, yet the group was answered
+    finally:
+        release.set()  # also on failure, so the stuck update cannot hang the teardown
+    await fast_telegram.wait_for(lambda: len(bot_msgs(fast_telegram, private.id)) == 1, timeout=10)
+    await p.gateway.settle_all()
+    assert [m.text for m in bot_msgs(fast_telegram, group.id)] == ["Answer in the group."]
+    assert [m.text for m in bot_msgs(fast_telegram, private.id)] == ["Answer in private."]

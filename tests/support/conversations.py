@@ -11,9 +11,10 @@ Waiting is always on a condition, never on a sleep:
   writes what it changes before it answers, so the store is up to date by then);
 - `turn()` waits until the model was called and the chat's lane is idle again;
 - `barrier()` proves that every update sent so far has been *handled*: the owner sends
-  /help in a separate group and waits for the answer. python-telegram-bot processes
-  updates one at a time, in order, so once that answer exists every earlier update has
-  been through `Gateway.handle`; `settle_all()` then waits for anything they spawned.
+  /help in a separate group and waits for the answer. python-telegram-bot fetches
+  updates in order and starts handling them in order, so once that answer exists every
+  earlier update has at least entered `Gateway.handle`; `settle_all()` then waits for the
+  ones still being routed and for anything they spawned.
   It is how a test shows that something did *not* happen (an ignored message).
 """
 
