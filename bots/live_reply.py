@@ -466,15 +466,16 @@ class LiveReply:
     async def _typing_loop(self) -> None:
         interval = self._outbox.limits.typing_interval
         while not self._visible and not self._final:
-            if self._pacer.try_acquire():
-                self._obs.on_call("typing")
-                try:
-                    await self._outbox.typing(self._chat)
-                except OutboxError as exc:
-                    if isinstance(exc, RateLimited):
-                        self._pacer.pause(exc.retry_after, scope=exc.scope)
-                    elif isinstance(exc, Undeliverable):
-                        return
+            async with self._pacer.try_sending() as allowed:
+                if allowed:
+                    self._obs.on_call("typing")
+                    try:
+                        await self._outbox.typing(self._chat)
+                    except OutboxError as exc:
+                        if isinstance(exc, RateLimited):
+                            self._pacer.pause(exc.retry_after, scope=exc.scope)
+                        elif isinstance(exc, Undeliverable):
+                            return
             await self._clock.sleep(interval)
 
     async def _stop_typing(self) -> None:

@@ -240,18 +240,36 @@ class Pacer:
         self._platform.released(now)
         return min(allowed, now)
 
-    def try_acquire(self) -> bool:
-        """A background call (typing) goes only if both budgets have a token free now."""
+    @asynccontextmanager
+    async def try_sending(self) -> AsyncIterator[bool]:
+        """For a background call (typing): yields True -- make the call inside the block --
+        only if both budgets have a token free now *and* a place for calls in flight is
+        free; otherwise yields False at once and the call is skipped.
+
+        Background calls hold a place in flight like any other: when many turns begin at
+        once, their typing calls are the ones a busy event loop would otherwise let
+        arrive all together.
+        """
+        if self._in_flight is not None and self._in_flight.locked():
+            yield False
+            return
         now = self._chat.clock.now()
         if max(self._chat.release_wait(now), self._platform.release_wait(now)) > _EPS:
-            return False
+            yield False
+            return
         if not self._chat.try_take():
-            return False
+            yield False
+            return
         if not self._platform.try_take():
-            return False  # the chat token is spent; being conservative is the point
+            yield False  # the chat token is spent; being conservative is the point
+            return
         self._chat.released(now)
         self._platform.released(now)
-        return True
+        if self._in_flight is None:
+            yield True
+            return
+        async with self._in_flight:  # free (checked above, nothing awaited since): no wait
+            yield True
 
     def pause(self, seconds: float, *, scope: str = "chat") -> None:
         """Honour a 429: `scope="global"` pauses every chat of this platform."""

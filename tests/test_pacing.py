@@ -288,6 +288,21 @@ async def test_only_in_flight_calls_per_platform_are_under_way_at_once() -> None
     assert most == 2 and under_way[0] == 0
 
 
+async def test_background_calls_are_skipped_while_every_place_in_flight_is_taken() -> None:
+    clock = FakeClock()
+    policy = PacingPolicy(Budget(100.0, 100), Budget(100.0, 100), Budget(100.0, 100), in_flight=1)
+    pacing = Pacing(policy, clock)
+    typing, other = pacing.for_chat(ChatRef("telegram", "1")), pacing.for_chat(ChatRef("telegram", "2"))
+    async with other.sending():  # an edit waits for its answer: the only place is taken
+        async with typing.try_sending() as allowed:
+            assert allowed is False  # skipped at once, not queued behind the edit
+    async with typing.try_sending() as allowed:
+        assert allowed is True
+        # ... and while the typing call is under way it holds the place like any call.
+        async with typing.try_sending() as again:
+            assert again is False
+
+
 def test_in_flight_must_allow_a_call() -> None:
     with pytest.raises(ValueError):
         PacingPolicy(Budget(1, 1), Budget(1, 1), Budget(1, 1), in_flight=0)
