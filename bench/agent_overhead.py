@@ -42,7 +42,7 @@ import aiohttp  # noqa: E402
 import openai  # noqa: E402
 
 from agent import Agent, NullEvents, ProviderConfig, Timeouts, ToolRegistry  # noqa: E402
-from bench.common import Processes, start_fake_llm  # noqa: E402
+from bench.common import Processes, require_profiler, start_fake_llm  # noqa: E402
 from tests.fakes.llm import API_KEY, bench_text  # noqa: E402
 
 
@@ -195,6 +195,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--profile", action="store_true", help="pyinstrument one run_turn to stderr")
     args = parser.parse_args()
+    require_profiler(args.profile)
     print(json.dumps(asyncio.run(run(args.tokens, args.runs, args.profile))))
 
 

@@ -209,6 +209,16 @@ def _package(name: str) -> str:
         return "not installed"
 
 
+def require_profiler(wanted: bool) -> None:
+    """Stop before measuring anything when `--profile` is asked for without pyinstrument."""
+    if not wanted:
+        return
+    try:
+        import pyinstrument  # noqa: F401
+    except ImportError:
+        sys.exit("--profile needs pyinstrument: .venv/bin/pip install -e '.[bench]'")
+
+
 def machine_info() -> dict[str, Any]:
     """Where the numbers came from: printed with every result."""
     try:

@@ -34,7 +34,16 @@ import psutil  # noqa: E402
 import yaml  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from bench.common import BenchError, Child, Processes, machine_info, percentile, start_fake_llm, start_fake_telegram  # noqa: E402
+from bench.common import (  # noqa: E402
+    BenchError,
+    Child,
+    Processes,
+    machine_info,
+    percentile,
+    require_profiler,
+    start_fake_llm,
+    start_fake_telegram,
+)
 from tests.fakes.llm import API_KEY, bench_text  # noqa: E402
 from tests.fakes.telegram import DEFAULT_TOKEN, TelegramLimits  # noqa: E402
 
@@ -518,6 +527,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="run parley under pyinstrument; profile on stderr")
     parser.add_argument("--dump", default="", help="directory to keep the fake's call log and parley's log in")
     args = parser.parse_args()
+    require_profiler(args.profile)
     if args.quick:
         args.chats, args.tokens = "10,100", 150
     print(json.dumps(asyncio.run(run(args))))

@@ -45,7 +45,7 @@ import openai  # noqa: E402
 
 from agent import Agent, ProviderConfig, Timeouts, ToolRegistry  # noqa: E402
 from bench.agent_overhead import Collector, read_floor  # noqa: E402
-from bench.common import BenchError, Processes, machine_info, start_fake_llm  # noqa: E402
+from bench.common import BenchError, Processes, machine_info, require_profiler, start_fake_llm  # noqa: E402
 from tests.fakes.llm import API_KEY, bench_text  # noqa: E402
 
 
@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--profile-reader", default="agent", choices=("agent", "agent_httpx", "sdk", "floor"),
                         help="the reader --profile profiles")
     args = parser.parse_args()
+    require_profiler(args.profile)
     print(json.dumps(asyncio.run(run(args))))
 
 
