@@ -37,6 +37,18 @@ def make_agent(fake: FakeLLM, api: str = "chat_completions", *, clock: Any = Non
     return Agent(fake.config(api=api, **cfg), tools=tools if tools is not None else ToolRegistry(), **kwargs)
 
 
+def recording_lookup() -> tuple[Any, list[str]]:
+    """A `lookup` tool that records each query it runs (to count tool runs across fallbacks)."""
+    ran: list[str] = []
+
+    @tool
+    async def lookup(q: str) -> str:
+        ran.append(q)
+        return "found"
+
+    return lookup, ran
+
+
 def stream_flags(fake: FakeLLM) -> list[bool]:
     return [r.stream for r in fake.requests]
 
@@ -97,13 +109,7 @@ async def test_empty_data_events_are_keepalives_not_failures(fake_llm: FakeLLM, 
 
 async def test_a_json_answer_to_a_stream_request_is_used_whole(fake_llm: FakeLLM, api: str) -> None:
     """A relay that ignores `stream`: its complete answer is the answer -- no second request."""
-    ran: list[str] = []
-
-    @tool
-    async def lookup(q: str) -> str:
-        ran.append(q)
-        return "found"
-
+    lookup, ran = recording_lookup()
     fake_llm.script(
         Reply.tool_calls([("lookup", {"q": "x"})], text_before="Looking. ", reasoning="plan", fault="ignore_stream"),
         Reply.text("Here it is.", fault="ignore_stream"),
@@ -212,13 +218,7 @@ async def test_fallback_error_carries_the_providers_message(fake_llm: FakeLLM) -
 
 
 async def test_fallback_in_a_tool_step_still_runs_the_tool(fake_llm: FakeLLM, api: str) -> None:
-    ran: list[str] = []
-
-    @tool
-    async def lookup(q: str) -> str:
-        ran.append(q)
-        return "found"
-
+    lookup, ran = recording_lookup()
     fake_llm.script(
         Reply.tool_calls([("lookup", {"q": "x"})], text_before="Looking. ", fault="abort_midstream"),
         Reply.text("Here it is."),
