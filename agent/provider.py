@@ -69,6 +69,7 @@ from .stream import (
     ModelResponse,
     ResponsesAccumulator,
     StreamBroken,
+    in_band_error,
     response_from_chat_completion,
     response_from_responses,
 )
@@ -412,21 +413,6 @@ def _stream_cause(exc: BaseException, acc: Any) -> str:
     return "stream_error"
 
 
-def _in_band_error(obj: Any) -> StreamBroken:
-    """An error the provider put inside a 200 answer: `{"error": {...}}`, `{"error": "text"}`,
-    OpenRouter's error chunk, or a flat Responses `error` event."""
-    if not isinstance(obj, dict):
-        obj = {"message": str(obj)}  # `event: error` with a bare JSON string or number
-    error = obj.get("error")
-    if isinstance(error, dict):
-        code, message = error.get("code"), error.get("message")
-    elif error:
-        code, message = None, str(error)
-    else:
-        code, message = obj.get("code"), obj.get("message")
-    return StreamBroken("in_band_error", f"{code}: {message or 'an error occurred during streaming'}")
-
-
 _DONE = b"[DONE]"
 _DRAIN_SECONDS = 0.1  # after [DONE]: read the rest of the body so the connection can be reused
 
@@ -554,7 +540,7 @@ class _BodyReader:
                             continue
                     obj = loads(data)
                     if event == "error" or obj.get("error"):
-                        raise _in_band_error(obj)
+                        raise in_band_error(obj)
                     feed(obj)
                 if self.done:
                     await _drain(http, chunks)
@@ -569,7 +555,7 @@ def _answer_from_body(body: bytes, responses: bool) -> ModelResponse:
     except ValueError as exc:
         raise StreamBroken("malformed_chunk", f"a JSON body that does not parse: {exc}") from exc
     if isinstance(obj, dict) and (obj.get("error") or obj.get("status") == "failed"):
-        raise _in_band_error(obj)
+        raise in_band_error(obj)
     try:
         return response_from_responses(obj) if responses else response_from_chat_completion(obj)
     except (ProviderBadResponse, TypeError, AttributeError, KeyError, IndexError) as exc:

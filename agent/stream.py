@@ -434,8 +434,7 @@ class ResponsesAccumulator(_Base):
             message = _get(error, "message") or "response.failed"
             raise StreamBroken("in_band_error", f"{_get(error, 'code')}: {message}")
         elif kind == "error":
-            message = _get(event, "message") or _get(_get(event, "error"), "message") or "error event"
-            raise StreamBroken("in_band_error", f"{_get(event, 'code')}: {message}")
+            raise in_band_error(event)
 
     def _slot(self, item_id: Any) -> _Slot:
         slot = self._by_item.get(item_id)
@@ -466,6 +465,21 @@ class ResponsesAccumulator(_Base):
         model = _get(response, "model")
         if model:
             self.model = model
+
+
+def in_band_error(obj: Any) -> StreamBroken:
+    """An error the provider put inside a 200 answer: `{"error": {...}}`, `{"error": "text"}`,
+    OpenRouter's error chunk, or a flat Responses `error` event."""
+    if not isinstance(obj, dict):
+        obj = {"message": str(obj)}  # `event: error` with a bare JSON string or number
+    error = obj.get("error")
+    if isinstance(error, dict):
+        code, message = error.get("code"), error.get("message")
+    elif error:
+        code, message = None, str(error)
+    else:
+        code, message = obj.get("code"), obj.get("message")
+    return StreamBroken("in_band_error", f"{code}: {message or 'an error occurred during streaming'}")
 
 
 # ---------------------------------------------------------------------------
