@@ -23,9 +23,10 @@ WORKDIR /data
 VOLUME ["/data"]
 # Optional: mount a parley.yaml at /config/parley.yaml and set PARLEY_CONFIG=/config/parley.yaml.
 EXPOSE 9464
-# Liveness from /healthz when the health server is on (PARLEY_METRICS__LISTEN), else trivially healthy.
+# Readiness from /readyz when the health server is on (PARLEY_METRICS__LISTEN), else trivially healthy:
+# unhealthy while a platform keeps failing (health.unready_after) or the store is unreachable.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \
-  CMD python -c "import os,sys,urllib.request; a=os.environ.get('PARLEY_METRICS__LISTEN'); sys.exit(0) if not a else urllib.request.urlopen('http://'+a.replace('0.0.0.0','127.0.0.1')+'/healthz', timeout=4)"
+  CMD python -c "import os,sys,urllib.request; a=os.environ.get('PARLEY_METRICS__LISTEN'); sys.exit(0) if not a else urllib.request.urlopen('http://'+a.replace('0.0.0.0','127.0.0.1')+'/readyz', timeout=4)"
 # parley is PID 1 and handles SIGTERM itself: finish running replies, then exit 0.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["parley"]

@@ -6,6 +6,8 @@ Telegram updates stay on Telegram's side), let running turns finish up to
 `shutdown_timeout`, stop the rest visibly (their live messages are finalized, marked
 stopped), then close connections and the store. From the first moment of shutdown
 `/readyz` answers 503; `hurry` (a second signal) skips the wait for running turns.
+A platform that reports a fatal error (`PlatformHealth.fatal`: a revoked token) takes the
+same path, then `run` raises `PlatformFailed`.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from agent.errors import AgentError
 from agent.tools import current_time, make_fetch_url
 from bots.access import Access
 from bots.config import Listen, Settings
-from bots.errors import ParleyError
+from bots.errors import ParleyError, PlatformFailed
 from bots.inbound import GroupTrigger
 from bots.gateway import ChatDefaults, Connector, Gateway
-from bots.health import HealthServer
+from bots.health import Check, HealthServer, PlatformHealth, first_fatal
 from bots.metrics import Metrics
 from bots.store import Store
 
@@ -54,6 +56,8 @@ def chat_defaults(settings: Settings) -> ChatDefaults:
         show_reasoning=chat.show_reasoning,
         sessions_per_user_in_groups=chat.sessions_per_user_in_groups,
         error_cooldown=chat.error_cooldown,
+        max_redelivery_age=chat.max_redelivery_age,
+        max_attempts=chat.max_attempts,
         history_max_messages=settings.agent.history.max_messages,
         history_max_tokens=settings.agent.history.max_tokens,
         prices={name: (p.prompt, p.completion) for name, p in settings.provider.prices.items()},
@@ -94,6 +98,7 @@ class App:
     metrics: Metrics
     connectors: list[Connector] = field(default_factory=list)
     health: HealthServer | None = None
+    recover: bool = True
     stopping: bool = field(default=False, init=False)
 
     @classmethod
@@ -102,8 +107,9 @@ class App:
     ) -> "App":
         """Open the store (migrating it) and build the agent and gateway; connects to no platform.
 
-        `recover`: mark turns an earlier process left "running" as failed. Only the gateway
-        process may: `parley chat` can share the store with a live `parley run`.
+        `recover`: take over what an earlier process left unfinished -- turns it left
+        "running", and the inbox messages it never finished (answered at `start`). Only the
+        gateway process may: `parley chat` can share the store with a live `parley run`.
         """
         metrics = Metrics()
         store = await Store.open(settings.store.get_secret_value())
@@ -111,7 +117,7 @@ class App:
             if recover:
                 stale = await store.mark_stale_turns(status="error")
                 if stale:
-                    log.info("marked %d turns left running by an earlier process as failed", stale)
+                    log.info("%d turns were cut off by an earlier process (their messages are recovered at start)", stale)
             agent = Agent(
                 settings.provider.agent_config(), tools=build_tools(settings), max_steps=settings.agent.max_steps
             )
@@ -126,7 +132,7 @@ class App:
         gateway = Gateway(
             store=store, agent=agent, access=Access(store, policy), defaults=chat_defaults(settings), metrics=metrics
         )
-        return cls(settings=settings, store=store, agent=agent, gateway=gateway, metrics=metrics)
+        return cls(settings=settings, store=store, agent=agent, gateway=gateway, metrics=metrics, recover=recover)
 
     def platform_connectors(self) -> list[Connector]:
         """A connector for every platform section that has a token."""
@@ -196,6 +202,17 @@ class App:
             self.health = health
             where = Listen(listen.host, health.port)
             log.info("health and metrics on http://%s/metrics (also /healthz, /readyz)", where)
+        if self.recover:
+            # What an earlier process left unfinished keeps its place before anything new.
+            await self.gateway.load_unfinished([c.platform for c in connectors])
+        try:
+            await self._connect(connectors)
+        except BaseException:
+            self.gateway.resume_unfinished(started=False)
+            raise
+        self.gateway.resume_unfinished()
+
+    async def _connect(self, connectors: list[Connector]) -> None:
         for connector in connectors:
             self.gateway.attach(connector)
             try:
@@ -208,12 +225,20 @@ class App:
                 raise StartupFailed(f"{connector.platform}: could not connect: {describe_error(exc)}") from exc
             self.connectors.append(connector)
 
-    async def ready(self) -> tuple[bool, dict[str, bool]]:
-        """Readiness: serving (not shutting down), every platform connected, the store reachable."""
-        checks = {c.platform: c.connected for c in self.connectors}
+    async def ready(self) -> tuple[bool, dict[str, Check]]:
+        """Readiness: serving (not shutting down), every platform connected and working, the store reachable.
+
+        A platform that keeps failing (retried, with back-off) counts as not ready once it
+        has failed for `health.unready_after` seconds; its check then says why, e.g.
+        `"telegram": "getUpdates failing for 42s (9 attempts): Bad Gateway"`.
+        """
+        unready_after = self.settings.health.unready_after
+        checks: dict[str, Check] = {}
+        for c in self.connectors:
+            checks[c.platform] = c.health.problem(unready_after) or c.connected
         checks["store"] = await self.store.ping()
         checks["accepting"] = not self.stopping
-        return all(checks.values()) and bool(self.connectors), checks
+        return all(v is True for v in checks.values()) and bool(self.connectors), checks
 
     async def stop(self, *, hurry: asyncio.Event | None = None) -> None:
         """Graceful shutdown, in order (see module docstring).
@@ -280,24 +305,46 @@ async def run(settings: Settings, stop: asyncio.Event, hurry: asyncio.Event | No
     """Start every configured platform, serve until `stop` is set, then shut down gracefully.
 
     A stop requested while platforms are still connecting cancels the start-up. Raises
-    `StartupFailed` (or the store's error) when parley cannot start serving.
+    `StartupFailed` (or the store's error) when parley cannot start serving, and
+    `PlatformFailed` -- after the same graceful shutdown -- when a platform reported an
+    error no retry can fix (a revoked token): its one ERROR line names the cause and the
+    fix, and the CLI exits with its own status for the supervisor to act on.
     """
     app = await App.create(settings)
-    stopper = asyncio.create_task(stop.wait())
+    stopper = asyncio.create_task(stop.wait(), name="stop-requested")
+    fatal: asyncio.Task[PlatformHealth] | None = None
+    failed: PlatformHealth | None = None
     try:
         connectors = app.platform_connectors()
+        fatal = asyncio.create_task(first_fatal(c.health for c in connectors), name="platform-fatal")
         starting = asyncio.create_task(app.start(connectors), name="start")
-        await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({starting, stopper, fatal}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
-            log.info("stop requested while starting")
+            if stopper.done():
+                log.info("stop requested while starting")
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)
         else:
             starting.result()
             log.info("parley is running (%s)", ", ".join(c.platform for c in app.connectors))
-            await stopper
+            await asyncio.wait({stopper, fatal}, return_when=asyncio.FIRST_COMPLETED)
+        failed = _fatal_platform(fatal)
+        if failed is not None:
+            log.error("%s", failed.fatal_reason)
         log.info("shutting down")
     finally:
         stopper.cancel()
+        if fatal is not None:
+            fatal.cancel()
         await app.stop(hurry=hurry)
+    if failed is not None:
+        log.info("parley stopped: %s failed for good", failed.platform)
+        raise PlatformFailed(failed.fatal_reason or f"{failed.platform} failed")
     log.info("parley stopped")
+
+
+def _fatal_platform(task: asyncio.Task[PlatformHealth]) -> PlatformHealth | None:
+    """The platform that reported a fatal error, if `task` (a `first_fatal`) saw one."""
+    if task.done() and not task.cancelled() and task.exception() is None:
+        return task.result()
+    return None

@@ -4,7 +4,9 @@ Configuration is validated before anything connects anywhere; a bad file or vari
 prints every problem (`key.path: what is wrong`) and exits with status 2. Other failures
 to start (a platform refusing the token, a port already taken, an unreachable database)
 print one line naming the cause and exit with status 1 -- never a traceback, so the
-operator reads the cause rather than the call stack.
+operator reads the cause rather than the call stack. A platform that fails for good
+while `run` serves (a token revoked, an intent withdrawn) logs one ERROR line naming the
+cause and the fix; parley then shuts down gracefully and exits with status 3.
 
 Signals (`run` and `chat`): the first SIGTERM or SIGINT stops taking new messages and
 lets running turns finish for up to `shutdown_timeout`; a second one interrupts them at
@@ -24,7 +26,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from bots.config import Settings, load_config, report_config_error
-from bots.errors import ConfigError, ParleyError
+from bots.errors import ConfigError, ParleyError, PlatformFailed
 from bots.logs import setup_logging
 
 log = logging.getLogger("parley")
@@ -32,6 +34,7 @@ log = logging.getLogger("parley")
 EXIT_OK = 0
 EXIT_FAILED = 1  # could not start, or `parley check` found a problem
 EXIT_CONFIG = 2  # invalid configuration (nothing was contacted)
+EXIT_PLATFORM = 3  # a platform failed for good while running (token revoked...): restart, and alert someone
 
 CHECK_TIMEOUT = 30.0  # seconds for each `parley check` probe
 
@@ -322,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("invalid configuration", extra={"problems": problems, "file": str(source) if source else None})
             return EXIT_CONFIG
         return report_config_error(exc)
+    except PlatformFailed:  # `run` logged the cause and the fix, then shut down gracefully
+        return EXIT_PLATFORM
     except (ParleyError, OSError) as exc:  # StartupFailed, StoreError, an unusable data directory...
         from bots.app import describe_error
 

@@ -654,6 +654,8 @@ class ChatSettings(_Section):
     show_reasoning: bool = False
     sessions_per_user_in_groups: bool = False
     error_cooldown: float = Field(default=60.0, ge=0)
+    max_redelivery_age: float = Field(default=600.0, gt=0)
+    max_attempts: int = Field(default=2, ge=1, le=10)
 
 
 class WebhookSettings(_Section):
@@ -794,6 +796,15 @@ class MetricsSettings(_Section):
         return self.listen is not None
 
 
+class HealthSettings(_Section):
+    """When a platform that keeps failing makes parley "not ready" (`/readyz` answers 503)."""
+
+    # Seconds of uninterrupted failure (getUpdates erroring, the Discord Gateway away)
+    # before /readyz says so. Short blips heal by themselves and should not page anyone;
+    # a platform that merely sends nothing is never a failure.
+    unready_after: Seconds = 30.0
+
+
 class LoggingSettings(_Section):
     level: LogLevel = "INFO"
     format: Literal["text", "json"] = "text"
@@ -894,6 +905,7 @@ class Settings(BaseSettings):
     access: AccessSettings = Field(default_factory=dict)
     store: StoreUrl = Field(default_factory=lambda: StoreUrl("sqlite:///data/parley.db"))
     metrics: MetricsSettings = Field(default_factory=dict)
+    health: HealthSettings = Field(default_factory=dict)
     logging: LoggingSettings = Field(default_factory=dict)
     shutdown_timeout: Seconds = 20.0
 

@@ -26,6 +26,7 @@ from rich.live import Live
 from rich.markdown import Markdown
 from rich.text import Text
 
+from bots.health import PlatformHealth
 from bots.inbound import Inbound
 from bots.outbox import ChatRef, MessageRef, PlatformLimits
 from bots.pacing import Budget, Pacing, PacingPolicy
@@ -120,6 +121,7 @@ class ConsoleConnector:
         self.outbox = ConsoleOutbox(self.console)
         self.pacing = Pacing(_PACING)
         self.drafts = False
+        self.health = PlatformHealth(self.platform)  # a terminal never fails the way a platform does
         self._connected = False
         self._seq = itertools.count(1)
 

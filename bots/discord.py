@@ -30,6 +30,7 @@ import aiohttp
 import discord
 from discord import app_commands
 
+from bots.backoff import PLATFORM_BACKOFF, Backoff
 from bots.clock import REAL_CLOCK, Clock
 from bots.commands import Command
 from bots.discord_endpoints import DEFAULT_API_BASE, DEFAULT_GATEWAY_URL, point_discord_at
@@ -41,6 +42,7 @@ from bots.errors import (
     Transient,
     Undeliverable,
 )
+from bots.health import PlatformHealth
 from bots.inbound import GroupTrigger, Inbound
 from bots.outbox import ChatRef, MessageRef, PlatformLimits
 from bots.pacing import Budget, Pacing, PacingPolicy
@@ -233,8 +235,55 @@ class DiscordOutbox:
         return text
 
 
+FATAL_CLOSE_CODES: dict[int, str] = {
+    4004: (
+        "the Gateway rejected the bot token (close code 4004, authentication failed); it was reset or is wrong: "
+        "set discord.token (DISCORD_BOT_TOKEN) to the token of the Developer Portal's Bot page, then restart parley"
+    ),
+    4010: (
+        "the Gateway refused the shard (close code 4010, invalid shard); parley connects unsharded: "
+        "check discord.gateway_url, then restart parley"
+    ),
+    4011: (
+        "the bot is in too many servers for one Gateway connection (close code 4011, sharding required); "
+        "parley does not shard: remove the bot from servers it need not serve, then restart parley"
+    ),
+    4012: (
+        "the Gateway refused the API version (close code 4012, invalid API version): "
+        "upgrade parley (and discord.py), then restart it"
+    ),
+    4013: (
+        "the Gateway refused the intents (close code 4013, invalid intents): "
+        "upgrade parley (and discord.py) and report this bug, then restart it"
+    ),
+    4014: (
+        "the Gateway refused the Message Content intent (close code 4014, disallowed intents): enable "
+        "Message Content Intent on the Developer Portal's Bot page (Privileged Gateway Intents), then restart parley"
+    ),
+}
+"""Gateway close codes no reconnect can fix, with the cause and the fix for the operator."""
+
+
+def fatal_close(exc: BaseException) -> str | None:
+    """The operator's line when `Client.connect` ended for a reason no retry fixes (else None)."""
+    if isinstance(exc, discord.PrivilegedIntentsRequired):
+        return f"discord: {FATAL_CLOSE_CODES[4014]}"
+    if isinstance(exc, discord.LoginFailure):
+        return f"discord: {FATAL_CLOSE_CODES[4004]}"
+    if isinstance(exc, discord.ConnectionClosed) and exc.code in FATAL_CLOSE_CODES:
+        return f"discord: {FATAL_CLOSE_CODES[exc.code]}"
+    return None
+
+
 class DiscordConnector:
-    """Receives Discord messages and slash commands and offers the Discord outbox."""
+    """Receives Discord messages and slash commands and offers the Discord outbox.
+
+    The Gateway connection is supervised: discord.py reconnects and resumes by itself
+    after most closes; when `Client.connect` ends anyway, a close code no reconnect can
+    fix (4004, 4010-4014) is reported to `self.health` as fatal, and anything else is
+    retried with back-off. Losing the connection marks the platform failing until it
+    is back (READY or RESUMED), so `/readyz` can tell.
+    """
 
     platform = "discord"
 
@@ -252,9 +301,14 @@ class DiscordConnector:
         ready_timeout: float = 30.0,
         max_ratelimit_timeout: float = 30.0,
         group_trigger: GroupTrigger = GroupTrigger(),
+        backoff: Backoff = PLATFORM_BACKOFF,
     ) -> None:
         point_discord_at(api_base, gateway_url)
         self._token = token
+        self._backoff = backoff
+        self.health = PlatformHealth(self.platform, clock=clock)
+        self._started = False  # start() returned: from now on a fatal close is reported, not raised
+        self._closing = False
         self._trigger = group_trigger
         self._prefix = command_prefix
         self._slash = slash_commands
@@ -280,7 +334,10 @@ class DiscordConnector:
         self._ready = asyncio.Event()
         self._awaited_guilds: set[int] = set()
         self._task: asyncio.Task[None] | None = None
-        for handler in (self.on_connect, self.on_guild_available, self.on_guild_join, self.on_ready, self.on_message):
+        for handler in (
+            self.on_connect, self.on_resumed, self.on_disconnect, self.on_guild_available, self.on_guild_join,
+            self.on_ready, self.on_message,
+        ):
             self.client.event(handler)
 
     @property
@@ -311,12 +368,13 @@ class DiscordConnector:
         if self._slash:
             for command in gateway.commands.all():
                 self.tree.add_command(self._slash_command(command))
-        self._task = asyncio.create_task(self.client.connect(reconnect=True), name="discord-gateway")
+        self._task = asyncio.create_task(self._supervise(), name="discord-gateway")
         ready = asyncio.create_task(self._ready.wait())
         done, _ = await asyncio.wait({ready, self._task}, timeout=self._ready_timeout, return_when=asyncio.FIRST_COMPLETED)
         if self._task in done:
             ready.cancel()
             self._task.result()  # raises the connection error
+            raise Transient("the Discord Gateway connection ended before it was ready")
         if ready not in done:
             ready.cancel()
             raise Transient("Discord gateway did not become ready in time")
@@ -326,7 +384,52 @@ class DiscordConnector:
             except (discord.DiscordException, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 # The prefix form still works; the menu is registered on the next start.
                 log.warning("discord: could not register slash commands: %s", translate_error(exc))
+        if self._task.done():  # the connection ended while the commands were registered
+            self._task.result()
+            raise Transient("the Discord Gateway connection ended during start-up")
+        self._started = True  # no pause since the check: a fatal close from now on is reported
         log.info("discord: connected as %s", self.client.user)
+
+    async def _supervise(self) -> None:
+        """Run the Gateway connection until `stop()`; never end silently.
+
+        Before `start()` returned, a fatal close is raised (start-up fails with its
+        reason); after, it is reported to `self.health`, which makes parley shut down
+        and exit with its own status.
+        """
+        delays = self._backoff.delays()
+        while True:
+            failure: Exception | None = None
+            try:
+                await self.client.connect(reconnect=True)
+            except Exception as exc:
+                failure = exc
+            if self._closing:
+                return
+            reason = fatal_close(failure) if failure is not None else None
+            if reason is not None:
+                if not self._started:
+                    raise Undeliverable(reason.removeprefix("discord: "))
+                self.health.fatal(reason)
+                return
+            cause = describe_gateway_end(failure)
+            delay = next(delays)
+            if self.health.failing("Gateway connection", cause):
+                log.warning("discord: the Gateway connection ended (%s); connecting again in %.1fs", cause, delay)
+            await asyncio.sleep(delay)
+            if self._closing:
+                return
+            if self.client.is_closed():  # discord.py closed the client: reopen it and log in again
+                self.client.clear()
+                try:
+                    await self.client.login(self._token)
+                except discord.LoginFailure:
+                    if self._started:
+                        self.health.fatal(f"discord: {FATAL_CLOSE_CODES[4004]}")
+                        return
+                    raise Undeliverable(FATAL_CLOSE_CODES[4004]) from None
+                except (discord.DiscordException, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    log.warning("discord: logging in again failed (%s); retrying", translate_error(exc))
 
     async def stop_receiving(self) -> None:
         """Nothing to do: Discord never redelivers, so messages that still arrive go to the
@@ -334,14 +437,14 @@ class DiscordConnector:
         The connection stays up for finishing replies until `stop()`."""
 
     async def stop(self) -> None:
+        self._closing = True
         self._gateway = None
         self._ready.clear()
         await self.client.close()
-        if self._task is not None:
-            try:
-                await self._task
-            except Exception:
-                pass
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()  # ends a back-off wait; a connection loop ends by itself once closed
+            await asyncio.gather(task, return_exceptions=True)
 
     # ---- readiness ----------------------------------------------------------------------
     # discord.py fires on_ready only once `guild_ready_timeout` passed without another
@@ -350,9 +453,25 @@ class DiscordConnector:
 
     async def on_connect(self) -> None:
         """READY arrived: note the guilds still to come."""
+        self._connection_back()
         self._awaited_guilds = {g.id for g in self.client.guilds if g.unavailable}
         if not self._awaited_guilds:
             self._ready.set()
+
+    async def on_resumed(self) -> None:
+        """The session resumed after a reconnect: nothing was missed."""
+        self._connection_back()
+
+    async def on_disconnect(self) -> None:
+        """The Gateway connection dropped; discord.py reconnects (or `_supervise` does)."""
+        if not self._closing and self.health.failing("Gateway connection", "disconnected; reconnecting"):
+            log.info("discord: the Gateway connection dropped; reconnecting")
+
+    def _connection_back(self) -> None:
+        streak = self.health.ok()
+        if streak is not None:
+            seconds, _ = streak
+            log.info("discord: the Gateway connection is back after %.1fs", seconds)
 
     async def on_guild_available(self, guild: discord.Guild) -> None:
         self._awaited_guilds.discard(guild.id)
@@ -477,6 +596,15 @@ class DiscordConnector:
                 expects_answer=True,
             )
         )
+
+
+def describe_gateway_end(exc: BaseException | None) -> str:
+    """Why `Client.connect` returned, in a few words (discord.py's texts carry no token)."""
+    if exc is None:
+        return "the connection was closed"
+    if isinstance(exc, discord.ConnectionClosed):
+        return f"closed with code {exc.code}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 async def check(token: str, api_base: str, gateway_url: str) -> str:

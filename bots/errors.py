@@ -51,3 +51,12 @@ class Transient(OutboxError):
 
 class Undeliverable(OutboxError):
     """The chat cannot be written to at all (bot blocked, no permission, chat gone): give up."""
+
+
+class PlatformFailed(ParleyError):
+    """A platform connection failed for good after start (a revoked token, a disallowed intent).
+
+    No retry can fix it, so `parley run` shuts down gracefully and exits with its own
+    status (3), for the supervisor to restart it and for someone to be alerted. The
+    message names the cause and the fix.
+    """

@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent import Agent
 from agent.errors import (
@@ -33,25 +35,42 @@ from bots.access import Access, Role, denial_text
 from bots.clock import REAL_CLOCK, Clock
 from bots.commands import CommandContext, CommandRegistry, builtin_commands
 from bots.errors import OutboxError, RateLimited, Transient, Undeliverable
+from bots.health import PlatformHealth
 from bots.inbound import Inbound
+from bots.inbound import from_json as inbound_from_json
+from bots.inbound import to_json as inbound_json
 from bots.lanes import Lanes, Submitted
-from bots.live_reply import LiveReply, ReplyOptions
+from bots.live_reply import LiveReply, ReplyOptions, shown_messages
 from bots.logs import turn_context
 from bots.metrics import Metrics, ReplyMetrics
-from bots.outbox import Outbox
+from bots.outbox import MessageRef, Outbox
 from bots.pacing import Pacing, Priority
 from bots.render import Layout
-from bots.store import Store, StoreError
+from bots.store import INBOX_RUNNING, InboxRow, NewMessage, Store, StoreError, TurnStateError, Usage
 
 log = logging.getLogger(__name__)
 
 QUEUED_TEXT = "⏳ I'll answer this right after the current reply."
 QUEUE_FULL_TEXT = "⏳ I'm still busy and my queue for this chat is full. Please resend this in a moment."
-RESTARTING_TEXT = "parley is restarting. Please resend your message in a minute."
+RESTARTING_TEXT = "⏳ parley is restarting; I'll answer this as soon as it's back."
+STORE_DOWN_TEXT = "⚠️ I couldn't save your message (my database is unavailable). Please resend it in a few minutes."
+CONTINUING_TEXT = "↻ continuing after a restart…"
+INTERRUPTED_MARKER = "⚠️ interrupted by a restart"
+LOST_TEXT = "⚠️ I restarted and lost track of this message. Please resend it."
+CRASH_LOOP_TEXT = (
+    "⚠️ I couldn't finish this reply: parley restarted while writing it, more than once. "
+    "Please send your message again."
+)
 PRUNE_EVERY = 3600.0
-"""How often (seconds) the ids of processed updates are pruned."""
+"""How often (seconds) finished inbox messages are pruned."""
 KEEP_UPDATE_IDS = timedelta(days=3)
 """Longer than any platform redelivers (Telegram keeps undelivered updates 24 hours)."""
+STORE_BACKOFF_START = 0.5
+STORE_BACKOFF_MAX = 15.0
+"""Back-off (seconds) between retries of a store call that failed: a database outage
+delays messages, it never loses them."""
+SPILL_MAX = 1000
+"""Messages from platforms that do not redeliver (Discord) held in memory while the store is down."""
 HISTORY_STATUSES = ("ok", "interrupted", "error")
 """Finished turns the model sees again (failed ones with a note); superseded ones are gone."""
 
@@ -63,6 +82,7 @@ class Connector(Protocol):
     outbox: Outbox
     pacing: Pacing
     drafts: bool
+    health: PlatformHealth  # failing / fatal reports, for readiness and the exit status
 
     @property
     def connected(self) -> bool: ...
@@ -91,6 +111,8 @@ class ChatDefaults:
     history_max_messages: int = 40
     history_max_tokens: int = 12000
     prices: dict[str, tuple[float, float]] = field(default_factory=dict)  # model -> ($/1M prompt, $/1M completion)
+    max_redelivery_age: float = 600.0  # seconds: older unfinished messages are not answered after a restart
+    max_attempts: int = 2  # a turn cut off by restarts this often ends with the failure line
 
     def allowed_models(self) -> list[str]:
         return list(dict.fromkeys([self.model, *self.models]))
@@ -129,6 +151,8 @@ class Gateway:
         commands: CommandRegistry | None = None,
         metrics: Metrics | None = None,
         clock: Clock = REAL_CLOCK,
+        wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+        spill_max: int = SPILL_MAX,
     ) -> None:
         self.store = store
         self.agent = agent
@@ -137,7 +161,10 @@ class Gateway:
         self.commands = commands or builtin_commands()
         self.metrics = metrics or Metrics()
         self.clock = clock
-        self.lanes = Lanes(self._run_turn, queue_max=defaults.queue_max)
+        self._wall = wall
+        self.spill_max = spill_max
+        self.store_backoff = (STORE_BACKOFF_START, STORE_BACKOFF_MAX)  # (first, longest) wait; tests shorten it
+        self.lanes = Lanes(self._run_turn, queue_max=defaults.queue_max, on_dropped=self._dropped)
         self.connectors: dict[str, Connector] = {}
         self.started_at = time.monotonic()
         self._chat_locks: dict[str, asyncio.Lock] = {}
@@ -146,6 +173,14 @@ class Gateway:
         self._accepting = True
         self._seen_users: dict[str, tuple[str | None, str | None]] = {}  # skip rewriting unchanged names
         self._next_prune: float | None = None  # first message: prune at once
+        self._spill: deque[Inbound] = deque()  # messages the store could not take yet (Discord)
+        self._spill_task: asyncio.Task[None] | None = None
+        self._in_lanes: set[int] = set()  # inbox ids handed to a lane (running or queued)
+        self._recovered: dict[int, InboxRow] = {}  # unfinished rows of an earlier process, by inbox id
+        self._routing_open = asyncio.Event()  # closed while recovery queues what was left
+        self._routing_open.set()
+        self._routing_abandoned = False
+        self._closing_store = False  # shutdown gave up waiting for the store
         self.metrics.track(lambda: self.lanes.active, lambda: sum(self.lanes.queue_depths().values()))
 
     def attach(self, connector: Connector) -> None:
@@ -158,91 +193,169 @@ class Gateway:
 
     # ---- incoming ----------------------------------------------------------------------
 
-    async def handle(self, inbound: Inbound) -> None:
-        """Take one incoming message. Returns quickly: turns run in lanes, replies in tasks.
+    async def receive(self, inbounds: list[Inbound]) -> None:
+        """Store messages durably, then handle them; raises `StoreError` when they could not be stored.
 
-        Commands run here, before the next message of the chat is routed, so "/new"
-        followed at once by a question puts the question in the new conversation.
-        While parley shuts down, messages are still answered (a turn gets "parley is
-        restarting, resend it"): the platform already considers them delivered, so
-        dropping them would lose them silently.
+        For platforms that redeliver (Telegram): the connector acknowledges the messages
+        (moves its getUpdates offset past them, answers the webhook with 200) only after
+        this returned, and on `StoreError` leaves them unacknowledged and retries later.
+        Messages already stored (a redelivery) are ignored. Returns once they are stored:
+        routing and turns run in tasks, one chat's messages in arrival order.
         """
-        # Counted among the pending work until routed, so `settle_all` also waits for
-        # messages still being routed (connectors deliver concurrently).
+        for inbound in inbounds:
+            self.metrics.messages_received.labels(inbound.platform).inc()
+        addressed = [i for i in inbounds if i.addressed]
+        for inbound in inbounds:
+            if not inbound.addressed:
+                self._note_user_later(inbound)  # group chatter: remember who people are, nothing more
+        if not addressed:
+            return
+        ids = await self.store.accept(
+            [NewMessage(i.platform, i.update_id, i.chat.key, i.user_key, inbound_json(i)) for i in addressed]
+        )
+        for inbound, inbox_id in zip(addressed, ids):
+            if inbox_id is None:
+                self.metrics.duplicates_ignored.labels(inbound.platform).inc()
+                log.info("chat %s: update %s already handled; ignored", inbound.chat.key, inbound.update_id)
+                continue
+            self._dispatch(replace(inbound, inbox_ids=(inbox_id,)))
+
+    async def handle(self, inbound: Inbound) -> None:
+        """Take one message from a platform that does not redeliver (Discord, the console).
+
+        It is stored like every other; while the store cannot take it, it waits in a
+        bounded in-memory spill queue that is written as soon as the store is back (a
+        log line and the `parley_inbox_spilled` gauge say so). When even that queue is
+        full, the sender is asked to resend: nothing disappears silently.
+        """
+        if not self._spill:
+            try:
+                await self.receive([inbound])
+                return
+            except StoreError as exc:
+                log.error(
+                    "store unavailable (%s): holding messages in memory until it is back (up to %d)",
+                    exc, self.spill_max,
+                )
+        if len(self._spill) >= self.spill_max:
+            self.metrics.spill_overflows.labels(inbound.platform).inc()
+            log.error("chat %s: message %s could not be stored nor held; asked to resend", inbound.chat.key, inbound.update_id)
+            if inbound.addressed:
+                self._spawn(self.reply(inbound, STORE_DOWN_TEXT))
+            return
+        self._spill.append(inbound)
+        self.metrics.spilled.set(len(self._spill))
+        if self._spill_task is None or self._spill_task.done():
+            self._spill_task = asyncio.create_task(self._drain_spill(), name="inbox-spill")
+
+    async def _drain_spill(self) -> None:
+        """Write the spilled messages, in order, once the store takes them again."""
+        delay = self.store_backoff[0]
+        while self._spill:
+            batch = list(self._spill)
+            try:
+                await self.receive(batch)
+            except StoreError as exc:
+                self.metrics.store_retries.labels("accept").inc()
+                log.warning("still holding %d messages: store unavailable (%s); retrying in %.0fs", len(batch), exc, delay)
+                await self.clock.sleep(delay)
+                delay = min(delay * 2, self.store_backoff[1])
+                continue
+            for _ in batch:
+                self._spill.popleft()
+            self.metrics.spilled.set(len(self._spill))
+            log.info("store is back: %d held messages stored", len(batch))
+            delay = self.store_backoff[0]
+
+    def _dispatch(self, inbound: Inbound) -> None:
+        """Route a stored message in a task; one chat's messages are routed in order."""
         routed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._tasks.add(routed)
-        self.metrics.messages_received.labels(inbound.platform).inc()
-        # One chat's messages are routed in arrival order even when a connector delivers
-        # them concurrently (discord.py and python-telegram-bot run each in its own task,
-        # started in arrival order): the chat's lock is taken before the first pause.
-        lock = self._chat_locks.setdefault(inbound.chat.key, asyncio.Lock())
-        try:
-            async with lock:
+        self._tasks.add(routed)  # counted until routed, so `settle_all` waits for it too
+
+        async def route() -> None:
+            try:
+                await self._routing_open.wait()  # what an earlier process left goes first
+                if self._routing_abandoned:
+                    return  # parley could not start: the message stays in the inbox
+                # The chat's lock is taken before the first pause of this task, and tasks
+                # start in creation order: a chat's messages are routed in arrival order.
+                lock = self._chat_locks.setdefault(inbound.chat.key, asyncio.Lock())
                 try:
-                    await self._route(inbound)
-                except StoreError as exc:
-                    # Without the store parley cannot tell who may ask, nor whether it answered
-                    # this update already: stay silent rather than risk a wrong or double reply.
-                    log.error("chat %s: message %s not handled: %s", inbound.chat.key, inbound.update_id, exc)
+                    async with lock:
+                        await self._route_durably(inbound)
                 finally:
                     if not lock._waiters:  # type: ignore[attr-defined]
                         self._chat_locks.pop(inbound.chat.key, None)
-        finally:
-            routed.set_result(None)
-            self._tasks.discard(routed)
+            finally:
+                routed.set_result(None)
+                self._tasks.discard(routed)
 
-    STORE_RETRIES = (0.1, 0.5, 2.0)
-    """Back-off (seconds) before retrying a store call that failed: a busy database is not a lost message."""
+        self._spawn(route())
 
-    async def _with_retries(self, what: str, call, *args):  # noqa: ANN001, ANN202
-        for delay in (*self.STORE_RETRIES, None):
+    async def _route_durably(self, inbound: Inbound) -> None:
+        """Route a stored message; while the store is down, wait for it (the message is safe)."""
+        delay = self.store_backoff[0]
+        while True:
             try:
-                return await call(*args)
+                await self._route(inbound)
+                return
             except StoreError as exc:
-                if delay is None:
-                    raise
-                log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
+                self.metrics.store_retries.labels("route").inc()
+                if not self._accepting:
+                    log.warning("chat %s: store unavailable while shutting down; message %s stays for the next start",
+                                inbound.chat.key, inbound.update_id)
+                    return
+                log.warning("chat %s: store unavailable (%s); message %s waits, retrying in %.0fs",
+                            inbound.chat.key, exc, inbound.update_id, delay)
                 await self.clock.sleep(delay)
+                delay = min(delay * 2, self.store_backoff[1])
 
-    def _remember_seen(self, inbound: Inbound) -> None:
+    def _note_user_later(self, inbound: Inbound) -> None:
+        if self._seen_users.get(inbound.user_key) != (inbound.username, inbound.display_name):
+            self._spawn(self._note_user(inbound, quiet=True))
+
+    async def _note_user(self, inbound: Inbound, *, quiet: bool = False) -> None:
+        """Remember who people are (so an admin can /allow @them), skipping unchanged names."""
+        if self._seen_users.get(inbound.user_key) == (inbound.username, inbound.display_name):
+            return
+        try:
+            await self.store.remember_user(inbound.user_key, inbound.username, inbound.display_name)
+        except StoreError as exc:
+            if not quiet:
+                raise
+            log.info("could not remember user %s: %s", inbound.user_key, exc)
+            return
         if len(self._seen_users) > 50_000:
             self._seen_users.clear()
         self._seen_users[inbound.user_key] = (inbound.username, inbound.display_name)
 
     async def _route(self, inbound: Inbound) -> None:
-        # Remember who people are (so an admin can /allow @them) even from group chatter.
-        if self._seen_users.get(inbound.user_key) != (inbound.username, inbound.display_name):
-            await self._with_retries(
-                "remember_user", self.store.remember_user, inbound.user_key, inbound.username, inbound.display_name
-            )
-            self._remember_seen(inbound)
-        if not inbound.addressed:
-            return  # group chatter not meant for the bot: nothing to answer, nothing to de-duplicate
-        if not await self._with_retries("claim_update", self.store.claim_update, inbound.platform, inbound.update_id):
-            self.metrics.duplicates_ignored.labels(inbound.platform).inc()
-            log.info("chat %s: update %s already handled; ignored", inbound.chat.key, inbound.update_id)
-            return
+        await self._note_user(inbound)
         self._maybe_prune()
         role = await self.access.role(inbound)
         if role == Role.BLOCKED:
             if inbound.expects_answer:
                 await self._answer(inbound, "⛔ You can't use this bot.")
+            self._settle(inbound, "answered" if inbound.expects_answer else "ignored")
             return
         if role == Role.NOBODY:
             tell = inbound.chat.is_private or inbound.expects_answer
-            if tell and (inbound.expects_answer or self.access.should_tell_denied(inbound.user_key)):
+            told = tell and (inbound.expects_answer or self.access.should_tell_denied(inbound.user_key))
+            if told:
                 await self._answer(inbound, denial_text(inbound))
             log.info("chat %s: message from %s without access", inbound.chat.key, inbound.user_key)
+            self._settle(inbound, "answered" if told else "ignored")
             return
         if inbound.command is not None:
             await self._run_command(inbound, role)
             return
         if not inbound.text.strip():
+            self._settle(inbound, "ignored")
             return
         await self._submit(inbound)
 
     def _maybe_prune(self) -> None:
-        """Forget old update ids now and then, so the de-duplication table stays small."""
+        """Forget old finished inbox rows now and then, so the inbox stays small."""
         now = self.clock.now()
         if self._next_prune is not None and now < self._next_prune:
             return
@@ -251,25 +364,29 @@ class Gateway:
 
     async def _prune(self) -> None:
         try:
-            pruned = await self.store.prune_updates(KEEP_UPDATE_IDS)
+            pruned = await self.store.prune_inbox(KEEP_UPDATE_IDS)
         except Exception as exc:  # housekeeping: never worth failing a message over
-            log.warning("could not prune processed update ids: %s", exc)
+            log.warning("could not prune the inbox: %s", exc)
             return
         if pruned:
-            log.info("pruned %d processed update ids", pruned)
+            log.info("pruned %d finished inbox messages", pruned)
 
     async def _run_command(self, inbound: Inbound, role: Role) -> None:
         """Run a command now (commands bypass the lane); its answer is sent in a task."""
         assert inbound.command is not None
         command = self.commands.get(inbound.command)
         if command is None:
-            if inbound.chat.is_private or inbound.mentions_bot or inbound.expects_answer:
+            told = inbound.chat.is_private or inbound.mentions_bot or inbound.expects_answer
+            if told:
                 await self._answer(inbound, f"Unknown command /{inbound.command}. Send /help for the list.")
+            self._settle(inbound, "answered" if told else "ignored")
             return
         ctx = CommandContext(inbound=inbound, role=role, gateway=self, command=command)
         text = await self.commands.run(ctx)
         if text:
             await self._answer(inbound, text)
+        if not set(inbound.inbox_ids) & self._in_lanes:  # /retry hands its message to a turn
+            self._settle(inbound, "answered")
 
     async def _submit(self, inbound: Inbound) -> None:
         settings = await self.store.chat_settings(inbound.chat.key)
@@ -279,12 +396,46 @@ class Gateway:
             if running is not None and running.user_key != inbound.user_key:
                 policy = "queue"  # a conversation of its own: nobody else may cut it off
         outcome = self.lanes.submit(inbound, policy=policy)
-        if outcome is Submitted.QUEUED:
+        if outcome in (Submitted.STARTED, Submitted.QUEUED, Submitted.QUEUED_QUIETLY, Submitted.INTERRUPTING):
+            self._in_lanes.update(inbound.inbox_ids)
+        recovered = any(i in self._recovered for i in inbound.inbox_ids)
+        if outcome is Submitted.QUEUED and not recovered:  # acknowledged before the restart already
             await self._answer(inbound, QUEUED_TEXT)
         elif outcome is Submitted.FULL:
             await self._answer(inbound, QUEUE_FULL_TEXT)
+            self._settle(inbound, "failed")
         elif outcome is Submitted.CLOSED:
+            # Stays in the inbox: the next start answers it.
             await self._answer(inbound, RESTARTING_TEXT)
+
+    def _settle(self, inbound: Inbound, status: str) -> None:
+        """Give a message that needs no turn its final status (in a task: the chat has its answer)."""
+        if inbound.inbox_ids:
+            self._spawn(self._finish_messages(list(inbound.inbox_ids), status))
+
+    async def _finish_messages(self, inbox_ids: list[int], status: str, reply: dict[str, Any] | None = None) -> None:
+        try:
+            await self._durably("finish_messages", self.store.finish_messages, inbox_ids, status, reply=reply)
+        except StoreError:
+            pass  # shutting down with the database gone: the next start finds them unfinished (logged)
+
+    async def _durably(self, what: str, call, *args, **kwargs):  # noqa: ANN001, ANN202
+        """Retry a store write while the database is down (capped back-off), until it is
+        written or parley shuts down; then the next start finds the message unfinished."""
+        delay = self.store_backoff[0]
+        while True:
+            try:
+                return await call(*args, **kwargs)
+            except TurnStateError:
+                raise  # not the database failing: retrying cannot help
+            except StoreError as exc:
+                self.metrics.store_retries.labels(what).inc()
+                if not self._accepting and self._closing_store:
+                    log.error("%s not written (%s); the next start will pick the message up", what, exc)
+                    raise
+                log.warning("%s failed (%s); retrying in %.0fs", what, exc, delay)
+                await self.clock.sleep(delay)
+                delay = min(delay * 2, self.store_backoff[1])
 
     async def _answer(self, inbound: Inbound, text: str) -> None:
         """Reply in a task, so routing never waits on the platform -- except while
@@ -364,16 +515,21 @@ class Gateway:
         return inbound.chat.key
 
     async def _run_turn(self, inbound: Inbound, interrupt: asyncio.Event) -> None:
+        try:
+            await self._answer_message(inbound, interrupt)
+        finally:
+            self._in_lanes.difference_update(inbound.inbox_ids)
+            for inbox_id in inbound.inbox_ids:
+                self._recovered.pop(inbox_id, None)
+
+    async def _answer_message(self, inbound: Inbound, interrupt: asyncio.Event) -> None:
         connector = self.connectors[inbound.platform]
         started = time.monotonic()
-        try:
-            plan = await self._plan_turn(inbound)
-        except Exception as exc:  # the store failed before anything was shown
-            log.exception("chat %s: could not start a turn", inbound.chat.key)
-            line = self._error_line(inbound, exc)
-            if line:
-                await self.reply(inbound, line)
+        earlier = [self._recovered[i] for i in inbound.inbox_ids if i in self._recovered]
+        adopt = [MessageRef(inbound.chat, mid) for row in earlier for mid, _ in shown_messages(row.reply)]
+        if earlier and await self._end_recovered(inbound, earlier, connector):
             return
+        plan = await self._durably("plan_turn", self._plan_turn, inbound, [r.turn_id for r in earlier if r.turn_id])
         if plan is None:
             return
         model, system_prompt, streaming, history, turn_id = plan
@@ -386,11 +542,16 @@ class Gateway:
                 pre_tool_text="keep" if self.defaults.pre_tool_text == "keep" else "hide",
                 show_reasoning=self.defaults.show_reasoning,
                 drafts=connector.drafts,
+                placeholder=CONTINUING_TEXT if adopt else None,
             ),
             clock=self.clock,
             observer=ReplyMetrics(self.metrics, inbound.platform, started),
             stream=streaming,
+            journal=_InboxJournal(self.store, inbound.inbox_ids),
+            adopt=adopt,
         )
+        if adopt:
+            log.info("chat %s: continuing a reply cut off by a restart", inbound.chat.key)
         with turn_context(platform=inbound.platform, chat=inbound.chat.key, turn=turn_id):
             reply.start()
             try:
@@ -398,7 +559,7 @@ class Gateway:
                     history, inbound.text, reply, model=model, system_prompt=system_prompt, interrupt=interrupt
                 )
             except asyncio.CancelledError:
-                await asyncio.shield(self._abandon(reply, turn_id))
+                await asyncio.shield(self._abandon(inbound, reply, turn_id))
                 raise
             except Exception as exc:
                 if not isinstance(exc, (ProviderError, AgentError)):
@@ -406,15 +567,22 @@ class Gateway:
                 else:
                     log.warning("turn failed: %s", type(exc).__name__)
                 delivery = await reply.finish(notice=self._error_line(inbound, exc))
-                await self.store.finish_turn(turn_id, [], status="error")
+                await self._finish_turn(
+                    turn_id, [], status="error",
+                    inbox_ids=inbound.inbox_ids, inbox_status="failed", reply=reply.state(),
+                )
                 self.metrics.turns.labels(inbound.platform, "error").inc()
                 if not delivery.complete:
                     self.metrics.deliveries_failed.labels(inbound.platform).inc()
                 return
             delivery = await reply.finish(final_text=result.text, interrupted=result.interrupted)
             status = "interrupted" if result.interrupted else "ok"
-            await self.store.finish_turn(turn_id, result.messages, status=status)
-            await self._record_usage(inbound, result)
+            await self._finish_turn(
+                turn_id, result.messages, status=status,
+                usage=self._usage(inbound, result), inbox_ids=inbound.inbox_ids,
+                inbox_status="stopped" if result.interrupted else "answered", reply=reply.state(),
+            )
+            self._count_usage(result)
             outcome = "interrupted" if result.interrupted else "fell_back" if result.fell_back else "ok"
             self.metrics.turns.labels(inbound.platform, outcome).inc()
             for cause in result.fallback_causes:
@@ -429,7 +597,47 @@ class Gateway:
                 f", fell back ({', '.join(result.fallback_causes)})" if result.fell_back else "",
             )
 
-    async def _plan_turn(self, inbound: Inbound) -> tuple[str, str, bool, list[dict], int] | None:
+    async def _end_recovered(self, inbound: Inbound, earlier: list[InboxRow], connector: Connector) -> bool:
+        """A message an earlier process left unfinished: True when it ends here without a turn.
+
+        Too old (`max_redelivery_age`): its cut-off reply is marked, or its sender asked to
+        resend. Cut off `max_attempts` times already (a crash loop): the failure line.
+        """
+        age = self._wall() - min(r.received_at for r in earlier)
+        too_old = age.total_seconds() > self.defaults.max_redelivery_age
+        looping = max(r.attempts for r in earlier) >= self.defaults.max_attempts
+        if not too_old and not looping:
+            return False
+        shown = [(mid, text) for row in earlier for mid, text in shown_messages(row.reply)]
+        status, notice = ("expired", INTERRUPTED_MARKER) if too_old else ("failed", CRASH_LOOP_TEXT)
+        self.metrics.recovered.labels(status).inc()
+        log.warning(
+            "chat %s: message %s %s", inbound.chat.key, inbound.update_id,
+            f"is {age.total_seconds():.0f}s old: not answered after the restart" if too_old
+            else f"was cut off {max(r.attempts for r in earlier)} times: given up",
+        )
+        if not shown:
+            await self.reply(inbound, LOST_TEXT if too_old else CRASH_LOOP_TEXT)
+            await self._finish_messages(list(inbound.inbox_ids), status)
+            return True
+        reply = LiveReply(
+            connector.outbox,
+            inbound.chat,
+            connector.pacing.for_chat(inbound.chat),
+            reply_to=inbound.message_id,
+            clock=self.clock,
+            stream=False,
+            journal=_InboxJournal(self.store, inbound.inbox_ids),
+            adopt=[MessageRef(inbound.chat, mid) for mid, _ in shown],
+        )
+        reply.on_text("\n".join(text for _, text in shown).rstrip())
+        await reply.finish(notice=notice)
+        await self._finish_messages(list(inbound.inbox_ids), status, reply=reply.state())
+        return True
+
+    async def _plan_turn(
+        self, inbound: Inbound, supersede: list[int]
+    ) -> tuple[str, str, bool, list[dict], int] | None:
         """Settings, budget, history; records the user message. None: refused (already said why)."""
         settings = await self.store.chat_settings(inbound.chat.key)
         allowed = self.defaults.allowed_models()
@@ -441,7 +649,11 @@ class Gateway:
             return None
         session = await self.store.current_session(self.session_key(inbound))
         earlier = await self.store.history(session, limit_turns=self.defaults.history_max_messages)
-        usable = [hist.turn_for_model(t.messages, t.status) for t in earlier if t.status in HISTORY_STATUSES]
+        usable = [
+            hist.turn_for_model(t.messages, t.status)
+            for t in earlier
+            if t.status in HISTORY_STATUSES and t.id not in supersede
+        ]
         user_message = {"role": "user", "content": inbound.text}
         trimmed = hist.trim_history(
             system_prompt,
@@ -452,18 +664,26 @@ class Gateway:
         )
         history = [m for m in trimmed[:-1] if m.get("role") != "system"]
         turn_id = await self.store.begin_turn(
-            session, user_message=user_message, user_key=inbound.user_key, update_id=inbound.update_id
+            session,
+            user_message=user_message,
+            user_key=inbound.user_key,
+            update_id=inbound.update_id,
+            inbox_ids=inbound.inbox_ids,
+            supersede=supersede,
         )
         return model, system_prompt, streaming, history, turn_id
 
-    async def _abandon(self, reply: LiveReply, turn_id: int) -> None:
+    async def _abandon(self, inbound: Inbound, reply: LiveReply, turn_id: int) -> None:
         """The process is going down mid-turn: finalize what is visible, marked stopped."""
         try:
             await asyncio.wait_for(reply.finish(interrupted=True), timeout=10)
         except (asyncio.TimeoutError, Exception):
             await reply.aclose()
         try:
-            await self.store.finish_turn(turn_id, [], status="interrupted")
+            await self.store.finish_turn(
+                turn_id, [], status="interrupted",
+                inbox_ids=inbound.inbox_ids, inbox_status="stopped", reply=reply.state(),
+            )
         except Exception:
             log.exception("could not record the interrupted turn")
 
@@ -479,15 +699,16 @@ class Gateway:
             inbound,
             f"⏳ You've used your daily budget of {budget:,} tokens. It resets at 00:00 UTC.",
         )
+        self._settle(inbound, "failed")
         return False
 
-    async def _record_usage(self, inbound: Inbound, result) -> None:  # noqa: ANN001 - agent.TurnResult
+    def _usage(self, inbound: Inbound, result) -> Usage:  # noqa: ANN001 - agent.TurnResult
         usage = result.usage
         price = self.defaults.prices.get(result.model)
         cost = None
         if price is not None:
             cost = usage.prompt_tokens * price[0] / 1e6 + usage.completion_tokens * price[1] / 1e6
-        await self.store.add_usage(
+        return Usage(
             user_key=inbound.user_key,
             chat_key=inbound.chat.key,
             model=result.model,
@@ -496,7 +717,9 @@ class Gateway:
             reasoning_tokens=usage.reasoning_tokens,
             cost=cost,
         )
-        for kind, value in (("prompt", usage.prompt_tokens), ("completion", usage.completion_tokens)):
+
+    def _count_usage(self, result) -> None:  # noqa: ANN001 - agent.TurnResult
+        for kind, value in (("prompt", result.usage.prompt_tokens), ("completion", result.usage.completion_tokens)):
             if value:
                 self.metrics.tokens.labels(result.model, kind).inc(value)
 
@@ -543,11 +766,74 @@ class Gateway:
         """Stop every running turn now; their live messages are finalized as stopped."""
         return self.lanes.interrupt_all()
 
+    async def _finish_turn(self, turn_id: int, messages: list[dict], **kwargs: Any) -> None:
+        """`Store.finish_turn`, retried while the database is down (the chat has its answer already)."""
+        try:
+            await self._durably("finish_turn", self.store.finish_turn, turn_id, messages, **kwargs)
+        except TurnStateError as exc:
+            log.warning("turn %s: %s", turn_id, exc)
+
+    def _dropped(self, inbounds: list[Inbound]) -> None:
+        """Queued messages dropped by /stop or /new: stopped by someone."""
+        for inbound in inbounds:
+            self._in_lanes.difference_update(inbound.inbox_ids)
+            self._settle(inbound, "stopped")
+
+    async def load_unfinished(self, platforms: list[str]) -> int:
+        """Find what an earlier process left unfinished, and hold routing until `resume_unfinished`.
+
+        Call before the connectors start receiving (so these messages keep their place
+        before new ones), and `resume_unfinished` once they are connected.
+        """
+        rows = await self.store.unfinished_messages(platforms)
+        self._routing_open.clear()
+        for row in rows:
+            self._recovered[row.id] = row
+            self._dispatch(inbound_from_json(row.inbound, (row.id,)))
+        if rows:
+            running = sum(1 for r in rows if r.status == INBOX_RUNNING)
+            log.info(
+                "recovering %d messages an earlier process left unfinished (%d cut off mid-reply, %d waiting)",
+                len(rows), running, len(rows) - running,
+            )
+            self.metrics.recovered.labels("resumed").inc(len(rows))
+        return len(rows)
+
+    def resume_unfinished(self, *, started: bool = True) -> None:
+        """Let routing go: recovered messages first, in their original order, then new ones.
+
+        `started=False` (the platforms could not be connected): leave them in the inbox.
+        """
+        self._routing_abandoned = not started
+        self._routing_open.set()
+
     async def shutdown(self, timeout: float) -> None:
-        """Stop taking messages, let turns finish up to `timeout`, then stop them visibly."""
+        """Stop taking messages, let turns finish up to `timeout`, then stop them visibly.
+
+        Messages still queued stay in the inbox: the next start answers them.
+        """
         self._accepting = False
         leftovers = await self.lanes.close(timeout)
-        for inbound in leftovers:
-            self._spawn(self.reply(inbound, "parley is restarting and did not get to this message. Please resend it in a minute."))
+        if leftovers:
+            log.info("%d queued messages stay in the inbox for the next start", len(leftovers))
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=10)
+        self._closing_store = True
+        if self._spill_task is not None and not self._spill_task.done():
+            log.error("%d messages could not be stored before shutdown; their senders are asked to resend", len(self._spill))
+            self._spill_task.cancel()
+            for inbound in list(self._spill):
+                if inbound.addressed:
+                    await self.reply(inbound, STORE_DOWN_TEXT)
+            self._spill.clear()
+
+
+class _InboxJournal:
+    """The `ReplyJournal` of a turn: what the chat shows goes into its inbox rows."""
+
+    def __init__(self, store: Store, inbox_ids: Iterable[int]) -> None:
+        self._store = store
+        self._ids = list(inbox_ids)
+
+    async def record(self, state: dict[str, Any]) -> None:
+        await self._store.note_reply(self._ids, state)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from bots.outbox import ChatRef
 
@@ -33,6 +34,7 @@ class Inbound:
     reply_to_username: str | None = None
     expects_answer: bool = False  # the platform shows a pending state until answered (slash commands)
     listening: bool = False  # the bot answers every message in this group (group_trigger: all)
+    inbox_ids: tuple[int, ...] = ()  # set by the gateway once stored: the inbox rows this message is
 
     @property
     def platform(self) -> str:
@@ -48,6 +50,26 @@ class Inbound:
         return (
             self.chat.is_private or self.listening or self.mentions_bot or self.reply_to_bot or self.command is not None
         )
+
+
+def to_json(inbound: Inbound) -> dict[str, Any]:
+    """The message as JSON, for the inbox (everything needed to answer it after a restart)."""
+    data = {f.name: getattr(inbound, f.name) for f in fields(inbound) if f.name not in ("chat", "inbox_ids")}
+    chat = inbound.chat
+    data["chat"] = {
+        "platform": chat.platform,
+        "chat_id": chat.chat_id,
+        "thread_id": chat.thread_id,
+        "is_private": chat.is_private,
+    }
+    return data
+
+
+def from_json(data: Mapping[str, Any], inbox_ids: tuple[int, ...] = ()) -> Inbound:
+    """`to_json` reversed; unknown keys (from a newer parley) are ignored."""
+    known = {f.name for f in fields(Inbound)} - {"chat", "inbox_ids"}
+    values = {k: v for k, v in data.items() if k in known}
+    return Inbound(chat=ChatRef(**data["chat"]), inbox_ids=inbox_ids, **values)
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,8 +54,12 @@ class _Lane:
 class Lanes:
     """All lanes of the gateway."""
 
-    def __init__(self, runner: Runner, *, queue_max: int = 5) -> None:
+    def __init__(
+        self, runner: Runner, *, queue_max: int = 5, on_dropped: Callable[[list[Inbound]], None] | None = None
+    ) -> None:
+        """`on_dropped` hears of queued messages that `stop` threw away (they will never run)."""
         self._runner = runner
+        self._on_dropped = on_dropped
         self._queue_max = queue_max
         self._lanes: dict[str, _Lane] = {}
         self._closed = False
@@ -93,8 +97,11 @@ class Lanes:
         dropped = 0
         if clear_queue:
             dropped = len(lane.queue)
+            thrown = list(lane.queue)
             lane.queue.clear()
             lane.merge_next = False
+            if thrown and self._on_dropped is not None:
+                self._on_dropped(thrown)
         running = lane.running is not None and lane.interrupt is not None and not lane.interrupt.is_set()
         if lane.interrupt is not None:
             lane.interrupt.set()
@@ -207,4 +214,8 @@ class Lanes:
 def _merge(messages: list[Inbound]) -> Inbound:
     """Several messages sent while a turn was being interrupted become one turn."""
     last = messages[-1]
-    return replace(last, text="\n\n".join(m.text for m in messages if m.text))
+    return replace(
+        last,
+        text="\n\n".join(m.text for m in messages if m.text),
+        inbox_ids=tuple(i for m in messages for i in m.inbox_ids),
+    )

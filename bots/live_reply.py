@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from collections.abc import Mapping
+from typing import Any, Literal, Protocol
 
 from agent.events import ToolCall, ToolResult
 from bots.clock import REAL_CLOCK, Clock, TimerHandle
@@ -40,6 +41,29 @@ log = logging.getLogger(__name__)
 
 STOPPED_MARKER = "⏹️ stopped"
 EMPTY_REPLY = "(The model returned an empty reply.)"
+
+
+class ReplyJournal(Protocol):
+    """Where a reply writes down what the chat shows, so a restart can find it again.
+
+    `record` gets a JSON-able state (see `LiveReply.state`): before every new message
+    is sent (with the text being sent under "sending", so a send cut off by a crash
+    leaves its text to look for), and after every call that changed what is shown.
+    It may raise: the reply carries on regardless (the chat matters more than the note).
+    """
+
+    async def record(self, state: dict[str, Any]) -> None: ...
+
+
+def shown_messages(state: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """(message id, text) of every message a recorded reply state shows, in order."""
+    if not state:
+        return []
+    return [
+        (str(p["id"]), str(p.get("text") or ""))
+        for p in state.get("pieces") or ()
+        if isinstance(p, Mapping) and p.get("id")
+    ]
 
 
 class ReplyObserver(Protocol):
@@ -78,6 +102,7 @@ class ReplyOptions:
     reasoning_chars: int = 600  # how much of the reasoning tail to show
     give_up_after: float = 180.0  # seconds of consecutive transient failures before giving up
     draft_refresh: float = 20.0  # drafts expire after 30 s without an update
+    placeholder: str | None = None  # shown while there is nothing else to show (e.g. after a restart)
 
 
 @dataclass(slots=True)
@@ -95,6 +120,13 @@ class _Shown:
     ref: MessageRef | None
     text: str
     markdown: bool
+
+
+JOURNAL_TIMEOUT = 3.0
+"""Seconds a reply waits for its `ReplyJournal` (a database that hangs must not stall the chat)."""
+
+_UNKNOWN_TEXT = "\x00unknown"
+"""The text of an adopted message: unknown, so never equal to what should be shown."""
 
 
 @dataclass(slots=True)
@@ -135,7 +167,11 @@ class LiveReply:
         clock: Clock = REAL_CLOCK,
         observer: ReplyObserver | None = None,
         stream: bool = True,
+        journal: ReplyJournal | None = None,
+        adopt: list[MessageRef] | None = None,
     ) -> None:
+        """`adopt`: messages an earlier attempt left in the chat (after a restart); the
+        reply continues in them -- edited, or deleted when the new reply needs fewer."""
         self.wants_deltas = stream  # with streaming off the agent answers in one piece
         self._outbox = outbox
         self._chat = chat
@@ -170,6 +206,10 @@ class LiveReply:
         self._visible = False
         self._flusher: asyncio.Task[None] | None = None
         self._typing: asyncio.Task[None] | None = None
+        self._journal = journal
+        self._journal_failed = False
+        for ref in adopt or ():
+            self._shown.append(_Shown(ref, _UNKNOWN_TEXT, False))
 
     # ---- TurnEvents ------------------------------------------------------------------
 
@@ -260,6 +300,28 @@ class LiveReply:
         """Whether anything of this reply has reached the chat."""
         return self._visible
 
+    def state(self, sending: _Op | None = None) -> dict[str, Any]:
+        """What the chat shows of this reply, as JSON (for the `ReplyJournal`)."""
+        pieces = [
+            {"id": s.ref.message_id, "text": s.text, "markdown": s.markdown}
+            for s in self._shown
+            if s.ref is not None and s.text != _UNKNOWN_TEXT
+        ]
+        state: dict[str, Any] = {"pieces": pieces}
+        if sending is not None:
+            state["sending"] = {"index": sending.index, "text": sending.text, "markdown": sending.markdown}
+        return state
+
+    async def _record(self, sending: _Op | None = None) -> None:
+        if self._journal is None:
+            return
+        try:
+            await asyncio.wait_for(self._journal.record(self.state(sending)), JOURNAL_TIMEOUT)
+        except Exception as exc:  # the chat matters more than the note about it
+            if not self._journal_failed:
+                log.warning("chat %s: could not record the reply's state: %s", self._chat.key, exc)
+            self._journal_failed = True
+
     # ---- the document ----------------------------------------------------------------
 
     def _step_for_output(self) -> _Step:
@@ -282,6 +344,8 @@ class LiveReply:
             parts.append(answer.rstrip())
         if self._tools and not answer.strip():
             parts.append(self._progress())
+        if not parts and not final and self._opts.placeholder:
+            parts.append(self._opts.placeholder)
         if final:
             if not parts and self._answered and not self._notice:
                 parts.append(EMPTY_REPLY)
@@ -351,12 +415,16 @@ class LiveReply:
                 if op is None:
                     continue
                 self._obs.on_lateness(max(0.0, self._clock.now() - allowed_at))
+                if op.kind == "send":
+                    await self._record(sending=op)
                 try:
                     await self._apply(op)
                 except Exception as exc:  # handled below, once the call's place in flight is free
                     error = exc
             if error is None:
                 failing_since, backoff = None, 0.5
+                if op.kind != "draft":
+                    await self._record()
             elif isinstance(error, RateLimited):
                 self._obs.on_rate_limited(error.retry_after)
                 self._pacer.pause(error.retry_after, scope=error.scope)

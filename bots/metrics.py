@@ -63,6 +63,26 @@ class Metrics:
         self.duplicates_ignored = Counter(
             "parley_duplicate_updates", "Redelivered platform updates that were ignored", ["platform"], registry=r
         )
+        self.spilled = Gauge(
+            "parley_inbox_spilled",
+            "Messages held in memory because the store could not take them (written once it is back)",
+            registry=r,
+        )
+        self.spill_overflows = Counter(
+            "parley_inbox_spill_overflows",
+            "Messages the in-memory spill queue had no room for (their senders were asked to resend)",
+            ["platform"],
+            registry=r,
+        )
+        self.recovered = Counter(
+            "parley_inbox_recovered",
+            "Messages an earlier process left unfinished, by what became of them at start-up",
+            ["action"],
+            registry=r,
+        )
+        self.store_retries = Counter(
+            "parley_store_retries", "Store calls retried after the database failed", ["what"], registry=r
+        )
         self.active_turns = Gauge("parley_active_turns", "Turns running now", registry=r)
         self.queue_depth = Gauge("parley_queue_depth", "Messages waiting in chat queues", registry=r)
         self._transport_429: set[str] = set()

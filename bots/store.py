@@ -1,8 +1,9 @@
 """parley's persistent state behind one interface: SQLite by default, PostgreSQL by URL.
 
 The store keeps what must survive a restart: chats and their settings, conversation
-history, token usage, access lists, known users, and the ids of processed platform
-updates (so a redelivered update never produces a second reply). One code path
+history, token usage, access lists, known users, and the **inbox**: every accepted
+message, stored before the platform is told it arrived, with how far its answer got
+(so a crash loses nothing and a redelivered update never produces a second reply). One code path
 serves both databases — SQLAlchemy Core over `aiosqlite` or `asyncpg` — and the
 schema is migrated to head by alembic every time the store opens.
 
@@ -67,6 +68,16 @@ TURN_RUNNING = "running"
 TURN_FINISHED_STATUSES = ("ok", "interrupted", "error")
 TURN_SUPERSEDED = "superseded"
 """A finished turn replaced by /retry: kept in the database, no longer part of the conversation."""
+INBOX_PENDING = "pending"
+"""Stored, not started yet (queued behind a running turn, or not routed yet)."""
+INBOX_RUNNING = "running"
+"""A turn for it is running (or was, when a process died)."""
+INBOX_UNFINISHED = (INBOX_PENDING, INBOX_RUNNING)
+INBOX_FINISHED = ("answered", "stopped", "failed", "expired", "ignored")
+"""answered: completely; stopped: by someone (/stop, an interrupting message, shutdown);
+failed: answered with a failure line; expired: too old after a restart, the sender was
+asked to resend; ignored: nothing was owed (group chatter, an empty message)."""
+INBOX_STATUSES = (*INBOX_UNFINISHED, *INBOX_FINISHED)
 CHAT_SETTING_FIELDS = ("model", "system_prompt", "busy_policy", "streaming", "allowed")
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
@@ -114,6 +125,48 @@ class Turn:
 
 
 @dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to put into the inbox (see `Store.accept`)."""
+
+    platform: str
+    update_id: str
+    chat_key: str
+    user_key: str
+    inbound: dict[str, Any]  # JSON-able
+
+
+@dataclass(frozen=True, slots=True)
+class InboxRow:
+    """An inbox entry: one accepted message and how far its answer got."""
+
+    id: int
+    platform: str
+    update_id: str
+    chat_key: str
+    user_key: str
+    inbound: dict[str, Any]
+    status: str  # see INBOX_STATUSES
+    attempts: int
+    turn_id: int | None
+    reply: dict[str, Any] | None
+    received_at: datetime
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """One turn's token usage, booked with the turn (see `Store.finish_turn`)."""
+
+    user_key: str
+    chat_key: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    cost: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class UsageRow:
     """Token usage of one model summed over a period; `cost` is None when no price was known."""
 
@@ -157,14 +210,30 @@ _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 metadata = sa.MetaData()
 
-processed_updates = sa.Table(
-    "processed_updates",
+inbox = sa.Table(
+    "inbox",
     metadata,
+    sa.Column("id", _ID, autoincrement=True, nullable=False),  # arrival order
     sa.Column("platform", sa.String(32), nullable=False),
     sa.Column("update_id", sa.String(128), nullable=False),
-    sa.Column("seen_at", UTCDateTime(), nullable=False),
-    sa.PrimaryKeyConstraint("platform", "update_id", name="pk_processed_updates"),
-    sa.Index("ix_processed_updates_seen_at", "seen_at"),
+    sa.Column("chat_key", sa.String(255), nullable=False),
+    sa.Column("user_key", sa.String(255), nullable=False),
+    sa.Column("inbound", sa.JSON(), nullable=False),  # the whole message (bots.inbound.to_json)
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),  # turns started for it
+    sa.Column("turn_id", _ID, nullable=True),  # the latest turn answering it
+    sa.Column("reply", sa.JSON(), nullable=True),  # what the chat shows of its answer (bots.live_reply)
+    sa.Column("received_at", UTCDateTime(), nullable=False),
+    sa.Column("finished_at", UTCDateTime(), nullable=True),
+    sa.PrimaryKeyConstraint("id", name="pk_inbox"),
+    sa.UniqueConstraint("platform", "update_id", name="uq_inbox_platform_update_id"),
+    sa.Index(
+        "ix_inbox_unfinished",
+        "id",
+        sqlite_where=sa.text("status IN ('pending', 'running')"),
+        postgresql_where=sa.text("status IN ('pending', 'running')"),
+    ),
+    sa.Index("ix_inbox_received_at", "received_at"),
 )
 
 chats = sa.Table(
@@ -462,6 +531,17 @@ def _strip_nul(text: str) -> str:
     return text.replace("\x00", "")
 
 
+def _strip_nul_json(value: Any) -> Any:
+    """`_strip_nul` through a JSON value (strings in dicts and lists)."""
+    if isinstance(value, str):
+        return _strip_nul(value)
+    if isinstance(value, dict):
+        return {k: _strip_nul_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strip_nul_json(v) for v in value]
+    return value
+
+
 def _require_aware(name: str, value: datetime) -> None:
     if value.tzinfo is None:
         raise ValueError(f"{name} must be timezone-aware, got {value!r}")
@@ -607,31 +687,102 @@ class Store:
         """INSERT with the dialect's ON CONFLICT support (both spell it the same way)."""
         return (pg_dialect.insert if self._dialect == "postgresql" else sqlite_dialect.insert)(table)
 
-    # ---------------------------------------------------------------- de-duplication
+    # ---------------------------------------------------------------- the inbox
 
-    async def claim_update(self, platform: str, update_id: str) -> bool:
-        """Claim a platform update for processing: True the first time, False for a redelivery.
+    async def accept(self, messages: list[NewMessage]) -> list[int | None]:
+        """Store messages in the inbox, in order, in one transaction; returns their inbox ids.
 
-        A single INSERT ... ON CONFLICT DO NOTHING on the (platform, update_id) key, so
-        concurrent claims of the same update see exactly one True.
+        None for a message already stored (a platform redelivered it): the unique
+        (platform, update_id) key makes concurrent acceptances of one update see exactly
+        one id. Only once this returned may the platform be told the messages arrived.
         """
-        _require_text("platform", platform)
-        _require_text("update_id", update_id)
-        stmt = (
-            self._insert(processed_updates)
-            .values(platform=platform, update_id=update_id, seen_at=self._now())
-            .on_conflict_do_nothing(index_elements=["platform", "update_id"])
-        )
-        return await self._run("claim_update", lambda conn: conn.execute(stmt).rowcount == 1, write=True)
+        if not messages:
+            return []
+        now = self._now()
+        rows = []
+        for m in messages:
+            _require_text("platform", m.platform)
+            _require_text("update_id", m.update_id)
+            _require_text("chat_key", m.chat_key)
+            _require_text("user_key", m.user_key)
+            rows.append(
+                {
+                    "platform": m.platform,
+                    "update_id": m.update_id,
+                    "chat_key": m.chat_key,
+                    "user_key": m.user_key,
+                    "inbound": _strip_nul_json(m.inbound),
+                    "status": INBOX_PENDING,
+                    "attempts": 0,
+                    "received_at": now,
+                }
+            )
+        insert = self._insert(inbox)
 
-    async def prune_updates(self, older_than: timedelta) -> int:
-        """Forget update ids claimed more than `older_than` ago; returns how many.
+        def accept(conn: sa.Connection) -> list[int | None]:
+            ids: list[int | None] = []
+            for row in rows:
+                stmt = (
+                    insert.values(**row)
+                    .on_conflict_do_nothing(index_elements=["platform", "update_id"])
+                    .returning(inbox.c.id)
+                )
+                found = conn.execute(stmt).scalar()
+                ids.append(None if found is None else int(found))
+            return ids
 
-        Keep them longer than a platform may redeliver (Telegram keeps updates 24 h).
+        return await self._run("accept", accept, write=True)
+
+    async def note_reply(self, inbox_ids: Iterable[int], reply: dict[str, Any]) -> None:
+        """Record what the chat shows of a message's answer (message ids, texts, unsure sends).
+
+        Written before a send (so a crash mid-send leaves the text to look for) and after
+        every platform call that changed what is shown; recovery reuses or marks it.
+        """
+        ids = list(inbox_ids)
+        if not ids:
+            return
+        stmt = sa.update(inbox).where(inbox.c.id.in_(ids)).values(reply=reply)
+        await self._run("note_reply", lambda conn: conn.execute(stmt), write=True)
+
+    async def finish_messages(
+        self, inbox_ids: Iterable[int], status: str, *, reply: dict[str, Any] | None = None
+    ) -> None:
+        """Give inbox messages their final status (and the reply they got, when given)."""
+        if status not in INBOX_FINISHED:
+            raise ValueError(f"status must be one of {INBOX_FINISHED}, got {status!r}")
+        ids = list(inbox_ids)
+        if not ids:
+            return
+        values: dict[str, Any] = {"status": status, "finished_at": self._now()}
+        if reply is not None:
+            values["reply"] = reply
+        stmt = sa.update(inbox).where(inbox.c.id.in_(ids)).values(**values)
+        await self._run("finish_messages", lambda conn: conn.execute(stmt), write=True)
+
+    async def unfinished_messages(self, platforms: Iterable[str] | None = None) -> list[InboxRow]:
+        """Messages not finished yet, oldest first: what an earlier process left to recover."""
+        query = sa.select(inbox).where(inbox.c.status.in_(INBOX_UNFINISHED)).order_by(inbox.c.id)
+        if platforms is not None:
+            query = query.where(inbox.c.platform.in_(list(platforms)))
+        rows = await self._run("unfinished_messages", lambda conn: conn.execute(query).all(), write=False)
+        return [_inbox_row(row._mapping) for row in rows]
+
+    async def inbox_message(self, inbox_id: int) -> InboxRow | None:
+        """One inbox row, or None."""
+        query = sa.select(inbox).where(inbox.c.id == inbox_id)
+        row = await self._run("inbox_message", lambda conn: conn.execute(query).first(), write=False)
+        return None if row is None else _inbox_row(row._mapping)
+
+    async def prune_inbox(self, older_than: timedelta) -> int:
+        """Forget finished messages received more than `older_than` ago; returns how many.
+
+        Keep them longer than a platform may redeliver (Telegram keeps updates 24 h): their
+        (platform, update_id) key is what recognizes a redelivery.
         """
         cutoff = self._now() - older_than
-        stmt = sa.delete(processed_updates).where(processed_updates.c.seen_at < cutoff)
-        return await self._run("prune_updates", lambda conn: conn.execute(stmt).rowcount, write=True)
+        stmt = sa.delete(inbox).where(inbox.c.received_at < cutoff, inbox.c.status.in_(INBOX_FINISHED))
+        return await self._run("prune_inbox", lambda conn: conn.execute(stmt).rowcount, write=True)
 
     # ---------------------------------------------------------------- chats
 
@@ -727,12 +878,26 @@ class Store:
 
         return await self._run("new_session", create, write=True)
 
-    async def begin_turn(self, session_id: int, *, user_message: Message, user_key: str, update_id: str | None) -> int:
+    async def begin_turn(
+        self,
+        session_id: int,
+        *,
+        user_message: Message,
+        user_key: str,
+        update_id: str | None,
+        inbox_ids: Iterable[int] = (),
+        supersede: Iterable[int] = (),
+    ) -> int:
         """Record a turn's user message before the model is called; the turn is "running".
 
         Writing first means a crash mid-turn still leaves the question in history (and
-        in `running_turns()` for the restart to clean up).
+        in `running_turns()` for the restart to clean up). The inbox messages it answers
+        become "running" with this turn, their attempts counted; `supersede` names
+        earlier turns of the same messages (cut off by a crash) that leave the
+        conversation now -- all in the same transaction.
         """
+        ids = list(inbox_ids)
+        old_turns = list(supersede)
         if not isinstance(user_message, dict) or user_message.get("role") != "user":
             raise ValueError(f"user_message must be a dict with role 'user', got {user_message!r:.200}")
         _require_text("user_key", user_key)
@@ -745,18 +910,47 @@ class Store:
         def begin(conn: sa.Connection) -> int:
             turn_id = conn.execute(stmt).scalar_one()
             conn.execute(sa.insert(turn_messages).values(turn_id=turn_id, seq=0, message=user_message))
+            if ids:
+                conn.execute(
+                    sa.update(inbox)
+                    .where(inbox.c.id.in_(ids))
+                    .values(status=INBOX_RUNNING, turn_id=turn_id, attempts=inbox.c.attempts + 1)
+                )
+            if old_turns:
+                conn.execute(
+                    sa.update(turns)
+                    .where(turns.c.id.in_(old_turns), turns.c.status.in_((TURN_RUNNING, *TURN_FINISHED_STATUSES)))
+                    .values(status=TURN_SUPERSEDED, finished_at=sa.func.coalesce(turns.c.finished_at, self._now()))
+                )
             return int(turn_id)
 
         return await self._run("begin_turn", begin, write=True)
 
-    async def finish_turn(self, turn_id: int, messages: list[Message], *, status: str) -> None:
+    async def finish_turn(
+        self,
+        turn_id: int,
+        messages: list[Message],
+        *,
+        status: str,
+        usage: Usage | None = None,
+        inbox_ids: Iterable[int] = (),
+        inbox_status: str | None = None,
+        reply: dict[str, Any] | None = None,
+    ) -> None:
         """Append the turn's messages after the user message and set its final status, atomically.
 
         `messages` are what the turn produced (assistant messages with or without
-        tool_calls, tool results), in order; the user message is already stored.
+        tool_calls, tool results), in order; the user message is already stored. In the
+        same transaction: the turn's `usage` is booked, and the inbox messages it
+        answered get `inbox_status` and the `reply` the chat shows -- so a message is
+        never marked answered without its answer in history, nor the other way round.
         Raises `TurnStateError` if the turn is unknown or already finished, and
         `ValueError` (writing nothing) if a message cannot be stored as JSON.
         """
+        ids = list(inbox_ids)
+        if ids and inbox_status not in INBOX_FINISHED:
+            raise ValueError(f"inbox_status must be one of {INBOX_FINISHED}, got {inbox_status!r}")
+        booking = None if usage is None else self._usage_insert(usage)
         if status not in TURN_FINISHED_STATUSES:
             raise ValueError(f"status must be one of {TURN_FINISHED_STATUSES}, got {status!r}")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
@@ -780,6 +974,13 @@ class Store:
                     sa.insert(turn_messages),
                     [{"turn_id": turn_id, "seq": seq, "message": m} for seq, m in enumerate(messages, start=1)],
                 )
+            if booking is not None:
+                conn.execute(booking)
+            if ids:
+                values: dict[str, Any] = {"status": inbox_status, "finished_at": self._now()}
+                if reply is not None:
+                    values["reply"] = reply
+                conn.execute(sa.update(inbox).where(inbox.c.id.in_(ids)).values(**values))
 
         await self._run("finish_turn", finish, write=True)
 
@@ -876,23 +1077,28 @@ class Store:
         cost: float | None,
     ) -> None:
         """Record one model call's (or one turn's) token usage; `cost` None when no price is configured."""
-        _require_text("user_key", user_key)
-        _require_text("chat_key", chat_key)
-        _require_text("model", model)
-        _require_count("prompt_tokens", prompt_tokens)
-        _require_count("completion_tokens", completion_tokens)
-        _require_count("reasoning_tokens", reasoning_tokens)
-        stmt = sa.insert(usage).values(
-            created_at=self._now(),
-            user_key=user_key,
-            chat_key=chat_key,
-            model=model,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            reasoning_tokens=reasoning_tokens,
-            cost=None if cost is None else float(cost),
+        stmt = self._usage_insert(
+            Usage(user_key, chat_key, model, prompt_tokens, completion_tokens, reasoning_tokens, cost)
         )
         await self._run("add_usage", lambda conn: conn.execute(stmt), write=True)
+
+    def _usage_insert(self, u: Usage) -> sa.Insert:
+        _require_text("user_key", u.user_key)
+        _require_text("chat_key", u.chat_key)
+        _require_text("model", u.model)
+        _require_count("prompt_tokens", u.prompt_tokens)
+        _require_count("completion_tokens", u.completion_tokens)
+        _require_count("reasoning_tokens", u.reasoning_tokens)
+        return sa.insert(usage).values(
+            created_at=self._now(),
+            user_key=u.user_key,
+            chat_key=u.chat_key,
+            model=u.model,
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            reasoning_tokens=u.reasoning_tokens,
+            cost=None if u.cost is None else float(u.cost),
+        )
 
     async def usage(
         self, *, since: datetime, user_key: str | None = None, chat_key: str | None = None
@@ -1041,6 +1247,23 @@ class Store:
             .limit(1)
         )
         return await self._run("find_user", lambda conn: conn.scalar(query), write=False)
+
+
+def _inbox_row(row: Mapping[str, Any]) -> InboxRow:
+    return InboxRow(
+        id=int(row["id"]),
+        platform=row["platform"],
+        update_id=row["update_id"],
+        chat_key=row["chat_key"],
+        user_key=row["user_key"],
+        inbound=row["inbound"],
+        status=row["status"],
+        attempts=int(row["attempts"]),
+        turn_id=None if row["turn_id"] is None else int(row["turn_id"]),
+        reply=row["reply"],
+        received_at=row["received_at"],
+        finished_at=row["finished_at"],
+    )
 
 
 def _chat_settings(row: Mapping[str, Any]) -> ChatSettings:

@@ -66,6 +66,9 @@ def test_compose_gateway_is_env_driven_keeps_state_and_stops_gracefully() -> Non
     assert parley["depends_on"]["postgres"] == {"condition": "service_healthy", "required": False}
     # Docker must wait longer than parley's own shutdown before it kills.
     assert seconds(parley["stop_grace_period"]) >= DEFAULT_SHUTDOWN_TIMEOUT + 15
+    # Healthy means ready: the platforms work and the store answers (not merely "the process is up").
+    check = " ".join(parley["healthcheck"]["test"])
+    assert "127.0.0.1:9464/readyz" in check and "/healthz" not in check
 
 
 def test_every_variable_compose_interpolates_is_documented_in_env_example() -> None:
@@ -120,7 +123,8 @@ def test_dockerfile_slim_base_non_root_user_data_volume_and_parley_entrypoint() 
     assert 'VOLUME ["/data"]' in text
     assert "PARLEY_STORE=sqlite:////data/parley.db" in text  # the database lives in the volume
     assert 'ENTRYPOINT ["parley"]' in text and 'CMD ["run"]' in text  # exec form: parley is PID 1, gets SIGTERM
-    assert "HEALTHCHECK" in text and "/healthz" in text
+    # Readiness, not liveness: a process whose platform keeps failing is unhealthy.
+    assert "HEALTHCHECK" in text and "/readyz" in text and "/healthz" not in text
     # Everything the image copies exists (a renamed directory would break the build).
     for op, args in instructions:
         if op == "COPY" and "--from" not in args:

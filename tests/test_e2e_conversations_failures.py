@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bots.gateway import RESTARTING_TEXT
+from bots.gateway import QUEUED_TEXT, RESTARTING_TEXT
 from bots.history import FAILED_NOTE
 from bots.inbound import Inbound
 from bots.live_reply import STOPPED_MARKER
@@ -56,7 +56,9 @@ async def test_error_lines_in_groups_are_rate_limited(fast_telegram, fake_llm, p
     assert [t[:2] for t in s.bot_texts(chat)] == ["⚠️", "⚠️"]
 
 
-async def test_shutdown_stops_long_turns_visibly_and_tells_queued_senders(fast_telegram, fake_llm, parley) -> None:
+async def test_shutdown_stops_long_turns_visibly_and_keeps_queued_messages_for_the_next_start(
+    fast_telegram, fake_llm, parley
+) -> None:
     s = await start(parley, fast_telegram, fake_llm, shutdown_timeout=0.3)
     chat = s.owner_chat()
     gate = asyncio.Event()
@@ -66,16 +68,19 @@ async def test_shutdown_stops_long_turns_visibly_and_tells_queued_senders(fast_t
     s.say(chat, s.owner, "and another")
     await fast_telegram.wait_for(lambda: len(s.bot_msgs(chat)) == 2, timeout=10)  # queued, acknowledged
     await s.p.stop()
-    texts = s.bot_texts(chat)
-    assert texts[0] == f"A very\n\n{STOPPED_MARKER}"
-    assert texts[2] == "parley is restarting and did not get to this message. Please resend it in a minute."
-    assert s.bot_msgs(chat)[2].reply_to == [m for m in fast_telegram.messages(chat.id) if m.text == "and another"][0].message_id
+    assert s.bot_texts(chat) == [f"A very\n\n{STOPPED_MARKER}", QUEUED_TEXT], "nobody is told to resend"
     assert fake_llm.requests[0].disconnected
     gate.set()
-    # The cut-off turn is remembered as interrupted by the next process.
+    # The queued message waited in the inbox: the next process answers it before anything new,
+    # and remembers the cut-off turn as interrupted.
     s2 = await start(parley, fast_telegram, fake_llm)
-    await s2.turn(chat, s2.owner, "back?")
+    await fast_telegram.wait_for(lambda: len(s.bot_msgs(chat)) == 3, timeout=10)
+    answer = s.bot_msgs(chat)[2]
+    assert answer.reply_to == [m for m in fast_telegram.messages(chat.id) if m.text == "and another"][0].message_id
+    assert contents(last_request_messages(fake_llm))[-1] == ("user", "and another")
     assert ("assistant", "A very\n\n[interrupted by the user]") in contents(last_request_messages(fake_llm))
+    await s2.turn(chat, s2.owner, "back?")
+    assert len(fake_llm.requests) == 3
 
 
 async def test_a_message_arriving_during_shutdown_is_answered_not_dropped(fast_telegram, fake_llm, parley) -> None:
@@ -87,19 +92,21 @@ async def test_a_message_arriving_during_shutdown_is_answered_not_dropped(fast_t
     await fast_telegram.wait_for(lambda: s.bot_texts(chat) == ["Finishing"], timeout=10)
     stopping = asyncio.create_task(s.p.stop())
     await fast_telegram.wait_for(lambda: not s.gateway.accepting, timeout=10)
-    # python-telegram-bot still processes what it fetched before polling stopped: the
-    # connector hands such a message to the gateway as usual.
+    # A message the connector hands over while parley stops (Discord keeps delivering).
     message = fast_telegram.user_says(chat, s.owner, "late message")
     late = Inbound(
         chat=ChatRef("telegram", str(chat.id), is_private=True),
         user_id=str(s.owner.id),
         text="late message",
         message_id=str(message["message_id"]),
-        update_id="late-1",
+        update_id=str(fast_telegram.pending_updates[-1]["update_id"]),  # the next start polls it again
     )
-    await s.gateway.handle(late)
-    assert s.bot_texts(chat)[-1] == RESTARTING_TEXT, "answered before handle() returned"
+    await s.gateway.handle(late)  # stored: the platform may consider it delivered
     gate.set()
     await stopping
     assert s.bot_texts(chat) == ["Finishing up nicely.", RESTARTING_TEXT]
     assert len(fake_llm.requests) == 1
+    s2 = await start(parley, fast_telegram, fake_llm)  # ...and the next start answers it
+    await fast_telegram.wait_for(lambda: len(s.bot_texts(chat)) == 3, timeout=10)
+    assert contents(last_request_messages(fake_llm))[-1] == ("user", "late message")
+    await s2.p.stop()

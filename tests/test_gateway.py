@@ -108,9 +108,8 @@ async def test_a_command_completes_before_the_next_message_is_routed(stack: Any,
     await gateway.settle(CHAT.key)
     store.gates["new_session"], store.entered["new_session"] = asyncio.Event(), asyncio.Event()
     new = asyncio.create_task(gateway.handle(message("/new", command="new")))
-    await store.entered["new_session"].wait()  # /new is half-way through...
-    assert not new.done(), "...and its message is still being handled: the chat's next message waits"
-    question = asyncio.create_task(gateway.handle(message("second")))
+    await store.entered["new_session"].wait()  # /new is half-way through (its message is stored)...
+    question = asyncio.create_task(gateway.handle(message("second")))  # ...the next one waits its turn
     store.gates["new_session"].set()
     await asyncio.gather(new, question)
     await gateway.settle(CHAT.key)
@@ -133,37 +132,66 @@ async def test_a_command_that_crashes_answers_one_calm_line(stack: Any, caplog: 
     assert "boom: secret internals" in caplog.text, "the details go to the log"
 
 
-async def test_store_failure_before_a_turn_is_one_friendly_line(stack: Any, fake_llm: FakeLLM) -> None:
+async def test_a_store_failing_before_a_turn_delays_the_answer_never_loses_it(stack: Any, fake_llm: FakeLLM) -> None:
     gateway, connector, store = stack
+    gateway.store_backoff = (0.01, 0.02)
+    real, failures = store.chat_settings, [3]
 
-    async def failing(chat_key: str) -> Any:
-        raise StoreError("chat_settings failed: database is locked")
-
-    await gateway.handle(message("hello"))  # routed fine; now the store breaks inside the turn
-    await gateway.settle(CHAT.key)
-    store.chat_settings = failing  # type: ignore[method-assign]
-    gateway.lanes.submit(message("again"), policy="queue")
-    await gateway.settle(CHAT.key)
-    assert connector.texts()[-1] == "⚠️ Something went wrong while generating the reply. Please try again."
-    assert len(fake_llm.requests) == 1
-
-
-async def test_a_busy_store_is_retried_not_a_lost_message(stack: Any, fake_llm: FakeLLM) -> None:
-    gateway, connector, store = stack
-    gateway.STORE_RETRIES = (0.0, 0.0, 0.0)
-    real_claim, failures = store.claim_update, [2]
-
-    async def flaky_claim(platform: str, update_id: str) -> bool:
+    async def flaky(chat_key: str) -> Any:
         if failures[0]:
             failures[0] -= 1
-            raise StoreError("claim_update failed: database is locked")
-        return await real_claim(platform, update_id)
+            raise StoreError("chat_settings failed: database is locked")
+        return await real(chat_key)
 
-    store.claim_update = flaky_claim  # type: ignore[method-assign]
     await gateway.handle(message("hello"))
     await gateway.settle(CHAT.key)
-    assert connector.texts() == ["You said: hello"]
+    store.chat_settings = flaky  # type: ignore[method-assign]
+    await gateway.handle(message("again"))
+    await gateway.settle(CHAT.key)
+    assert connector.texts() == ["You said: hello", "You said: again"]
+    assert failures == [0] and len(fake_llm.requests) == 2
+    assert [r.status for r in await store.unfinished_messages()] == []
+
+
+async def test_a_store_that_cannot_take_a_message_holds_it_until_it_can(stack: Any, fake_llm: FakeLLM) -> None:
+    gateway, connector, store = stack
+    gateway.store_backoff = (0.01, 0.02)
+    real_accept, failures = store.accept, [3]
+
+    async def flaky_accept(messages: Any) -> Any:
+        if failures[0]:
+            failures[0] -= 1
+            raise StoreError("accept failed: database is locked")
+        return await real_accept(messages)
+
+    store.accept = flaky_accept  # type: ignore[method-assign]
+    await gateway.handle(message("hello"))
+    await gateway.handle(message("world"))  # behind the first, in order
+    assert gateway.metrics.spilled._value.get() == 2
+    while gateway._spill:
+        await asyncio.sleep(0.01)
+    await gateway.settle(CHAT.key)
+    texts = connector.texts()
+    assert [t for t in texts if t.startswith("You said")] == ["You said: hello", "You said: world"]
+    assert sorted(texts) == sorted(["You said: hello", "⏳ I'll answer this right after the current reply.", "You said: world"])
     assert failures == [0]
+
+
+async def test_a_full_spill_queue_asks_the_sender_to_resend(stack: Any) -> None:
+    gateway, connector, store = stack
+    gateway.spill_max = 1
+    gateway.store_backoff = (60.0, 60.0)
+
+    async def down(messages: Any) -> Any:
+        raise StoreError("accept failed: connection refused")
+
+    store.accept = down  # type: ignore[method-assign]
+    await gateway.handle(message("kept in memory"))
+    await gateway.handle(message("no room"))
+    await gateway.settle(CHAT.key)
+    assert connector.texts() == [
+        "⚠️ I couldn't save your message (my database is unavailable). Please resend it in a few minutes."
+    ]
 
 
 async def test_unknown_commands_are_answered_only_when_addressed(stack: Any) -> None:
@@ -201,17 +229,22 @@ def test_every_builtin_command_fits_telegram_menus() -> None:
         assert command.role in (Role.USER, Role.ADMIN, Role.OWNER), command.name
 
 
-async def test_old_update_ids_are_pruned(stack: Any, sqlite_url: str) -> None:
+async def test_old_finished_messages_are_pruned_unfinished_ones_kept(stack: Any, sqlite_url: str) -> None:
+    from bots.store import NewMessage
+
     gateway, _, store = stack
     long_ago = datetime.now(UTC) - timedelta(days=30)
     async with await Store.open(sqlite_url, utcnow=lambda: long_ago) as past:
-        assert await past.claim_update("memory", "ancient")
-    assert await store.claim_update("memory", "recent")
+        done, waiting = await past.accept(
+            [NewMessage("memory", "ancient", CHAT.key, OWNER, {}), NewMessage("memory", "ancient-2", CHAT.key, OWNER, {})]
+        )
+        assert done is not None and waiting is not None
+        await past.finish_messages([done], "answered")
     await gateway.handle(message("hi"))
     await gateway.settle(CHAT.key)
-    assert await store.claim_update("memory", "ancient"), "forgotten: it could be claimed again"
-    assert not await store.claim_update("memory", "recent"), "kept"
-
+    assert await store.inbox_message(done) is None, "forgotten"
+    assert await store.inbox_message(waiting) is not None, "unfinished: kept whatever its age"
+    assert await store.accept([NewMessage("memory", "ancient", CHAT.key, OWNER, {})]) != [None], "claimable again"
 
 
 @pytest.mark.parametrize(

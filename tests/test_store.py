@@ -20,6 +20,8 @@ from bots import migrations
 from bots.errors import ConfigError
 from bots.store import (
     ChatSettings,
+    NewMessage,
+    Usage,
     Store,
     StoreError,
     TurnStateError,
@@ -145,7 +147,7 @@ async def test_sqlite_creates_its_directory_and_uses_wal(sqlite_url: str) -> Non
     assert not path.parent.exists()
     store = await Store.open(sqlite_url)
     try:
-        await store.claim_update("telegram", "1")
+        await store.accept([msg("1")])
         # In WAL mode, writes go to the -wal file next to the database while it is open.
         assert path.exists() and Path(f"{path}-wal").exists()
     finally:
@@ -183,7 +185,7 @@ async def test_a_database_migrated_by_alembic_itself_opens_as_is(store_url: str)
     store = await Store.open(store_url)
     try:
         assert await store.schema_revision() == migrations.head_revision()
-        assert await store.claim_update("telegram", "1") is True
+        assert await store.accept([msg("1")]) == [1]
     finally:
         await store.close()
 
@@ -243,42 +245,107 @@ async def test_ping_and_close(store_url: str) -> None:
     await store.close()  # closing twice is harmless (the app and a test fixture may both close it)
 
 
-# ----------------------------------------------------------------------------- update de-duplication
+# ----------------------------------------------------------------------------- the inbox
 
 
-async def test_claim_update_is_true_once_per_platform_and_id(store: Store) -> None:
-    assert await store.claim_update("telegram", "1001") is True
-    assert await store.claim_update("telegram", "1001") is False  # redelivered
-    assert await store.claim_update("discord", "1001") is True  # another platform's id space
-    assert await store.claim_update("telegram", "1002") is True
+def msg(update_id: str, *, platform: str = "telegram", chat: str = "telegram:5", text: str = "hi") -> NewMessage:
+    return NewMessage(platform, update_id, chat, f"{platform}:42", {"text": text})
 
 
-async def test_concurrent_claims_of_one_update_yield_exactly_one_winner(store: Store) -> None:
-    results = await asyncio.gather(*(store.claim_update("telegram", "777") for _ in range(20)))
-    assert sorted(results) == [False] * 19 + [True]
+async def test_accept_stores_once_per_platform_and_update_id(store: Store) -> None:
+    first = await store.accept([msg("1001"), msg("1001"), msg("1001", platform="discord"), msg("1002")])
+    assert first[1] is None, "the same update twice in one batch is stored once"
+    assert None not in (first[0], first[2], first[3])
+    assert await store.accept([msg("1001")]) == [None]  # redelivered
+    rows = await store.unfinished_messages()
+    assert [(r.platform, r.update_id, r.status, r.attempts) for r in rows] == [
+        ("telegram", "1001", "pending", 0), ("discord", "1001", "pending", 0), ("telegram", "1002", "pending", 0)
+    ]
+    assert [r.id for r in rows] == sorted(r.id for r in rows), "oldest first"
+    assert await store.unfinished_messages(["discord"]) == [rows[1]]
 
 
-async def test_a_claim_survives_a_restart(store_url: str) -> None:
+async def test_concurrent_acceptances_of_one_update_yield_exactly_one_row(store: Store) -> None:
+    results = await asyncio.gather(*(store.accept([msg("777")]) for _ in range(20)))
+    assert sorted(r[0] is not None for r in results) == [False] * 19 + [True]
+
+
+async def test_an_accepted_message_survives_a_restart(store_url: str) -> None:
     first = await Store.open(store_url)
     try:
-        assert await first.claim_update("telegram", "5") is True
+        [inbox_id] = await first.accept([msg("5", text="nul\x00 stripped")])
     finally:
         await first.close()
     second = await Store.open(store_url)
     try:
-        assert await second.claim_update("telegram", "5") is False
+        assert await second.accept([msg("5")]) == [None]
+        [row] = await second.unfinished_messages()
+        assert row.id == inbox_id and row.inbound == {"text": "nul stripped"} and row.chat_key == "telegram:5"
     finally:
         await second.close()
 
 
-async def test_prune_updates_forgets_only_old_claims(clocked_store: Store, clock: FakeWallClock) -> None:
-    await clocked_store.claim_update("telegram", "old")
+async def test_a_turn_carries_its_messages_from_pending_to_answered_atomically(store: Store) -> None:
+    [a, b] = await store.accept([msg("1"), msg("2")])
+    session = await store.current_session("telegram:5")
+    turn = await store.begin_turn(session, user_message=USER, user_key="telegram:42", update_id="1", inbox_ids=[a, b])
+    await store.note_reply([a, b], {"pieces": [{"id": "9", "text": "It is", "markdown": False}]})
+    [row_a, row_b] = await store.unfinished_messages()
+    assert (row_a.status, row_a.attempts, row_a.turn_id) == ("running", 1, turn)
+    assert row_b.reply == {"pieces": [{"id": "9", "text": "It is", "markdown": False}]}
+    usage = Usage("telegram:42", "telegram:5", "m", 10, 5, 0, None)
+    await store.finish_turn(
+        turn, [{"role": "assistant", "content": "It is sunny."}], status="ok", usage=usage,
+        inbox_ids=[a, b], inbox_status="answered", reply={"pieces": [{"id": "9", "text": "It is sunny.", "markdown": True}]},
+    )
+    assert await store.unfinished_messages() == []
+    done = await store.inbox_message(a)
+    assert done is not None and done.status == "answered" and done.finished_at is not None
+    assert done.reply == {"pieces": [{"id": "9", "text": "It is sunny.", "markdown": True}]}
+    assert await store.tokens_used("telegram:42", T0 - timedelta(days=3650)) == 15
+
+
+async def test_a_failed_finish_changes_neither_the_turn_nor_its_messages(store: Store) -> None:
+    [a] = await store.accept([msg("1")])
+    session = await store.current_session("telegram:5")
+    turn = await store.begin_turn(session, user_message=USER, user_key="telegram:42", update_id="1", inbox_ids=[a])
+    with pytest.raises(ValueError):
+        await store.finish_turn(turn, [{"role": "assistant", "content": object()}], status="ok",
+                                inbox_ids=[a], inbox_status="answered")
+    [row] = await store.unfinished_messages()
+    assert row.status == "running"
+    assert await store.running_turns() == [turn]
+
+
+async def test_a_second_attempt_supersedes_the_turn_a_crash_cut_off(store: Store) -> None:
+    [a] = await store.accept([msg("1")])
+    session = await store.current_session("telegram:5")
+    cut = await store.begin_turn(session, user_message=USER, user_key="telegram:42", update_id="1", inbox_ids=[a])
+    assert await store.mark_stale_turns() == 1  # the restart
+    again = await store.begin_turn(
+        session, user_message=USER, user_key="telegram:42", update_id="1", inbox_ids=[a], supersede=[cut]
+    )
+    [row] = await store.unfinished_messages()
+    assert (row.attempts, row.turn_id) == (2, again)
+    assert [(t.id, t.status) for t in await store.history(session)] == [(cut, "superseded"), (again, "running")]
+
+
+async def test_finish_messages_and_prune_keep_unfinished_ones(clocked_store: Store, clock: FakeWallClock) -> None:
+    [old, old_waiting] = await clocked_store.accept([msg("old"), msg("old-2")])
+    assert old is not None and old_waiting is not None
+    await clocked_store.finish_messages([old], "expired")
+    with pytest.raises(ValueError):
+        await clocked_store.finish_messages([old], "running")
     clock.advance(timedelta(days=2))
-    await clocked_store.claim_update("telegram", "new")
-    assert await clocked_store.prune_updates(timedelta(days=1)) == 1
-    assert await clocked_store.claim_update("telegram", "new") is False
-    assert await clocked_store.claim_update("telegram", "old") is True  # forgotten, so claimable again
-    assert await clocked_store.prune_updates(timedelta(days=1)) == 0
+    [new] = await clocked_store.accept([msg("new")])
+    assert new is not None
+    await clocked_store.finish_messages([new], "answered")
+    assert await clocked_store.prune_inbox(timedelta(days=1)) == 1
+    assert await clocked_store.inbox_message(old) is None
+    assert await clocked_store.inbox_message(old_waiting) is not None
+    assert await clocked_store.accept([msg("new")]) == [None]
+    assert await clocked_store.accept([msg("old")]) != [None]  # forgotten, so new again
+    assert await clocked_store.prune_inbox(timedelta(days=1)) == 0
 
 
 # ----------------------------------------------------------------------------- chat settings
@@ -503,7 +570,7 @@ async def test_history_survives_a_process_that_died_mid_turn(store_url: str) -> 
         assert await store.running_turns() == [turns[1].id]
         assert await store.mark_stale_turns() == 1
         assert await store.last_user_message(session) == (turns[1].id, {"role": "user", "content": "three"})
-        assert await store.claim_update("telegram", "2") is True  # the dying process never claimed it
+        assert await store.accept([msg("2")]) != [None]  # the dying process never stored it
     finally:
         await store.close()
 
