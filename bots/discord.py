@@ -44,6 +44,7 @@ from bots.errors import (
 )
 from bots.health import PlatformHealth
 from bots.inbound import GroupTrigger, Inbound
+from bots.orphans import send_key, without_key
 from bots.outbox import ChatRef, MessageRef, PlatformLimits
 from bots.pacing import Budget, Pacing, PacingPolicy
 
@@ -137,7 +138,9 @@ class DiscordOutbox:
         connection dropped after Discord may have created the message) leaves its nonce
         behind; the next send to the same chat and reply target reuses it with
         `enforce_nonce`, so Discord hands back the message it already created instead of
-        posting a second one -- and that message is then edited to the newest text.
+        posting a second one -- and that message is then edited to the newest text. A
+        sender that gives its own key (`bots.orphans.sending_as`, a LiveReply: the key is in
+        its journal) gets it as the nonce instead, so this holds across a restart too.
         """
         if reply_to and reply_to.startswith(_INTERACTION):
             return await self._send_interaction(chat, text, reply_to[len(_INTERACTION) :])
@@ -148,27 +151,35 @@ class DiscordOutbox:
             )
         slot = (chat.key, reply_to)
         now = self._clock.now()
-        unsure = self._unsure.pop(slot, None)
-        nonce = unsure[0] if unsure is not None and now - unsure[1] < _NONCE_TTL else secrets.randbits(64)
+        given = send_key()
+        unsure = self._unsure.pop(slot, None) if given is None else None
+        nonce: int | str
+        if given is not None:
+            nonce = given
+        else:
+            nonce = unsure[0] if unsure is not None and now - unsure[1] < _NONCE_TTL else secrets.randbits(64)
         channel = self._channel(chat)
         try:
             msg = await self._call(
                 channel.send(content=text, reference=reference, allowed_mentions=_NO_PINGS, nonce=nonce)
             )
         except TargetGone:
-            if unsure is None:
+            if unsure is None and given is None:
                 raise Undeliverable("Discord refused the message as gone") from None
             # The message the earlier attempt created was deleted meanwhile: start afresh.
-            return await self.send(chat, text, reply_to=reply_to)
+            with without_key():
+                return await self.send(chat, text, reply_to=reply_to)
         except OutboxError:
-            self._keep_nonce(slot, nonce, unsure[1] if unsure is not None else now)
+            if given is None:
+                self._keep_nonce(slot, nonce, unsure[1] if unsure is not None else now)
             raise
         ref = MessageRef(chat, str(msg.id))
-        if unsure is not None and msg.content != text:  # an earlier attempt's message came back: update it
-            try:
+        if (unsure is not None or given is not None) and msg.content != text:
+            try:  # an earlier attempt's message came back: update it
                 await self.edit(ref, text)
             except OutboxError:
-                self._keep_nonce(slot, nonce, unsure[1])
+                if unsure is not None:
+                    self._keep_nonce(slot, nonce, unsure[1])
                 raise
         return ref
 

@@ -40,7 +40,8 @@ from bots.inbound import Inbound
 from bots.inbound import from_json as inbound_from_json
 from bots.inbound import to_json as inbound_json
 from bots.lanes import Lanes, Submitted
-from bots.live_reply import LiveReply, ReplyOptions, shown_messages
+from bots.live_reply import LiveReply, ReplyOptions, leftover_sends, shown_messages
+from bots.orphans import remove_leftovers
 from bots.logs import turn_context
 from bots.metrics import Metrics, ReplyMetrics
 from bots.outbox import MessageRef, Outbox
@@ -167,7 +168,8 @@ class Gateway:
         self.lanes = Lanes(self._run_turn, queue_max=defaults.queue_max, on_dropped=self._dropped)
         self.connectors: dict[str, Connector] = {}
         self.started_at = time.monotonic()
-        self._chat_locks: dict[str, asyncio.Lock] = {}
+        self._chat_locks: dict[str, asyncio.Lock] = {}  # routing, per chat
+        self._accept_locks: dict[str, asyncio.Lock] = {}  # storing (connectors that deliver concurrently)
         self._last_error_line: dict[str, float] = {}
         self._tasks: set[asyncio.Future[None]] = set()  # replies in flight and messages being routed
         self._accepting = True
@@ -228,6 +230,19 @@ class Gateway:
         log line and the `parley_inbox_spilled` gauge say so). When even that queue is
         full, the sender is asked to resend: nothing disappears silently.
         """
+        # Connectors deliver concurrently (a task per event), but a chat's messages must be
+        # stored -- and so routed -- in arrival order: the chat's lock is taken before the
+        # first pause of this call, and asyncio's locks are fair.
+        key = inbound.chat.key
+        lock = self._accept_locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                await self._accept_or_spill(inbound)
+        finally:
+            if not lock._waiters:  # type: ignore[attr-defined]
+                self._accept_locks.pop(key, None)
+
+    async def _accept_or_spill(self, inbound: Inbound) -> None:
         if not self._spill:
             try:
                 await self.receive([inbound])
@@ -527,6 +542,7 @@ class Gateway:
         started = time.monotonic()
         earlier = [self._recovered[i] for i in inbound.inbox_ids if i in self._recovered]
         adopt = [MessageRef(inbound.chat, mid) for row in earlier for mid, _ in shown_messages(row.reply)]
+        unsure = [entry for row in earlier for entry in leftover_sends(row.reply)]  # copies to look for
         if earlier and await self._end_recovered(inbound, earlier, connector):
             return
         plan = await self._durably("plan_turn", self._plan_turn, inbound, [r.turn_id for r in earlier if r.turn_id])
@@ -549,6 +565,7 @@ class Gateway:
             stream=streaming,
             journal=_InboxJournal(self.store, inbound.inbox_ids),
             adopt=adopt,
+            unsure=unsure,
         )
         if adopt:
             log.info("chat %s: continuing a reply cut off by a restart", inbound.chat.key)
@@ -616,8 +633,10 @@ class Gateway:
             f"is {age.total_seconds():.0f}s old: not answered after the restart" if too_old
             else f"was cut off {max(r.attempts for r in earlier)} times: given up",
         )
+        unsure = [entry for row in earlier for entry in leftover_sends(row.reply)]  # copies to look for
         if not shown:
             await self.reply(inbound, LOST_TEXT if too_old else CRASH_LOOP_TEXT)
+            await remove_leftovers(connector.outbox, connector.pacing.for_chat(inbound.chat), inbound.chat, unsure)
             await self._finish_messages(list(inbound.inbox_ids), status)
             return True
         reply = LiveReply(
@@ -629,6 +648,7 @@ class Gateway:
             stream=False,
             journal=_InboxJournal(self.store, inbound.inbox_ids),
             adopt=[MessageRef(inbound.chat, mid) for mid, _ in shown],
+            unsure=unsure,
         )
         reply.on_text("\n".join(text for _, text in shown).rstrip())
         await reply.finish(notice=notice)

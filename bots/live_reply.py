@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol
@@ -33,6 +34,7 @@ from bots.errors import (
     Transient,
     Undeliverable,
 )
+from bots.orphans import Fragment, SendLedger, as_id, remove_fragments, sending_as
 from bots.outbox import ChatRef, MessageRef, Outbox
 from bots.pacing import Pacer, Priority
 from bots.render import Layout, Piece, text_length
@@ -49,10 +51,24 @@ class ReplyJournal(Protocol):
     `record` gets a JSON-able state (see `LiveReply.state`): before every new message
     is sent (with the text being sent under "sending", so a send cut off by a crash
     leaves its text to look for), and after every call that changed what is shown.
-    It may raise: the reply carries on regardless (the chat matters more than the note).
+    Sends whose outcome was unknown stay under "unsure" until they were looked for
+    (`bots.orphans`). It may raise: the reply carries on regardless (the chat matters
+    more than the note).
     """
 
     async def record(self, state: dict[str, Any]) -> None: ...
+
+
+def leftover_sends(state: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The sends of a recorded reply state whose outcome is unknown: its "unsure" entries,
+    and the "sending" one a crash cut off. Hand them to the next reply (`unsure=`)."""
+    if not state:
+        return []
+    entries = [e for e in state.get("unsure") or () if isinstance(e, Mapping)]
+    sending = state.get("sending")
+    if isinstance(sending, Mapping):
+        entries.append(sending)
+    return [dict(e) for e in entries]
 
 
 def shown_messages(state: Mapping[str, Any] | None) -> list[tuple[str, str]]:
@@ -169,9 +185,12 @@ class LiveReply:
         stream: bool = True,
         journal: ReplyJournal | None = None,
         adopt: list[MessageRef] | None = None,
+        unsure: list[Mapping[str, Any]] | None = None,
     ) -> None:
         """`adopt`: messages an earlier attempt left in the chat (after a restart); the
-        reply continues in them -- edited, or deleted when the new reply needs fewer."""
+        reply continues in them -- edited, or deleted when the new reply needs fewer.
+        `unsure`: sends of an earlier attempt whose outcome is unknown (`leftover_sends`);
+        once this reply has sent a message, a copy they left is looked for and removed."""
         self.wants_deltas = stream  # with streaming off the agent answers in one piece
         self._outbox = outbox
         self._chat = chat
@@ -208,8 +227,30 @@ class LiveReply:
         self._typing: asyncio.Task[None] | None = None
         self._journal = journal
         self._journal_failed = False
+        self._journal_next: dict[str, Any] | None = None  # the newest state not written yet
+        self._journal_task: asyncio.Task[None] | None = None
+        self._journal_lock = asyncio.Lock()
         for ref in adopt or ():
             self._shown.append(_Shown(ref, _UNKNOWN_TEXT, False))
+        # Sends whose outcome is unknown (bots.orphans): the one under way, and lost ones.
+        self._ledger: SendLedger | None = getattr(outbox, "ledger", None)
+        self._sending: Fragment | None = None
+        self._fragments: list[Fragment] = []
+        self._cleaner: asyncio.Task[None] | None = None
+        self._watching = False
+        self._keys: dict[int, str] = {}  # piece -> idempotency key, kept while its send may have happened
+        if self._ledger is not None and adopt:
+            self._ledger.know(chat, [ref.message_id for ref in adopt])
+        for entry in unsure or ():
+            fragment = Fragment.from_json(entry)
+            if fragment is None:
+                continue
+            if self._ledger is not None and self._ledger.active(chat):
+                fragment.clean = False  # this process wrote here already: a successor could not tell
+            if fragment.key is not None:
+                self._keys[fragment.index] = fragment.key  # sending that piece again reuses it
+            self._fragments.append(fragment)
+        self._update_watch()
 
     # ---- TurnEvents ------------------------------------------------------------------
 
@@ -275,7 +316,10 @@ class LiveReply:
         self.start()
         assert self._flusher is not None
         await asyncio.shield(self._flusher)
+        await self._finish_cleaning()
         await self._stop_typing()
+        if self._journal_task is not None:
+            self._journal_task.cancel()  # the caller records the final state itself
         return Delivery(
             complete=self._failure is None,
             message_ids=[s.ref.message_id for s in self._shown if s.ref is not None],
@@ -285,10 +329,11 @@ class LiveReply:
 
     async def aclose(self) -> None:
         """Abandon the reply without finishing it (used only when the process dies)."""
-        for task in (self._flusher, self._typing):
+        self._unwatch()
+        for task in (self._flusher, self._typing, self._cleaner):
             if task is not None:
                 task.cancel()
-        for task in (self._flusher, self._typing):
+        for task in (self._flusher, self._typing, self._cleaner):
             if task is not None:
                 try:
                     await task
@@ -300,27 +345,58 @@ class LiveReply:
         """Whether anything of this reply has reached the chat."""
         return self._visible
 
-    def state(self, sending: _Op | None = None) -> dict[str, Any]:
-        """What the chat shows of this reply, as JSON (for the `ReplyJournal`)."""
+    def state(self) -> dict[str, Any]:
+        """What the chat shows of this reply, as JSON (for the `ReplyJournal`): the pieces,
+        the send under way ("sending") and sends whose outcome is unknown ("unsure"), each
+        with what it takes to look for its message (`bots.orphans.Fragment`)."""
         pieces = [
             {"id": s.ref.message_id, "text": s.text, "markdown": s.markdown}
             for s in self._shown
             if s.ref is not None and s.text != _UNKNOWN_TEXT
         ]
         state: dict[str, Any] = {"pieces": pieces}
-        if sending is not None:
-            state["sending"] = {"index": sending.index, "text": sending.text, "markdown": sending.markdown}
+        if self._sending is not None:
+            state["sending"] = self._sending.to_json()
+        if self._fragments:
+            state["unsure"] = [f.to_json() for f in self._fragments]
         return state
 
-    async def _record(self, sending: _Op | None = None) -> None:
+    async def _record(self) -> None:
+        """Write the reply's state down; while the journal is failing, without waiting for it.
+
+        Normally awaited (before a send, the text must be on record first). Once a write
+        failed (the database is down), later ones run in the background, one at a time,
+        so the chat keeps its pace; the first that succeeds makes writes awaited again.
+        """
         if self._journal is None:
             return
+        state = self.state()
+        if self._journal_failed:
+            self._journal_next = state
+            if self._journal_task is None or self._journal_task.done():
+                self._journal_task = asyncio.create_task(self._record_behind())
+            return
+        await self._write_state(state)
+
+    async def _record_behind(self) -> None:
+        while self._journal_next is not None and self._journal_failed:
+            state, self._journal_next = self._journal_next, None
+            await self._write_state(state)
+
+    async def _write_state(self, state: dict[str, Any]) -> None:
+        assert self._journal is not None
         try:
-            await asyncio.wait_for(self._journal.record(self.state(sending)), JOURNAL_TIMEOUT)
+            async with self._journal_lock:  # one write at a time, each of the newest state:
+                state = self.state()  # an older write never lands after a newer one
+                await asyncio.wait_for(self._journal.record(state), JOURNAL_TIMEOUT)
         except Exception as exc:  # the chat matters more than the note about it
             if not self._journal_failed:
                 log.warning("chat %s: could not record the reply's state: %s", self._chat.key, exc)
             self._journal_failed = True
+            return
+        if self._journal_failed:
+            log.info("chat %s: recording the reply's state again", self._chat.key)
+        self._journal_failed = False
 
     # ---- the document ----------------------------------------------------------------
 
@@ -416,15 +492,19 @@ class LiveReply:
                     continue
                 self._obs.on_lateness(max(0.0, self._clock.now() - allowed_at))
                 if op.kind == "send":
-                    await self._record(sending=op)
+                    await self._begin_send(op)
                 try:
-                    await self._apply(op)
+                    with sending_as(self, key=self._sending.key if self._sending is not None else None):
+                        await self._apply(op)
                 except Exception as exc:  # handled below, once the call's place in flight is free
                     error = exc
+            if op.kind == "send":
+                self._end_send(error)
             if error is None:
                 failing_since, backoff = None, 0.5
                 if op.kind != "draft":
                     await self._record()
+                    self._maybe_clean()
             elif isinstance(error, RateLimited):
                 self._obs.on_rate_limited(error.retry_after)
                 self._pacer.pause(error.retry_after, scope=error.scope)
@@ -496,6 +576,108 @@ class LiveReply:
             log.info("chat %s: message %d too long after rendering; cutting smaller", self._chat.key, i)
             self._layout.uncommit(i)
             self._layout.shrink()
+
+    # ---- sends whose outcome is unknown (bots.orphans) -----------------------------------
+
+    async def _begin_send(self, op: _Op) -> None:
+        """Write down the send before it leaves: its text, and where its message will be."""
+        known = [as_id(s.ref.message_id) for s in self._shown if s.ref is not None]
+        known.append(as_id(self._reply_to) if self._reply_to else None)
+        if self._ledger is not None:
+            known.append(self._ledger.high(self._chat))
+        after = max((k for k in known if k is not None), default=None)
+        clean = (
+            self._ledger is not None
+            and after is not None
+            and not self._ledger.foreign_since(self._chat, after, self)
+        )
+        key = self._keys.setdefault(op.index, secrets.token_hex(10))
+        self._sending = Fragment(op.index, op.text, op.markdown, after, clean=clean, key=key)
+        self._update_watch()
+        await self._record()
+
+    def _end_send(self, error: Exception | None) -> None:
+        sending, self._sending = self._sending, None
+        if sending is None:
+            return
+        if error is not None and (isinstance(error, Transient) or not isinstance(error, OutboxError)):
+            # The request may have reached the platform: the message may exist.
+            if self._ledger is not None:
+                sending.window = self._ledger.window(self._chat, self)
+            self._fragments.append(sending)
+            log.info("chat %s: a send's outcome is unknown; a copy will be looked for", self._chat.key)
+        elif error is None:
+            self._keys.pop(sending.index, None)  # delivered: sending this piece again is a new message
+            if self._ledger is None:
+                # Without a ledger nothing can be looked for, nor needs to be (Discord): this
+                # send carried the lost ones' key, so it returned the message they created.
+                self._fragments = [f for f in self._fragments if f.index != sending.index]
+        self._update_watch()
+
+    def _maybe_clean(self) -> None:
+        """Look for lost sends in the background once a later message bounds where they are."""
+        if self._ledger is None or not self._fragments:
+            return
+        if self._cleaner is not None and not self._cleaner.done():
+            return
+        if any(f.bound(self._ledger, self._chat) is not None for f in self._fragments):
+            self._cleaner = asyncio.create_task(self._clean(), name=f"orphans:{self._chat.key}")
+
+    async def _clean(self) -> None:
+        assert self._ledger is not None
+        while True:
+            ready = [f for f in self._fragments if f.bound(self._ledger, self._chat) is not None]
+            if not ready:
+                return
+            try:
+                shown = [as_id(s.ref.message_id) for s in self._shown if s.ref is not None]
+                await remove_fragments(
+                    self._outbox, self._pacer, self._chat, ready,
+                    owner=self, keep=[i for i in shown if i is not None], clock=self._clock,
+                )
+            except Exception:
+                log.exception("chat %s: looking for a lost send failed", self._chat.key)
+            self._fragments = [f for f in self._fragments if f not in ready]
+            self._ledger.settle(self._chat, [f.window for f in ready if f.window is not None])
+            self._update_watch()
+            await self._record()
+
+    async def _finish_cleaning(self) -> None:
+        self._maybe_clean()
+        if self._cleaner is not None:
+            try:
+                await asyncio.shield(self._cleaner)
+            except Exception:
+                pass
+        self._unwatch()
+        for fragment in self._fragments:  # no later message bounds them; unwatched from now on
+            fragment.clean = False
+
+    def _update_watch(self) -> None:
+        if self._ledger is None:
+            return
+        wanted = self._sending is not None or bool(self._fragments)
+        if wanted and not self._watching:
+            self._ledger.watch(self._chat, self, self._someone_else_sends)
+            self._watching = True
+        elif not wanted:
+            self._unwatch()
+
+    def _unwatch(self) -> None:
+        if self._watching and self._ledger is not None:
+            self._ledger.unwatch(self._chat, self)
+        self._watching = False
+
+    async def _someone_else_sends(self) -> None:
+        """Another send is about to leave in this chat: a successor could not tell its message
+        from a lost one of ours, so write down (before it leaves) that they may not be probed."""
+        tainted = False
+        for fragment in [self._sending, *self._fragments]:
+            if fragment is not None and fragment.clean:
+                fragment.clean = False
+                tainted = True
+        if tainted:
+            await self._record()
 
     async def _apply_draft(self, op: _Op) -> None:
         self._obs.on_call("draft")

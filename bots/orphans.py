@@ -18,8 +18,10 @@ fragment's exact text and formatting, and deletes the one that answers "not modi
 
 The probe must never *change* a message someone still wants: an edit that succeeds
 changes the message it hits. That is what the `SendLedger` is for. The outbox keeps one
-(`outbox.ledger`, Telegram and the in-memory test outbox; Discord needs none: its sends
-carry an enforced nonce, so a retried send returns the message the lost one created) and
+(`outbox.ledger`, Telegram and the in-memory test outbox; Discord needs none: a piece's
+sends carry one enforced nonce, the key given by `sending_as` and kept in the reply's
+journal, so sending it again -- after a restart too -- returns the message a lost send
+created) and
 passes every send through it, whoever makes it (replies, acknowledgements, command
 output). Per chat it knows the ids it sent in this process and, for every send in flight
 or lost, the range its message may occupy. An id is probed only if it is not a known
@@ -31,7 +33,8 @@ its journal, and the next process hands it to the new reply. That process knows 
 of its predecessor's other sends, so the entry carries `clean`: true only while no other
 sender wrote to the chat since the entry's lower bound (the reply watches the ledger and
 writes `clean: false` into its journal *before* such a send leaves). Only clean entries
-are probed after a restart.
+are probed after a restart: by the new reply once it sent a message, or by
+`remove_leftovers` when the message is given up on (its notice bounds the range).
 """
 
 from __future__ import annotations
@@ -59,16 +62,37 @@ WAIT_IN_FLIGHT = 30.0  # how long a probe waits for another send in flight to be
 WATCH_TIMEOUT = 3.0  # how long a send waits for a watcher to write down that it happens
 
 _owner: ContextVar[object | None] = ContextVar("parley_send_owner", default=None)
+_key: ContextVar[str | None] = ContextVar("parley_send_key", default=None)
 
 
 @contextlib.contextmanager
-def sending_as(owner: object) -> Iterator[None]:
-    """Sends made inside this block are `owner`'s (a LiveReply): not foreign to it."""
-    token = _owner.set(owner)
+def sending_as(owner: object, key: str | None = None) -> Iterator[None]:
+    """Sends made inside this block are `owner`'s (a LiveReply): not foreign to it.
+
+    `key` identifies the message being sent across retries and restarts: an outbox whose
+    platform de-duplicates sends (Discord's nonce) uses it, so the same key never creates a
+    second message (`send_key`).
+    """
+    owner_token, key_token = _owner.set(owner), _key.set(key)
     try:
         yield
     finally:
-        _owner.reset(token)
+        _key.reset(key_token)
+        _owner.reset(owner_token)
+
+
+def send_key() -> str | None:
+    """The idempotency key of the send being made (see `sending_as`), if its sender gave one."""
+    return _key.get()
+
+
+@contextlib.contextmanager
+def without_key() -> Iterator[None]:
+    token = _key.set(None)
+    try:
+        yield
+    finally:
+        _key.reset(token)
 
 
 def as_id(value: Any) -> int | None:
@@ -115,6 +139,7 @@ class _ChatLedger:
     known: set[int] = field(default_factory=set)
     high: int = 0  # the largest id known to exist in the chat
     first_sent: int | None = None  # the first id this process sent here (above any predecessor's)
+    forgot: int = 0  # what was known at or below this id was dropped to bound memory: never probed
     windows: list[SendWindow] = field(default_factory=list)
     watchers: dict[int, tuple[object, Watcher]] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -129,7 +154,7 @@ class SendLedger:
 
     MAX_CHATS = 20_000
     MAX_WINDOWS = 64
-    MAX_KNOWN = 512
+    MAX_KNOWN = 2048
 
     def __init__(self) -> None:
         self._chats: OrderedDict[str, _ChatLedger] = OrderedDict()
@@ -260,11 +285,13 @@ class SendLedger:
             ledger.windows.remove(window)
         ledger.touch()
 
-    def settle(self, chat: ChatRef, owner: object) -> None:
-        """`owner` looked for its lost sends: its windows no longer stand in anyone's way."""
+    def settle(self, chat: ChatRef, windows: Iterable[SendWindow]) -> None:
+        """Their owner looked for these lost sends: they no longer stand in anyone's way."""
         ledger = self._chats.get(self._key(chat))
-        if ledger is not None:
-            ledger.windows = [w for w in ledger.windows if w.owner is not owner or w.in_flight]
+        gone = {id(w) for w in windows}
+        if ledger is not None and gone:
+            ledger.windows = [w for w in ledger.windows if id(w) not in gone]
+            self._prune(ledger)
             ledger.touch()
 
     # ---- watching --------------------------------------------------------------------
@@ -283,20 +310,25 @@ class SendLedger:
         ledger = self._chats.get(self._key(chat))
         if ledger is None:
             return False
-        return any(w.owner is not owner and w.reaches_above(after) for w in ledger.windows)
+        return ledger.forgot > after or any(w.owner is not owner and w.reaches_above(after) for w in ledger.windows)
 
     # ---- probing ---------------------------------------------------------------------
 
-    def candidates(self, chat: ChatRef, after: int, before: int, owner: object) -> tuple[list[int], bool]:
+    def candidates(
+        self, chat: ChatRef, after: int, before: int, owner: object, keep: Iterable[int] = ()
+    ) -> tuple[list[int], bool]:
         """The ids below `before` and above `after` that may hold `owner`'s lost message and
         nothing else of the bot's, highest first (at most `MAX_PROBES`); and whether a send
-        still in flight hides some (wait and ask again)."""
+        still in flight hides some (wait and ask again). `keep`: ids never to probe."""
         ledger = self._chats.get(self._key(chat))
-        known = ledger.known if ledger is not None else set()
-        windows = [w for w in ledger.windows if w.owner is not owner] if ledger is not None else []
+        known = (ledger.known if ledger is not None else set()) | set(keep)
+        # Any other sender's range, and the owner's own sends in flight, may hide a message
+        # someone wants; only the owner's own *lost* sends are what is looked for.
+        windows = [w for w in ledger.windows if w.owner is not owner or w.in_flight] if ledger is not None else []
+        lowest = max(after, ledger.forgot if ledger is not None else 0, before - 1 - MAX_SPAN)
         out: list[int] = []
         blocked = False
-        for mid in range(before - 1, max(after, before - 1 - MAX_SPAN), -1):
+        for mid in range(before - 1, lowest, -1):
             if mid in known:
                 continue
             hidden = [w for w in windows if w.covers(mid)]
@@ -314,15 +346,20 @@ class SendLedger:
             await asyncio.wait_for(ledger.changed.wait(), timeout)
 
     def _prune(self, ledger: _ChatLedger) -> None:
-        """Forget what can no longer matter: ranges below every range still being looked for."""
-        pending = [w.base for w in ledger.windows if w.top is None or w.owner is not None]
-        floor = min(pending) if pending else ledger.high
-        ledger.windows = [w for w in ledger.windows if w.top is None or w.owner is not None or w.top > floor + 1]
+        """Bound the memory of a busy chat: the oldest ids and closed ranges are dropped, and
+        nothing at or below what was dropped is ever probed again (`forgot`)."""
         if len(ledger.windows) > self.MAX_WINDOWS:
-            ledger.windows = ledger.windows[-self.MAX_WINDOWS :]
+            closed = [w for w in ledger.windows if w.top is not None]
+            drop = {id(w) for w in closed[: len(ledger.windows) - self.MAX_WINDOWS]}
+            for w in ledger.windows:
+                if id(w) in drop and w.top is not None:
+                    ledger.forgot = max(ledger.forgot, w.top)
+            ledger.windows = [w for w in ledger.windows if id(w) not in drop]
         if len(ledger.known) > self.MAX_KNOWN:
-            newest = sorted(ledger.known)[-self.MAX_KNOWN // 2 :]
-            ledger.known = {m for m in ledger.known if m > floor} | set(newest)
+            ordered = sorted(ledger.known)
+            cut = len(ordered) - self.MAX_KNOWN // 2
+            ledger.forgot = max(ledger.forgot, ordered[cut - 1])
+            ledger.known = set(ordered[cut:])
 
 
 @dataclass(slots=True)
@@ -336,6 +373,8 @@ class Fragment:
     before: int | None = None  # ... and below this (an id sent after it was lost)
     clean: bool = True  # no other sender wrote to the chat since `after` (for a successor)
     earlier: bool = False  # left by an earlier process (from the journal)
+    trusted: bool = True  # may be looked for here (an earlier process's: only if it was clean)
+    key: str | None = None  # the send's idempotency key (a Discord nonce): a retry reuses it
     window: SendWindow | None = None  # its range in this process's ledger
 
     def bound(self, ledger: SendLedger, chat: ChatRef) -> int | None:
@@ -351,8 +390,11 @@ class Fragment:
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"index": self.index, "text": self.text, "markdown": self.markdown,
                                 "after": self.after, "clean": self.clean}
-        if self.before is not None:
-            data["before"] = self.before
+        before = self.before if self.before is not None else self.window.top if self.window is not None else None
+        if before is not None:
+            data["before"] = before
+        if self.key is not None:
+            data["key"] = self.key
         return data
 
     @classmethod
@@ -363,9 +405,11 @@ class Fragment:
             index = int(data.get("index") or 0)
         except (TypeError, ValueError):
             index = 0
+        clean = data.get("clean") is True
         return cls(
             index, data["text"], bool(data.get("markdown")), as_id(data.get("after")),
-            before=as_id(data.get("before")), clean=data.get("clean") is True, earlier=True,
+            before=as_id(data.get("before")), clean=clean, earlier=True, trusted=clean,
+            key=data["key"] if isinstance(data.get("key"), str) else None,
         )
 
 
@@ -376,20 +420,22 @@ async def remove_fragments(
     fragments: list[Fragment],
     *,
     owner: object,
+    keep: Iterable[int] = (),
     clock: Clock = REAL_CLOCK,
 ) -> None:
     """Look for each fragment (newest first) below its bound and delete it where it is found.
 
     Fragments without a ledger, without bounds, or left by an earlier process that lost
-    track of the chat (`clean` false) are not looked for.
+    track of the chat (`clean` false) are not looked for. `keep`: ids never to touch (the
+    messages the reply shows).
     """
     ledger: SendLedger | None = getattr(outbox, "ledger", None)
     if ledger is None:
         return
-    done: set[int] = set()
+    done: set[int] = set(keep)
     for fragment in sorted(fragments, key=lambda f: f.window.started if f.window else -1, reverse=True):
         before = fragment.bound(ledger, chat)
-        if fragment.after is None or before is None or (fragment.earlier and not fragment.clean):
+        if fragment.after is None or before is None or not fragment.trusted:
             log.info("chat %s: a message whose sending was cut off may remain (cannot look for it safely)",
                      chat.key)
             continue
@@ -398,13 +444,24 @@ async def remove_fragments(
             log.info("chat %s: no copy of a lost send found between #%d and #%d", chat.key, fragment.after, before)
 
 
+async def remove_leftovers(
+    outbox: Any, pacer: Pacer, chat: ChatRef, entries: Iterable[Any], *, clock: Clock = REAL_CLOCK
+) -> None:
+    """Look for the copies that sends of an earlier process left (the journal entries of
+    `bots.live_reply.leftover_sends`) when no reply continues them -- once this process
+    has sent a message in the chat (e.g. a failure line), which bounds where they are."""
+    fragments = [f for f in (Fragment.from_json(e) for e in entries) if f is not None]
+    if fragments:
+        await remove_fragments(outbox, pacer, chat, fragments, owner=object(), clock=clock)
+
+
 async def _probe(
     outbox: Any, pacer: Pacer, clock: Clock, chat: ChatRef, ledger: SendLedger, fragment: Fragment,
     after: int, before: int, owner: object, done: set[int],
 ) -> int | None:
     waited = 0.0
     while True:
-        ids, blocked = ledger.candidates(chat, after, before, owner)
+        ids, blocked = ledger.candidates(chat, after, before, owner, keep=done)
         if not blocked or waited >= WAIT_IN_FLIGHT:
             break
         await ledger.changed(chat, 1.0)  # a send in flight may land there: wait for its answer

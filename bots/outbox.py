@@ -50,6 +50,10 @@ class Outbox(Protocol):
 
     `markdown=True` asks the connector to render the text's Markdown natively
     (Telegram: entities; Discord: as-is). `markdown=False` sends it verbatim.
+
+    Optionally an outbox has a `ledger` (`bots.orphans.SendLedger`) that every `send`
+    goes through, when its platform's message ids grow per chat and a lost send can be
+    looked for (Telegram). A `send` that raises `Transient` may have created the message.
     """
 
     platform: str

@@ -345,6 +345,13 @@ budgets = sa.Table(
 )
 
 
+_NOTE_REPLY = (
+    sa.update(inbox)
+    .where(inbox.c.id == sa.bindparam("row"))
+    .values(reply=sa.bindparam("reply", type_=inbox.c.reply.type))
+)
+
+
 # --------------------------------------------------------------------------- URLs and engine
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -739,11 +746,9 @@ class Store:
         Written before a send (so a crash mid-send leaves the text to look for) and after
         every platform call that changed what is shown; recovery reuses or marks it.
         """
-        ids = list(inbox_ids)
-        if not ids:
-            return
-        stmt = sa.update(inbox).where(inbox.c.id.in_(ids)).values(reply=reply)
-        await self._run("note_reply", lambda conn: conn.execute(stmt), write=True)
+        params = [{"row": inbox_id, "reply": reply} for inbox_id in inbox_ids]
+        if params:  # the hot path of every reply: one cached statement, no IN list to expand
+            await self._run("note_reply", lambda conn: conn.execute(_NOTE_REPLY, params), write=True)
 
     async def finish_messages(
         self, inbox_ids: Iterable[int], status: str, *, reply: dict[str, Any] | None = None

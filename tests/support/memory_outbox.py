@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from bots.errors import NotModified, OutboxError, TargetGone, TooLong
+from bots.orphans import SendLedger
 from bots.outbox import ChatRef, MessageRef, PlatformLimits
 from bots.render import text_length
 
@@ -27,6 +28,7 @@ class Msg:
     reply_to: str | None
     deleted: bool = False
     history: list[tuple[float, str, bool]] = field(default_factory=list)
+    from_bot: bool = True
 
 
 @dataclass
@@ -60,17 +62,28 @@ class MemoryOutbox:
         self.messages: dict[str, Msg] = {}
         self.calls: list[Call] = []
         self.drafts: dict[tuple[str, int], str] = {}
-        self._faults: deque[tuple[str, OutboxError]] = deque()
+        self._faults: deque[tuple[str, OutboxError, bool]] = deque()
         self.changed = asyncio.Event()
+        self.ledger = SendLedger()  # like Telegram's: ids grow, so lost sends can be looked for
 
     # test controls ---------------------------------------------------------------
-    def fail_next(self, kind: str, error: OutboxError, times: int = 1) -> None:
-        """The next `times` calls of `kind` ("send", "edit", "delete", "typing", "draft", "any") raise `error`."""
+    def fail_next(self, kind: str, error: OutboxError, times: int = 1, *, applied: bool = False) -> None:
+        """The next `times` calls of `kind` ("send", "edit", "delete", "typing", "draft", "any") raise `error`.
+
+        `applied`: the call takes effect first and only its answer is lost (a send's
+        outcome is unknown to the caller, yet the message exists).
+        """
         for _ in range(times):
-            self._faults.append((kind, error))
+            self._faults.append((kind, error, applied))
 
     def user_deletes(self, message_id: str) -> None:
         self.messages[message_id].deleted = True
+
+    def user_says(self, chat: ChatRef, text: str) -> Msg:
+        """A person's message in the chat: the bot can neither edit it ("message can't be edited")."""
+        mid = str(next(self._ids))
+        self.messages[mid] = Msg(mid, chat, text, False, None, history=[(self._now(), text, False)], from_bot=False)
+        return self.messages[mid]
 
     def visible(self, chat: ChatRef | None = None) -> list[Msg]:
         return [m for m in self.messages.values() if not m.deleted and (chat is None or m.chat == chat)]
@@ -82,9 +95,9 @@ class MemoryOutbox:
         return sum(1 for c in self.calls if c.kind == kind and (ok is None or c.ok == ok))
 
     # Outbox ----------------------------------------------------------------------
-    def _fault(self, kind: str) -> OutboxError | None:
-        for i, (k, err) in enumerate(self._faults):
-            if k in (kind, "any"):
+    def _fault(self, kind: str, *, applied: bool = False) -> OutboxError | None:
+        for i, (k, err, after) in enumerate(self._faults):
+            if k in (kind, "any") and after == applied:
                 del self._faults[i]
                 return err
         return None
@@ -100,14 +113,19 @@ class MemoryOutbox:
             raise err
 
     async def send(self, chat: ChatRef, text: str, *, markdown: bool = False, reply_to: str | None = None) -> MessageRef:
-        await asyncio.sleep(0)
-        self._check("send", None, text)
-        if self.measure(text, markdown=markdown) > self.limits.max_message_len or not text.strip():
-            self._record("send", None, text, False)
-            raise TooLong("too long")
-        mid = str(next(self._ids))
-        self.messages[mid] = Msg(mid, chat, text, markdown, reply_to, history=[(self._now(), text, markdown)])
-        self._record("send", mid, text, True)
+        async with self.ledger.sending(chat) as sent:
+            await asyncio.sleep(0)
+            self._check("send", None, text)
+            if self.measure(text, markdown=markdown) > self.limits.max_message_len or not text.strip():
+                self._record("send", None, text, False)
+                raise TooLong("too long")
+            mid = str(next(self._ids))
+            self.messages[mid] = Msg(mid, chat, text, markdown, reply_to, history=[(self._now(), text, markdown)])
+            lost = self._fault("send", applied=True)
+            self._record("send", mid, text, lost is None)
+            if lost is not None:
+                raise lost
+            sent.id = mid
         return MessageRef(chat, mid)
 
     async def edit(self, ref: MessageRef, text: str, *, markdown: bool = False) -> None:
@@ -117,6 +135,9 @@ class MemoryOutbox:
         if msg is None or msg.deleted:
             self._record("edit", ref.message_id, text, False)
             raise TargetGone("message to edit not found")
+        if not msg.from_bot:
+            self._record("edit", ref.message_id, text, False)
+            raise TargetGone("message can't be edited")
         if self.measure(text, markdown=markdown) > self.limits.max_message_len:
             self._record("edit", ref.message_id, text, False)
             raise TooLong("too long")
