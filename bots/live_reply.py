@@ -50,8 +50,9 @@ class ReplyJournal(Protocol):
 
     `record` gets a JSON-able state (see `LiveReply.state`): before every new message
     is sent (with the text being sent under "sending", so a send cut off by a crash
-    leaves its text to look for), and after every call that changed what is shown.
-    Sends whose outcome was unknown stay under "unsure" until they were looked for
+    leaves its text to look for), and after every call that changed what is shown --
+    but the last: the caller of `finish()` records `state()` with the turn's outcome,
+    in the same transaction (one write less per reply). Sends whose outcome was unknown stay under "unsure" until they were looked for
     (`bots.orphans`). It may raise: the reply carries on regardless (the chat matters
     more than the note).
     """
@@ -358,8 +359,19 @@ class LiveReply:
         if self._sending is not None:
             state["sending"] = self._sending.to_json()
         if self._fragments:
-            state["unsure"] = [f.to_json() for f in self._fragments]
+            state["unsure"] = [self._fragment_json(f) for f in self._fragments]
         return state
+
+    def _fragment_json(self, fragment: Fragment) -> dict[str, Any]:
+        """A fragment for the journal, with the bound this process knows for it (a copy an
+        earlier process left lies below the first message this one sent in the chat), so
+        the next process can still look for it if this one dies first."""
+        data = fragment.to_json()
+        if "before" not in data and self._ledger is not None:
+            bound = fragment.bound(self._ledger, self._chat)
+            if bound is not None:
+                data["before"] = bound
+        return data
 
     async def _record(self) -> None:
         """Write the reply's state down; while the journal is failing, without waiting for it.
@@ -502,8 +514,8 @@ class LiveReply:
                 self._end_send(error)
             if error is None:
                 failing_since, backoff = None, 0.5
-                if op.kind != "draft":
-                    await self._record()
+                if op.kind != "draft" and not (self._final and self._next_op() is None):
+                    await self._record()  # (the last call's outcome is recorded by the caller of finish())
                     self._maybe_clean()
             elif isinstance(error, RateLimited):
                 self._obs.on_rate_limited(error.retry_after)

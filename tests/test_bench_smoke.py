@@ -205,3 +205,23 @@ async def test_agent_overhead_benchmark_runs() -> None:
     result = await run_script("bench/agent_overhead.py", "--tokens", "50", "--runs", "1")
     has_fields(result, "bench", "raw_median_s", "run_turn_median_s", "overhead_ratio", "python", "openai", "cpus")
     assert is_number(result["overhead_ratio"])
+
+
+async def test_soak_benchmark_runs() -> None:
+    result = await run_script(
+        "bench/soak.py", "--chats", "3", "--rounds", "3", "--kills", "2", "--kill-min", "1", "--kill-max", "2",
+        "--think", "0.1", "--answer-timeout", "40", "--timeout", "150",
+        timeout=180.0,
+    )  # fmt: skip
+    has_fields(
+        result, "bench", "params", "targets", "messages_sent", "answered_exactly_once", "duplicated", "lost",
+        "failed", "expired", "left_partial", "left_partial_examples", "placeholder_left", "lost_examples",
+        "chats_out_of_order",
+        "answers_taken_back", "kills", "interrupted_then_answered", "restart_to_recovered_reply_s",
+        "model_calls_extra", "model_calls_max_per_question", "parley_processes", "parley_exit_codes",
+        "parley_unexpected_exits", "parley_errors", "parley_tracebacks", "wall_s", "machine",
+    )  # fmt: skip
+    has_fields(result["machine"], *MACHINE)
+    has_fields(result["restart_to_recovered_reply_s"], "p50", "p99", "max", "n")
+    assert result["messages_sent"] == 9
+    assert result["kills"] <= 2
