@@ -503,6 +503,23 @@ async def test_kill_while_the_first_send_is_unanswered_leaves_no_orphan_fragment
     assert_replied(tg, chat, [q], rig=rig)
 
 
+async def expect_only_the_failure_line(tg: Any, chat: Any, rig: Any, store_url: str, llm: CrashLLM, q: str) -> None:
+    """The message was given up on after two cut-off attempts: the chat shows the failure
+    line alone -- no fragment of either attempt beside it -- and the model was asked twice."""
+
+    def ended() -> bool:
+        shown = visible(tg, chat)
+        return len(shown) == 1 and bool(FAILURE_LINE.search(shown[0].text))
+
+    try:
+        await tg.wait_for(ended, timeout=60, what="only the failure line")
+    except TimeoutError:
+        raise AssertionError(f"fragments left beside the failure line\n{transcript(tg, chat)}\n{rig.logs()}")
+    assert llm.turn_starts(q) == 2
+    await finish(rig, store_url)
+    assert ended(), transcript(tg, chat)
+
+
 async def test_a_crash_loop_of_unanswered_sends_leaves_only_the_failure_line(
     tmp_path: Path, store_url: str, llm: CrashLLM, fast_telegram, rigs
 ) -> None:
@@ -529,18 +546,7 @@ async def test_a_crash_loop_of_unanswered_sends_leaves_only_the_failure_line(
         await rig.kill()
 
     await rig.start()
-
-    def ended() -> bool:
-        shown = visible(tg, chat)
-        return len(shown) == 1 and bool(FAILURE_LINE.search(shown[0].text))
-
-    try:
-        await tg.wait_for(ended, timeout=60, what="only the failure line")
-    except TimeoutError:
-        raise AssertionError(f"fragments left beside the failure line\n{transcript(tg, chat)}\n{rig.logs()}")
-    assert llm.turn_starts(q) == 2
-    await finish(rig, store_url)
-    assert ended(), transcript(tg, chat)
+    await expect_only_the_failure_line(tg, chat, rig, store_url, llm, q)
 
 
 async def test_a_crash_loop_ending_in_a_known_message_removes_an_earlier_unanswered_fragment(
@@ -581,18 +587,7 @@ async def test_a_crash_loop_ending_in_a_known_message_removes_an_earlier_unanswe
     llm.release()
 
     await rig.start()
-
-    def ended() -> bool:
-        shown = visible(tg, chat)
-        return len(shown) == 1 and bool(FAILURE_LINE.search(shown[0].text))
-
-    try:
-        await tg.wait_for(ended, timeout=60, what="only the failure line")
-    except TimeoutError:
-        raise AssertionError(f"a fragment left beside the failure line\n{transcript(tg, chat)}\n{rig.logs()}")
-    assert llm.turn_starts(q) == 2
-    await finish(rig, store_url)
-    assert ended(), transcript(tg, chat)
+    await expect_only_the_failure_line(tg, chat, rig, store_url, llm, q)
 
 
 async def test_kill_while_the_first_send_is_unanswered_on_discord_leaves_no_orphan_fragment(
