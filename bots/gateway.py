@@ -593,10 +593,6 @@ class Gateway:
                     self.metrics.deliveries_failed.labels(inbound.platform).inc()
                 return
             delivery = await reply.finish(final_text=result.text, interrupted=result.interrupted)
-            if unsure:
-                # Bounded by the messages it took over, what a cut-off send left is looked for
-                # even when the reply needed no new message (looking twice deletes nothing twice).
-                await remove_leftovers(connector.outbox, connector.pacing.for_chat(inbound.chat), inbound.chat, unsure)
             status = "interrupted" if result.interrupted else "ok"
             await self._finish_turn(
                 turn_id, result.messages, status=status,
@@ -658,8 +654,6 @@ class Gateway:
         reply.on_text("\n".join(text for _, text in shown if text.strip() != CONTINUING_TEXT).rstrip())
         await reply.finish(notice=notice)
         await self._finish_messages(list(inbound.inbox_ids), status, reply=reply.state())
-        # Nothing new was sent to bound where a lost copy may be; the kept messages do.
-        await remove_leftovers(connector.outbox, connector.pacing.for_chat(inbound.chat), inbound.chat, unsure)
         return True
 
     async def _plan_turn(
