@@ -190,7 +190,7 @@ class Gateway:
 
     @property
     def accepting(self) -> bool:
-        """False once `shutdown` began: new turns are refused (and their senders told)."""
+        """False once `shutdown` began: new turns wait in the inbox for the next start (their senders are told)."""
         return self._accepting
 
     # ---- incoming ----------------------------------------------------------------------

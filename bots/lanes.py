@@ -151,8 +151,8 @@ class Lanes:
     async def close(self, timeout: float) -> list[Inbound]:
         """Refuse new messages, give running turns `timeout` seconds, then interrupt them.
 
-        Returns the queued messages that will never run, so the gateway can tell their
-        senders instead of dropping them silently.
+        Returns the queued messages that will not run in this process (they stay in the
+        inbox, and the next start answers them).
         """
         self._closed = True
         leftovers = [m for lane in self._lanes.values() for m in lane.queue]
