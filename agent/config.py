@@ -19,27 +19,64 @@ TRANSPORTS: tuple[str, ...] = ("aiohttp", "httpx")
 class Timeouts:
     """Separate clocks for one model call (seconds; `None` disables a clock).
 
-    - `connect`: TCP/TLS connect (httpx).
+    - `connect`: TCP/TLS connect. Keep it below `first_token`: a connect that failed is
+      the one failure the SDK may retry inside the first-token window (nothing reached
+      the provider, so nothing is billed twice).
     - `first_token`: request start → first content-bearing delta (text, reasoning or
-      tool call). Keepalive comments do not count, so a provider that queues forever
-      while sending `: PROCESSING` still times out.
-    - `idle`: between two stream chunks after the first delta (event level, enforced by
-      one watchdog per call). The byte-level httpx read timeout is set to
-      `max(idle, first_token)` as a backstop, so slow headers of a reasoning model are
-      not mistaken for a dead socket.
+      tool call). It is *the* first-byte clock: late response headers, a queue that only
+      sends `: PROCESSING` comments and a model that thinks silently all run against it.
+    - `idle`: between two stream chunks after the first delta (event level).
     - `total`: wall clock for one request (streaming or not). The SDK has none.
+
+    parley's own watchdog enforces all four; the transport underneath (httpx/aiohttp,
+    driven by the SDK) only gets `transport_read` and `transport_total`, which are
+    always *later* than every clock above. So the SDK never gives up on a request --
+    and resends it, which bills it twice -- while parley would still have waited for it.
+
+    Defaults are sized for a person waiting in a chat: a hung provider ends the turn
+    with an error after about `first_token + total` (the streaming attempt, then the
+    one non-streaming fallback), about 4 minutes, while the live message has said
+    "still working…" since early on; 45 s to a first token still covers reasoning
+    models that stream their thinking.
     """
 
     connect: float | None = 10.0
-    first_token: float | None = 60.0
-    idle: float | None = 60.0
-    total: float | None = 600.0
+    first_token: float | None = 45.0
+    idle: float | None = 30.0
+    total: float | None = 180.0
 
     def __post_init__(self) -> None:
         for name in ("connect", "first_token", "idle", "total"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"Timeouts.{name} must be > 0 or None, got {value!r}")
+
+    def transport_read(self, *, stream: bool) -> float | None:
+        """The byte-level read timeout to hand the transport: a backstop, never a decider.
+
+        Streaming: later than both `first_token` (the wait for headers is a read) and
+        `idle`; with the first-token clock off, none (only `total` bounds the wait for
+        the first byte -- `idle` must not stand in for it). Non-streaming: the whole
+        answer comes with the headers, so later than `total`.
+        """
+        if not stream:
+            return _later_than(self.total)
+        if self.first_token is None:
+            return None
+        return _later_than(max(self.first_token, self.idle or 0.0))
+
+    @property
+    def transport_total(self) -> float | None:
+        """Write and pool timeouts for the transport: later than `total`, never deciding."""
+        return _later_than(self.total)
+
+
+TRANSPORT_GRACE = 5.0
+"""Seconds a transport timeout is set beyond the parley clock it backs up (see `Timeouts`)."""
+
+
+def _later_than(clock: float | None) -> float | None:
+    return None if clock is None else clock + TRANSPORT_GRACE
 
 
 @dataclass(slots=True)

@@ -32,21 +32,33 @@ parley's CPU under load. Consequences worth knowing:
   `ReadTimeout`, ...), mapped to the same causes the SDK's wrappers used to produce.
 
 Clocks: one `_Watchdog` per request (a single timer handle re-armed lazily, never a task
-or a `wait_for` per chunk) enforces first-token, idle and total deadlines; the httpx read
-timeout is the byte-level backstop.
+or a `wait_for` per chunk) enforces first-token, idle and total deadlines. The transport's
+own timeouts (`Timeouts.transport_read`) are backstops set *later* than those: a transport
+timeout is something the SDK answers by sending the request again (`max_retries`), so if
+it fired first, a provider that was merely slow to send its headers would get -- and bill
+-- the same request twice. With the watchdog deciding, the whole SDK call (any retry it
+had planned included) is cancelled and its connection closed before this module sends
+anything else for the step. The SDK still retries what is safe to retry: a failed
+connect, 429 and 5xx answers -- each after the previous attempt has ended.
+
+Every HTTP request sent (SDK retries included) is reported to an optional
+`RequestObserver` -- `kind` "stream" | "request" | "probe", `attempt` "first" | "retry"
+(the SDK's) | "fallback" (the non-streaming answer to a broken stream) -- so operators can
+see what a provider bills (`bots/metrics.py`: `parley_provider_requests_total`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import httpx2
@@ -74,7 +86,14 @@ from .stream import (
     response_from_responses,
 )
 
-__all__ = ["Provider", "StepState", "StreamHealth", "to_provider_error", "to_responses_input"]
+__all__ = [
+    "Provider",
+    "RequestObserver",
+    "StepState",
+    "StreamHealth",
+    "to_provider_error",
+    "to_responses_input",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +104,33 @@ _STREAM_RE = re.compile(
     r"|streaming is not supported|unsupported value: 'stream'",
     re.IGNORECASE,
 )
+
+
+class RequestObserver(Protocol):
+    """Told about every HTTP request sent to the provider, as it leaves (for metrics).
+
+    `kind`: "stream", "request" (non-streaming) or "probe" (`parley check`). `attempt`:
+    "first", "retry" (the SDK sending the same request again after a failed connect, a
+    429 or a 5xx) or "fallback" (the non-streaming request that answers a step whose
+    stream broke). Called on the request's task; must be cheap. Exceptions are logged
+    and ignored.
+    """
+
+    def __call__(self, kind: str, attempt: str) -> None: ...
+
+
+# What the SDK call running on this task is, for the transport's request hook: the hook
+# sees only an HTTP request, not why parley sent it.
+_CALL: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar("parley_provider_call", default=("request", "first"))
+
+
+@contextlib.contextmanager
+def _calling(kind: str, attempt: str = "first") -> Iterator[None]:
+    token = _CALL.set((kind, attempt))
+    try:
+        yield
+    finally:
+        _CALL.reset(token)
 
 
 def _guard(fn: Callable[..., Any], name: str) -> Callable[..., None]:
@@ -584,17 +630,25 @@ class Provider:
         *,
         clock: Callable[[], float] = time.monotonic,
         http_client: httpx2.AsyncClient | None = None,
+        on_request: RequestObserver | None = None,
     ) -> None:
+        """`on_request` hears of every HTTP request sent (see `RequestObserver`)."""
         self.cfg = cfg
         t = cfg.timeouts
-        read = max((v for v in (t.idle, t.first_token) if v is not None), default=None)
-        self._stream_timeout = openai.Timeout(t.total, connect=t.connect, read=read)
-        self._plain_timeout = openai.Timeout(t.total, connect=t.connect)
-        if http_client is None and cfg.transport == "aiohttp":
-            # The SDK's own aiohttp-backed httpx2 client: same requests, retries and errors,
-            # but aiohttp's C parser reads each network read of a stream for about half the
-            # CPU of httpcore2 + h11 (BENCHMARKS.md, "Where the CPU goes").
-            http_client = openai.DefaultAioHttpClient(timeout=self._plain_timeout)
+        # Transport timeouts back parley's clocks up and never decide (module docstring).
+        self._stream_timeout = openai.Timeout(t.transport_total, connect=t.connect, read=t.transport_read(stream=True))
+        self._plain_timeout = openai.Timeout(t.transport_total, connect=t.connect, read=t.transport_read(stream=False))
+        self._on_request = on_request
+        hooks = {"request": [self._sent]}
+        if http_client is None:
+            # aiohttp: the SDK's own aiohttp-backed httpx2 client -- same requests, retries
+            # and errors, but aiohttp's C parser reads each network read of a stream for
+            # about half the CPU of httpcore2 + h11 (BENCHMARKS.md, "Where the CPU goes").
+            # httpx: the client the SDK would build itself, plus the request hook.
+            factory = openai.DefaultAioHttpClient if cfg.transport == "aiohttp" else openai.DefaultAsyncHttpxClient
+            http_client = factory(timeout=self._plain_timeout, event_hooks=hooks)
+        else:
+            http_client.event_hooks["request"].append(self._sent)
         self._client = openai.AsyncOpenAI(
             base_url=cfg.base_url,
             api_key=cfg.api_key,
@@ -606,6 +660,18 @@ class Provider:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+    async def _sent(self, request: httpx2.Request) -> None:
+        """The transport's request hook: one HTTP request is leaving (SDK retries too)."""
+        if self._on_request is None:
+            return
+        kind, attempt = _CALL.get()
+        if request.headers.get("x-stainless-retry-count", "0") != "0":
+            attempt = "retry"
+        try:
+            self._on_request(kind, attempt)
+        except Exception:
+            log.exception("the provider request observer raised; ignored")
 
     # -- one step ---------------------------------------------------------
 
@@ -621,7 +687,7 @@ class Provider:
         """Run one model call; stream when `events.wants_deltas`, fall back when streaming breaks."""
         step.started_at = asyncio.get_running_loop().time()
         if events is None or not events.wants_deltas or not self.cfg.stream:
-            response = await self._request(messages, tools, model)
+            response = await self._request(messages, tools, model, attempt="first")
             self._first_delta(step, events)
             return response
 
@@ -650,7 +716,7 @@ class Provider:
             cause,
             f": {_scrub(detail, self.cfg.api_key)}" if detail else "",
         )
-        response = await self._request(messages, tools, model)
+        response = await self._request(messages, tools, model, attempt="fallback")
         response.fell_back = True
         response.fallback_cause = cause
         self._first_delta(step, events)
@@ -685,11 +751,14 @@ class Provider:
 
     # -- non-streaming ------------------------------------------------------
 
-    async def _request(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, model: str) -> ModelResponse:
+    async def _request(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, model: str, *, attempt: str
+    ) -> ModelResponse:
+        """One non-streaming request; `attempt` is "first", or "fallback" after a broken stream."""
         kwargs = self._kwargs(messages, tools, model)
         t = self.cfg.timeouts
         try:
-            with _Watchdog(None, first_token=None, idle=None, total=t.total):
+            with _calling("request", attempt), _Watchdog(None, first_token=None, idle=None, total=t.total):
                 if self.cfg.api == "responses":
                     raw = await self._client.responses.create(**kwargs, timeout=self._plain_timeout)
                     return response_from_responses(raw)
@@ -734,7 +803,7 @@ class Provider:
         watchdog = _Watchdog(acc, first_token=t.first_token, idle=t.idle, total=t.total)
         reader = _BodyReader(acc, watchdog)
         try:
-            with watchdog:
+            with _calling("stream"), watchdog:
                 if responses:
                     opener = self._client.responses.with_streaming_response.create(
                         **kwargs, stream=True, timeout=self._stream_timeout
@@ -784,7 +853,7 @@ class Provider:
         """Reach the provider: list models, else make a tiny request. Raises `ProviderError`."""
         model = model or self.cfg.model
         try:
-            with _Watchdog(None, first_token=None, idle=None, total=self.cfg.timeouts.total):
+            with _calling("probe"), _Watchdog(None, first_token=None, idle=None, total=self.cfg.timeouts.total):
                 try:
                     page = await self._client.models.list()
                     ids = [m.id for m in page.data]

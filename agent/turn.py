@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import ProviderConfig
 from .events import ToolCall, ToolResult, TurnEvents
-from .provider import Provider, StepState, _guard
+from .provider import Provider, RequestObserver, StepState, _guard
 from .stream import ModelResponse, Usage
 from .tools import ToolRegistry
 
@@ -102,6 +102,8 @@ class Agent:
 
     `tools=None` gives the default built-ins (`current_time`); pass
     `ToolRegistry()` for none. `clock` drives the streaming cooldown (tests inject one).
+    `on_request` hears of every HTTP request sent to the provider, SDK retries and
+    fallbacks included (`agent.provider.RequestObserver`; the gateway counts them).
     """
 
     def __init__(
@@ -111,13 +113,14 @@ class Agent:
         max_steps: int = 8,
         *,
         clock: Callable[[], float] = time.monotonic,
+        on_request: RequestObserver | None = None,
     ) -> None:
         if max_steps < 1:
             raise ValueError("max_steps must be >= 1")
         self.cfg = cfg
         self.tools = tools if tools is not None else ToolRegistry.default()
         self.max_steps = max_steps
-        self._provider = Provider(cfg, clock=clock)
+        self._provider = Provider(cfg, clock=clock, on_request=on_request)
 
     async def aclose(self) -> None:
         await self._provider.aclose()

@@ -297,7 +297,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "max_retries": 0,
             },
             "store": store_url,
-            "access": {"allow_everyone": True},
+            "access": {"allow_everyone": True, "user_rate": "off"},  # every question must count
             "telegram": {"token": tg.token, "api_base": tg.url, "pacing": FAST_PACING},
             "chat": {"queue_max": 5, **({"max_attempts": args.max_attempts} if args.max_attempts else {})},
             "shutdown_timeout": 10,

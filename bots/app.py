@@ -25,6 +25,7 @@ from bots.errors import ParleyError, PlatformFailed
 from bots.inbound import GroupTrigger
 from bots.gateway import ChatDefaults, Connector, Gateway
 from bots.health import Check, HealthServer, PlatformHealth, first_fatal
+from bots.inbound_rate import InboundRate
 from bots.metrics import Metrics
 from bots.store import Store
 
@@ -58,6 +59,10 @@ def chat_defaults(settings: Settings) -> ChatDefaults:
         error_cooldown=chat.error_cooldown,
         max_redelivery_age=chat.max_redelivery_age,
         max_attempts=chat.max_attempts,
+        group_control=chat.group_control,
+        reserve_completion_tokens=chat.reserve_completion_tokens,
+        budget_hold_ttl=chat.budget_hold_ttl,
+        still_working_after=chat.still_working_after,
         history_max_messages=settings.agent.history.max_messages,
         history_max_tokens=settings.agent.history.max_tokens,
         prices={name: (p.prompt, p.completion) for name, p in settings.provider.prices.items()},
@@ -119,7 +124,10 @@ class App:
                 if stale:
                     log.info("%d turns were cut off by an earlier process (their messages are recovered at start)", stale)
             agent = Agent(
-                settings.provider.agent_config(), tools=build_tools(settings), max_steps=settings.agent.max_steps
+                settings.provider.agent_config(),
+                tools=build_tools(settings),
+                max_steps=settings.agent.max_steps,
+                on_request=metrics.count_provider_request,
             )
         except BaseException:
             await store.close()
@@ -130,7 +138,8 @@ class App:
 
             policy = replace(policy, owners=policy.owners | extra_owners)
         gateway = Gateway(
-            store=store, agent=agent, access=Access(store, policy), defaults=chat_defaults(settings), metrics=metrics
+            store=store, agent=agent, access=Access(store, policy), defaults=chat_defaults(settings), metrics=metrics,
+            inbound_rate=InboundRate(settings.access.user_rate) if settings.access.user_rate else None,
         )
         return cls(settings=settings, store=store, agent=agent, gateway=gateway, metrics=metrics, recover=recover)
 
@@ -266,6 +275,8 @@ class App:
         if self.health is not None:
             await self.health.stop()
         await self.agent.aclose()
+        if self.gateway.inbound_rate is not None:
+            await self.gateway.inbound_rate.aclose()
         await self.store.close()
 
     async def _finish_turns(self, timeout: float, hurry: asyncio.Event | None) -> None:

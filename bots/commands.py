@@ -19,11 +19,15 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from bots.access import Role
 from bots.errors import ParleyError
+from bots.ids import quote_input, user_id_problem
 from bots.inbound import Inbound
+from bots.logs import url_without_secrets
+from bots.store import ChatSettings
 
 if TYPE_CHECKING:
     from bots.gateway import Gateway
@@ -62,6 +66,7 @@ class Command:
     args: tuple[Arg, ...] = ()
     aliases: tuple[str, ...] = ()
     runs_turn: bool = False  # /retry: starts a turn in the chat's lane instead of replying
+    private: bool = False  # the answer concerns the caller alone (Discord: ephemeral)
 
     @property
     def usage(self) -> str:
@@ -80,6 +85,9 @@ class CommandContext:
     role: Role
     gateway: "Gateway"
     command: Command
+    # Whether the answer concerns the caller alone: denials, usage errors, what only they
+    # asked to see. Connectors that can (Discord) show such answers to the caller only.
+    private: bool = False
 
     @property
     def args(self) -> str:
@@ -105,12 +113,16 @@ class CommandContext:
         token = token.strip()
         m = re.fullmatch(r"<@!?(\d+)>", token)  # a Discord mention
         if m:
-            return f"{platform}:{m.group(1)}"
+            return _user_key(platform, m.group(1))
         m = re.fullmatch(r"(telegram|discord|console):@?(\w+)", token)
         if m:  # a user key, possibly of another platform: "discord:9001", "telegram:@alice"
             platform, token = m.group(1), m.group(2)
-        if re.fullmatch(r"\d+", token):
-            return f"{platform}:{token}"
+        if re.fullmatch(r"[-+]?\d+", token):
+            return _user_key(platform, token)
+        if not re.fullmatch(r"@?\w{1,32}", token):
+            raise CommandError(
+                f"{quote_input(token)} is not a user: name one by id or @username, or reply to one of their messages."
+            )
         found = await self.gateway.store.find_user(platform, token.lstrip("@"))
         if found is None:
             raise CommandError(
@@ -118,6 +130,47 @@ class CommandContext:
                 "(or reply to one of their messages)."
             )
         return found
+
+    # ---- the role ladder: owner > admin > user > blocked --------------------------------
+
+    async def may_change_user(self, target: str, thing: str, *, set_by: str | None) -> None:
+        """Refuse (saying who can) what would let someone overrule the role ladder.
+
+        Nobody changes a setting that applies to themselves (owners excepted: nobody is
+        above them), nobody acts on a user of their own role or higher, and nobody undoes
+        what a higher role decided (`set_by`: who made the current setting). `thing` names
+        the setting: "access", "budget", "role".
+        """
+        me = self.inbound.user_key
+        if target == me:
+            if self.role < Role.OWNER:
+                raise PermissionDenied(f"You can't change your own {thing}; only an owner can.")
+            return
+        theirs = await self.gateway.access.role_of(target)
+        if theirs == Role.OWNER:
+            raise PermissionDenied(f"{target} is an owner; nobody else can change their {thing}.")
+        if theirs >= self.role:
+            raise PermissionDenied(f"{target} is an {theirs.label} like you; only an owner can change their {thing}.")
+        await self._not_overruling(set_by, f"{target}'s {thing}")
+
+    async def may_change_setting(self, settings: ChatSettings, field: str, thing: str) -> None:
+        """Refuse changing a chat setting that someone of a higher role made."""
+        await self._not_overruling(settings.set_by.get(field), f"this chat's {thing}")
+
+    async def _not_overruling(self, set_by: str | None, what: str) -> None:
+        if set_by is None or set_by == self.inbound.user_key:
+            return
+        setter = await self.gateway.access.role_of(set_by)
+        if setter > self.role:
+            raise PermissionDenied(f"An {setter.label} set {what}; only an {setter.label} can change it.")
+
+
+def _user_key(platform: str, ident: str) -> str:
+    """`platform:ident` for an id someone typed, refused unless the platform could send it."""
+    problem = user_id_problem(platform, ident)
+    if problem:
+        raise CommandError(f"{quote_input(ident)} is not a user id: {problem}.")
+    return f"{platform}:{ident}"
 
 
 class CommandRegistry:
@@ -149,15 +202,20 @@ class CommandRegistry:
 
     async def run(self, ctx: CommandContext) -> str:
         """Run a command after checking the caller may; errors become one-line replies."""
+        ctx.private = ctx.private or ctx.command.private
         if ctx.role < ctx.command.role:
+            ctx.private = True
             return f"⛔ /{ctx.command.name} is for {ctx.command.role.label}s only."
         try:
             return await ctx.command.handler(ctx)
         except PermissionDenied as exc:
+            ctx.private = True
             return f"⛔ {exc}"
         except CommandError as exc:
+            ctx.private = True
             return str(exc)
         except Exception:
+            ctx.private = True
             # A bug or a failing database: the log gets the details, the chat one calm line.
             log.exception("command /%s failed in chat %s", ctx.command.name, ctx.inbound.chat.key)
             return f"⚠️ /{ctx.command.name} failed. Please try again in a moment."
@@ -173,9 +231,23 @@ async def _help(ctx: CommandContext) -> str:
     return "\n".join(lines)
 
 
+async def _may_control_others(ctx: CommandContext) -> bool:
+    """Whether the caller may stop other people's replies and reset a shared conversation.
+
+    In a group one member must not be able to cut everyone else off: that takes an admin,
+    unless the chat's `control` (or `chat.group_control`) says "everyone".
+    """
+    if ctx.inbound.chat.is_private or ctx.role >= Role.ADMIN:
+        return True
+    settings = await ctx.gateway.store.chat_settings(_group(ctx))
+    return (settings.control or ctx.gateway.defaults.group_control) == "everyone"
+
+
 async def _new(ctx: CommandContext) -> str:
     gw = ctx.gateway
     session_key = gw.session_key(ctx.inbound)
+    if session_key == ctx.inbound.chat.key and not await _may_control_others(ctx):
+        raise PermissionDenied("Only admins can start a new conversation for the whole group here.")
     if session_key == ctx.inbound.chat.key:
         # The chat's one conversation ends: so does its running reply and its queue.
         gw.lanes.stop(ctx.inbound.chat.key)
@@ -185,11 +257,52 @@ async def _new(ctx: CommandContext) -> str:
 
 
 async def _stop(ctx: CommandContext) -> str:
-    running, dropped = ctx.gateway.lanes.stop(ctx.inbound.chat.key)
-    if not running and not dropped:
-        return "Nothing is running."
-    extra = f" Dropped {dropped} queued message{'s' if dropped != 1 else ''}." if dropped else ""
-    return "⏹️ Stopped." + extra
+    lanes, key = ctx.gateway.lanes, ctx.inbound.chat.key
+    if await _may_control_others(ctx):
+        running, dropped = lanes.stop(key)
+        if not running and not dropped:
+            ctx.private = True
+            return "Nothing is running."
+        return "⏹️ Stopped." + _dropped_text(dropped)
+    # A member in a group: their own reply and their own queued messages, nobody else's.
+    me = ctx.inbound.user_key
+    current = lanes.running(key)
+    dropped = lanes.drop_queued(key, me)
+    mine = current is not None and current.user_key == me
+    if mine:
+        lanes.stop(key, clear_queue=False)
+        return "⏹️ Stopped." + _dropped_text(dropped)
+    if current is None:
+        ctx.private = not dropped
+        return "⏹️ Stopped." + _dropped_text(dropped) if dropped else "Nothing is running."
+    others = "The reply being written is someone else's; only admins can stop it."
+    if dropped:
+        return f"⏹️ Dropped {dropped} of your queued message{'s' if dropped != 1 else ''}. {others}"
+    ctx.private = True
+    return "⛔ " + others
+
+
+def _dropped_text(dropped: int) -> str:
+    return f" Dropped {dropped} queued message{'s' if dropped != 1 else ''}." if dropped else ""
+
+
+async def _control(ctx: CommandContext) -> str:
+    gw = ctx.gateway
+    if ctx.inbound.chat.is_private:
+        raise CommandError("/control is for groups: in a private chat only you can stop your replies.")
+    group = _group(ctx)
+    settings = await gw.store.chat_settings(group)
+    if not ctx.args:
+        current = settings.control or gw.defaults.group_control
+        suffix = "" if settings.control else " (default)"
+        return f"Who may stop others' replies and reset this group's conversation: {current}{suffix}."
+    if ctx.args not in ("admins", "everyone"):
+        raise ctx.bad_usage()
+    await ctx.may_change_setting(settings, "control", "control setting")
+    await gw.store.update_chat_settings(group, by=ctx.inbound.user_key, control=ctx.args)
+    if ctx.args == "everyone":
+        return "Everyone here may now stop any reply and start a new conversation for the group."
+    return "Only admins may now stop someone else's reply or start a new conversation for the group."
 
 
 async def _retry(ctx: CommandContext) -> str:
@@ -236,18 +349,20 @@ async def _model(ctx: CommandContext) -> str:
     key = ctx.inbound.chat.key
     allowed = gw.defaults.allowed_models()
     if not ctx.args:
+        ctx.private = True  # what the caller asked to see
         settings = await gw.store.chat_settings(key)
         current = settings.model or gw.defaults.model
         suffix = "" if settings.model else " (default)"
         return f"Model in this chat: {current}{suffix}\nAvailable: {', '.join(allowed)}"
     ctx.require(Role.ADMIN, "switch the model")
     name = ctx.args
+    if name != "default" and name not in allowed:
+        raise CommandError(f"Unknown model {quote_input(name)}. Available: {', '.join(allowed)}")
+    await ctx.may_change_setting(await gw.store.chat_settings(key), "model", "model")
     if name == "default":
-        await gw.store.update_chat_settings(key, model=None)
+        await gw.store.update_chat_settings(key, by=ctx.inbound.user_key, model=None)
         return f"Model reset to the default, {gw.defaults.model}."
-    if name not in allowed:
-        raise CommandError(f"Unknown model {name!r}. Available: {', '.join(allowed)}")
-    await gw.store.update_chat_settings(key, model=name)
+    await gw.store.update_chat_settings(key, by=ctx.inbound.user_key, model=name)
     return f"Model for this chat set to {name}."
 
 
@@ -259,12 +374,13 @@ async def _system(ctx: CommandContext) -> str:
         prompt = settings.system_prompt or gw.defaults.system_prompt
         suffix = "" if settings.system_prompt else " (default)"
         return f"System prompt{suffix}:\n{prompt}"
-    if ctx.args == "reset":
-        await gw.store.update_chat_settings(key, system_prompt=None)
-        return "System prompt reset to the default."
     if len(ctx.args) > 8000:
         raise CommandError("That system prompt is too long (8000 characters at most).")
-    await gw.store.update_chat_settings(key, system_prompt=ctx.args)
+    await ctx.may_change_setting(await gw.store.chat_settings(key), "system_prompt", "system prompt")
+    if ctx.args == "reset":
+        await gw.store.update_chat_settings(key, by=ctx.inbound.user_key, system_prompt=None)
+        return "System prompt reset to the default."
+    await gw.store.update_chat_settings(key, by=ctx.inbound.user_key, system_prompt=ctx.args)
     return "System prompt updated for this chat."
 
 
@@ -276,7 +392,8 @@ async def _mode(ctx: CommandContext) -> str:
         return f"Busy policy: {settings.busy_policy or gw.defaults.busy_policy}"
     if ctx.args not in ("queue", "interrupt"):
         raise ctx.bad_usage()
-    await gw.store.update_chat_settings(key, busy_policy=ctx.args)
+    await ctx.may_change_setting(await gw.store.chat_settings(key), "busy_policy", "busy policy")
+    await gw.store.update_chat_settings(key, by=ctx.inbound.user_key, busy_policy=ctx.args)
     what = "wait in a queue" if ctx.args == "queue" else "interrupt the running reply"
     return f"Busy policy set to {ctx.args}: new messages {what}."
 
@@ -290,7 +407,8 @@ async def _stream(ctx: CommandContext) -> str:
         return f"Streaming is {'on' if on else 'off'}."
     if ctx.args not in ("on", "off"):
         raise ctx.bad_usage()
-    await gw.store.update_chat_settings(key, streaming=ctx.args == "on")
+    await ctx.may_change_setting(await gw.store.chat_settings(key), "streaming", "streaming setting")
+    await gw.store.update_chat_settings(key, by=ctx.inbound.user_key, streaming=ctx.args == "on")
     return f"Streaming {ctx.args}."
 
 
@@ -303,12 +421,14 @@ async def _allow(ctx: CommandContext) -> str:
     if _is_chat_word(ctx):
         if ctx.inbound.chat.is_private:
             raise CommandError("/allow chat is for groups: it lets everyone in the group use the bot.")
-        await gw.store.update_chat_settings(_group(ctx), allowed=True)
+        await ctx.may_change_setting(await gw.store.chat_settings(_group(ctx)), "allowed", "access")
+        await gw.store.update_chat_settings(_group(ctx), by=ctx.inbound.user_key, allowed=True)
         return "✅ Everyone in this chat may now use the bot."
     user = await ctx.target_user(ctx.args)
     current = await gw.access.role_of(user)
     if current >= Role.ADMIN:
         return f"{user} is already an {current.label}."
+    await ctx.may_change_user(user, "access", set_by=await gw.store.role_granted_by(user))
     await gw.store.set_role(user, "user", by=ctx.inbound.user_key)
     return f"✅ {user} may now use the bot."
 
@@ -318,14 +438,16 @@ async def _deny(ctx: CommandContext) -> str:
     if _is_chat_word(ctx):
         if ctx.inbound.chat.is_private:
             raise CommandError("/deny chat is for groups.")
-        await gw.store.update_chat_settings(_group(ctx), allowed=False)
+        await ctx.may_change_setting(await gw.store.chat_settings(_group(ctx)), "allowed", "access")
+        await gw.store.update_chat_settings(_group(ctx), by=ctx.inbound.user_key, allowed=False)
         return "This chat is no longer allowed as a whole; only allowed users may use the bot here."
     user = await ctx.target_user(ctx.args)
     current = await gw.access.role_of(user)
     if current == Role.OWNER:
         raise PermissionDenied("Owners are set in the configuration and cannot be denied from chat.")
-    if current == Role.ADMIN:
+    if current == Role.ADMIN and user != ctx.inbound.user_key:
         ctx.require(Role.OWNER, "deny an admin")
+    await ctx.may_change_user(user, "access", set_by=await gw.store.role_granted_by(user))
     await gw.store.set_role(user, "blocked", by=ctx.inbound.user_key)
     return f"🚫 {user} may no longer use the bot."
 
@@ -340,8 +462,14 @@ async def _admins(ctx: CommandContext) -> str:
 async def _promote(ctx: CommandContext) -> str:
     gw = ctx.gateway
     user = await ctx.target_user(ctx.args)
-    if await gw.access.role_of(user) == Role.OWNER:
+    role = await gw.access.role_of(user)
+    if role == Role.OWNER:
         return f"{user} is an owner already."
+    if role == Role.ADMIN:
+        return f"{user} is an admin already."
+    if role == Role.BLOCKED:
+        # Never lift a block as a side effect: unblocking is its own, deliberate step.
+        raise CommandError(f"{user} is blocked. Send /allow {user} first, then /promote.")
     await gw.store.set_role(user, "admin", by=ctx.inbound.user_key)
     return f"⭐ {user} is now an admin."
 
@@ -352,6 +480,8 @@ async def _demote(ctx: CommandContext) -> str:
     role = await gw.access.role_of(user)
     if role == Role.OWNER:
         raise PermissionDenied("Owners are set in the configuration and cannot be demoted from chat.")
+    if role == Role.BLOCKED:
+        return f"{user} is blocked, not an admin (/allow lifts the block)."
     if role != Role.ADMIN:
         return f"{user} is not an admin."
     await gw.store.set_role(user, "user", by=ctx.inbound.user_key)
@@ -374,42 +504,69 @@ async def _budget(ctx: CommandContext) -> str:
         raise ctx.bad_usage("the budget is a positive whole number of tokens per day, or 'off'")
     user = await ctx.target_user(who)
     if amount is None:
+        ctx.private = True
         budget = await gw.store.budget(user)
         return f"{user}: " + (f"{budget:,} tokens per day." if budget else "no daily budget.")
-    if user != ctx.inbound.user_key and await gw.access.role_of(user) >= Role.ADMIN:
-        ctx.require(Role.OWNER, "set the budget of an admin or owner")
+    await ctx.may_change_user(user, "budget", set_by=await gw.store.budget_set_by(user))
     if amount == "off":
         await gw.store.set_budget(user, None)
         return f"{user} has no daily budget now."
-    await gw.store.set_budget(user, int(amount))
+    await gw.store.set_budget(user, int(amount), by=ctx.inbound.user_key)
     return f"{user} may now use {int(amount):,} tokens per day."
 
 
 async def _status(ctx: CommandContext) -> str:
+    """What an admin needs at a glance; configuration only for an owner in a private chat.
+
+    /status may run in a group (on Discord, a public channel), so it names the provider by
+    its host alone: a base URL can carry a password or an `?api-key=`.
+    """
     gw = ctx.gateway
     up = int(time.monotonic() - gw.started_at)
     platforms = ", ".join(f"{name} {'✅' if c.connected else '❌'}" for name, c in gw.connectors.items()) or "none"
     depths = gw.lanes.queue_depths()
     queued = sum(depths.values())
     health = gw.agent.health()
+    base_url = str(health.get("base_url") or "")
     lines = [
         f"Uptime: {up // 3600}h {up % 3600 // 60}m {up % 60}s",
         f"Platforms: {platforms}",
         f"Active turns: {gw.lanes.active}; queued messages: {queued} in {len(depths)} chats",
-        "Provider: " + _health_line(health),
+        f"Provider: {urlsplit(base_url).hostname or 'unknown'}",
     ]
+    models = health.get("models")
+    for model, state in (models.items() if isinstance(models, dict) else ()):
+        lines.append(f"  {model}: {_streaming_state(state)}")
+    if ctx.role >= Role.OWNER and ctx.inbound.chat.is_private:
+        allowed = gw.defaults.allowed_models()
+        lines += [
+            "Configuration (shown to owners in private chats only):",
+            f"  endpoint: {url_without_secrets(base_url)}",
+            f"  API: {health.get('api', 'unknown')}; streaming {'on' if health.get('streaming_enabled') else 'off'}",
+            f"  models: {allowed[0]} (default)" + "".join(f", {m}" for m in allowed[1:]),
+        ]
     return "\n".join(lines)
 
 
-def _health_line(health: dict) -> str:
-    parts = []
-    for key, value in health.items():
-        if isinstance(value, dict):
-            inner = ", ".join(f"{k}={v}" for k, v in value.items())
-            parts.append(f"{key}({inner})" if inner else key)
-        else:
-            parts.append(f"{key}={value}")
-    return "; ".join(parts) or "ok"
+def _streaming_state(state: object) -> str:
+    """One model's streaming health in words: "streaming ok", "streaming paused for 4m 10s ..."."""
+    if not isinstance(state, dict):
+        return "no calls yet"
+    failures = int(state.get("consecutive_failures") or 0)
+    fallbacks = int(state.get("fallbacks") or 0)
+    cause = state.get("last_error")
+    if state.get("streaming") == "cooldown":
+        left = int(float(state.get("cooldown_remaining") or 0))
+        text = f"streaming paused for {left // 60}m {left % 60}s (answers come whole meanwhile)"
+    else:
+        text = "streaming ok"
+    if failures:
+        text += f"; {failures} failure{'s' if failures != 1 else ''} in a row"
+    if fallbacks:
+        text += f"; {fallbacks} fallback{'s' if fallbacks != 1 else ''} so far"
+    if cause and (failures or fallbacks):
+        text += f" (last: {quote_input(str(cause), 30)})"
+    return text
 
 
 def _group(ctx: CommandContext) -> str:
@@ -423,11 +580,11 @@ def builtin_commands() -> CommandRegistry:
     """The registry parley ships with."""
     return CommandRegistry(
         [
-            Command("help", "list the commands you can use", Role.USER, _help, aliases=("start",)),
+            Command("help", "list the commands you can use", Role.USER, _help, aliases=("start",), private=True),
             Command("new", "start a fresh conversation", Role.USER, _new, aliases=("reset",)),
             Command("stop", "stop the running reply", Role.USER, _stop),
             Command("retry", "answer your last message again", Role.USER, _retry, runs_turn=True),
-            Command("usage", "tokens and cost, today and this month", Role.USER, _usage,
+            Command("usage", "tokens and cost, today and this month", Role.USER, _usage, private=True,
                     args=(Arg("scope", "me, chat, all, or a user (chat/all/user: admins)"),)),
             Command("model", "show or switch this chat's model", Role.USER, _model,
                     args=(Arg("name", "the model to switch to (admins)"),)),
@@ -437,15 +594,18 @@ def builtin_commands() -> CommandRegistry:
                     args=(Arg("policy", "queue or interrupt", choices=("queue", "interrupt")),)),
             Command("stream", "streaming on or off in this chat", Role.ADMIN, _stream,
                     args=(Arg("state", "on or off", choices=("on", "off")),)),
+            Command("control", "who may stop others' replies and reset this group's conversation", Role.ADMIN,
+                    _control, args=(Arg("who", "admins or everyone", choices=("admins", "everyone")),)),
             Command("allow", "let a user (or this whole group: 'chat') use the bot", Role.ADMIN, _allow,
                     args=(_USER_ARG,)),
             Command("deny", "stop a user (or this group: 'chat') from using the bot", Role.ADMIN, _deny,
                     args=(_USER_ARG,)),
-            Command("admins", "list owners and admins", Role.OWNER, _admins),
+            Command("admins", "list owners and admins", Role.OWNER, _admins, private=True),
             Command("promote", "make a user an admin", Role.OWNER, _promote, args=(_USER_ARG,)),
             Command("demote", "take admin rights away", Role.OWNER, _demote, args=(_USER_ARG,)),
             Command("budget", "a user's daily token budget ('off' removes it)", Role.ADMIN, _budget,
                     args=(_USER_ARG, Arg("tokens", "tokens per day, or off"))),
-            Command("status", "uptime, platforms, turns, queues, provider health", Role.ADMIN, _status),
+            Command("status", "uptime, platforms, turns, queues, provider health", Role.ADMIN, _status,
+                    private=True),
         ]
     )

@@ -408,6 +408,11 @@ def _platform_id(value: str, *, what: str, allow_negative: bool) -> str:
     if not sep or platform not in PLATFORMS or not number.isdigit():
         example = "telegram:-1001234567890" if allow_negative else "telegram:123456"
         raise ValueError(f"must be 'platform:{what}' with platform {' or '.join(PLATFORMS)}, e.g. {example!r}")
+    from bots.ids import chat_id_problem, user_id_problem
+
+    problem = (chat_id_problem if allow_negative else user_id_problem)(platform, ident)
+    if problem:
+        raise ValueError(f"{ident[:24]!r} is not a {what}: {problem}")
     return f"{platform}:{ident}"
 
 
@@ -551,10 +556,42 @@ class PacingSettings(_Section):
 
 
 class Timeouts(_Section):
+    """The provider's clocks (`agent.config.Timeouts` says what each one measures).
+
+    Defaults a person waiting in a chat accepts: a hung provider ends the turn after about
+    `first_token + total` (the streaming attempt, then one non-streaming fallback) ≈ 4 min,
+    not 11.5; the live message says "still working…" long before (`chat.still_working_after`).
+    """
+
     connect: Seconds = 10.0
-    first_token: Seconds = 90.0
-    idle: Seconds = 90.0
-    total: Seconds = 600.0
+    first_token: Seconds = 45.0
+    idle: Seconds = 30.0
+    total: Seconds = 180.0
+
+    def _cross_check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.connect >= self.first_token:
+            problems.append((
+                "connect",
+                f"must be less than first_token ({self.first_token:g} s): connecting is part of the wait "
+                "for the first token, and a failed connect is the retry that must fit inside it",
+            ))
+        for name in ("first_token", "idle"):
+            if getattr(self, name) > self.total:
+                problems.append((name, f"must not exceed total ({self.total:g} s), the wall clock of one request"))
+        return problems
+
+
+def _off_is_zero(value: Any) -> Any:
+    """`off` (YAML reads it as false), `false`, `no` or `none` mean 0: the feature is off."""
+    if value is False or value is None:
+        return 0.0
+    if isinstance(value, str) and value.strip().lower() in ("off", "false", "no", "none"):
+        return 0.0
+    return value
+
+
+SecondsOrOff = Annotated[float, BeforeValidator(_off_is_zero), Field(ge=0)]
 
 
 class Price(_Section):
@@ -656,6 +693,17 @@ class ChatSettings(_Section):
     error_cooldown: float = Field(default=60.0, ge=0)
     max_redelivery_age: float = Field(default=600.0, gt=0)
     max_attempts: int = Field(default=2, ge=1, le=10)
+    # Groups: who may stop someone else's reply or reset the shared conversation
+    # (a member may always stop their own turn). Per chat: /control.
+    group_control: Literal["admins", "everyone"] = "admins"
+    # Budgets: what a turn reserves for the answer when provider.extra_params sets no
+    # max_tokens / max_completion_tokens / max_output_tokens, and how long a reservation
+    # counts at most (a process that died mid-turn must not block its user).
+    reserve_completion_tokens: int = Field(default=1024, ge=0)
+    budget_hold_ttl: Seconds = 3600.0
+    # Seconds without anything new in a reply (model thinking, provider slow) before its live
+    # message shows "still working…"; 0 or off: never.
+    still_working_after: SecondsOrOff = 15.0
 
 
 class WebhookSettings(_Section):
@@ -763,6 +811,13 @@ class DiscordSettings(_Section):
         return self.token is not None
 
 
+def _user_rate(value: Any) -> str | None:
+    """`access.user_rate`, checked by the parser the gateway uses (`limits`); "off" (YAML: false) is None."""
+    from bots.inbound_rate import parse_rate
+
+    return None if parse_rate(value) is None else str(value).strip()
+
+
 class AccessSettings(_Section):
     """Who may talk to the bot. Deny by default: with no owners, nobody but allowed chats."""
 
@@ -773,6 +828,10 @@ class AccessSettings(_Section):
     allowed_chats: Annotated[list[Annotated[str, BeforeValidator(_chat)]], NoDecode, BeforeValidator(_split_list)] = (
         Field(default_factory=list)
     )
+    # Messages that start turns, per person, e.g. "20/minute" or "5 per 10 seconds"
+    # (bots.inbound_rate.DEFAULT_USER_RATE); "off" disables. Owners are exempt and
+    # commands are not counted, so /stop always works.
+    user_rate: Annotated[str | None, BeforeValidator(_user_rate)] = "20/minute"
 
     def is_owner(self, platform: str, user_id: str | int) -> bool:
         return f"{platform}:{user_id}" in self.owners

@@ -72,7 +72,9 @@ class ConsoleOutbox:
                 # would pad every rendered line to the console's width.
                 self._console.print(Text(text), soft_wrap=True)
 
-    async def send(self, chat: ChatRef, text: str, *, markdown: bool = False, reply_to: str | None = None) -> MessageRef:
+    async def send(
+        self, chat: ChatRef, text: str, *, markdown: bool = False, reply_to: str | None = None, private: bool = False
+    ) -> MessageRef:
         self.close_live()
         mid = str(next(self._ids))
         if not self.interactive:

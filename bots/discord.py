@@ -3,9 +3,12 @@
 It turns Discord messages and slash commands into `Inbound` messages for the gateway and
 implements the `Outbox` for Discord. Replies never ping @everyone, roles or users from
 model output (`AllowedMentions.none()`), and reference the message they answer. Slash
-commands are declared from the same registry as Telegram's menu, acknowledged at once
-(deferred) and answered by editing the original response; the text-prefix form
-(`!model gpt-4.1`) works in any channel the bot can read.
+commands are declared from the same registry as Telegram's menu and acknowledged at once
+with an ephemeral "thinking…" (only the caller sees it): an answer that concerns the
+caller alone (a denial, a usage error, /usage) replaces it, and one for the whole channel
+(/new, a /retry's streamed reply) replaces it with a public follow-up -- so what a
+stranger's slash command gets is never seen by anyone else. The text-prefix form
+(`!model gpt-4.1`) works in any channel the bot can read; its answers are public.
 
 discord.py sleeps through short 429s itself (the request simply takes longer); only a
 wait above `max_ratelimit_timeout` surfaces, as `RateLimited`, and so does Cloudflare's
@@ -24,6 +27,7 @@ import inspect
 import logging
 import re
 import secrets
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import aiohttp
@@ -68,6 +72,7 @@ DEFAULT_PACING = PacingPolicy(
 _NO_PINGS = discord.AllowedMentions.none()
 _INTERACTION = "interaction:"
 _INTERACTION_TTL = 15 * 60  # interaction tokens stay valid 15 minutes
+_THINKING, _PRIVATE, _PUBLIC = "thinking", "private", "public"  # what an interaction's @original is now
 _NONCE_TTL = 120.0  # Discord de-duplicates an enforced nonce for "a few minutes"
 
 
@@ -101,6 +106,20 @@ def translate_error(exc: BaseException) -> OutboxError:
     return Transient(repr(exc))
 
 
+@dataclass(slots=True)
+class _Answering:
+    """A slash command being answered: its interaction, and what its `@original` is now.
+
+    `_THINKING`: the ephemeral "thinking…" of the deferral; `_PRIVATE`: a private answer
+    replaced it; `_PUBLIC`: it was deleted for a public answer, which followed up.
+    """
+
+    interaction: discord.Interaction
+    since: float
+    original: str = _THINKING
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 class DiscordOutbox:
     """Send, edit, delete and typing through a discord.py `Client`."""
 
@@ -110,16 +129,16 @@ class DiscordOutbox:
     def __init__(self, client: discord.Client, *, clock: Clock = REAL_CLOCK) -> None:
         self._client = client
         self._clock = clock
-        self._interactions: dict[str, tuple[discord.Interaction, float, bool]] = {}  # id -> (it, t, original used)
+        self._interactions: dict[str, _Answering] = {}  # interaction id -> its answer so far
         self._unsure: dict[tuple[str, str | None], tuple[int, float]] = {}  # (chat, reply_to) -> (nonce, t)
 
     def remember_interaction(self, interaction: discord.Interaction) -> str:
-        """Keep a deferred interaction so the answer can edit its original response."""
+        """Keep a deferred interaction so the answer can replace its original response."""
         now = self._clock.now()
-        for key in [k for k, (_, t, _) in self._interactions.items() if now - t > _INTERACTION_TTL]:
+        for key in [k for k, a in self._interactions.items() if now - a.since > _INTERACTION_TTL]:
             del self._interactions[key]
         key = str(interaction.id)
-        self._interactions[key] = (interaction, now, False)
+        self._interactions[key] = _Answering(interaction, now)
         return _INTERACTION + key
 
     async def _call(self, coro: Any) -> Any:
@@ -131,8 +150,13 @@ class DiscordOutbox:
     def _channel(self, chat: ChatRef) -> discord.PartialMessageable:
         return self._client.get_partial_messageable(int(chat.chat_id))
 
-    async def send(self, chat: ChatRef, text: str, *, markdown: bool = False, reply_to: str | None = None) -> MessageRef:
+    async def send(
+        self, chat: ChatRef, text: str, *, markdown: bool = False, reply_to: str | None = None, private: bool = False
+    ) -> MessageRef:
         """Post a new message, replying to `reply_to` (a message id, or a deferred interaction).
+
+        Only the answer to a slash command can be `private` (ephemeral, see
+        `_send_interaction`); any other message is seen by everyone in the channel.
 
         Sends are idempotent across retries. A send whose outcome is unknown (the
         connection dropped after Discord may have created the message) leaves its nonce
@@ -143,7 +167,7 @@ class DiscordOutbox:
         its journal) gets it as the nonce instead, so this holds across a restart too.
         """
         if reply_to and reply_to.startswith(_INTERACTION):
-            return await self._send_interaction(chat, text, reply_to[len(_INTERACTION) :])
+            return await self._send_interaction(chat, text, reply_to[len(_INTERACTION) :], private=private)
         reference = None
         if reply_to:
             reference = discord.MessageReference(
@@ -191,28 +215,50 @@ class DiscordOutbox:
                 del self._unsure[stale]
         self._unsure[slot] = (nonce, since)
 
-    async def _send_interaction(self, chat: ChatRef, text: str, key: str) -> MessageRef:
-        """The first message of an answer fills the deferred response; later ones follow up.
+    async def _send_interaction(self, chat: ChatRef, text: str, key: str, *, private: bool) -> MessageRef:
+        """Answer a slash command, which `DiscordConnector._on_slash` deferred ephemerally.
 
-        When the interaction cannot carry the answer any more (its 15-minute token
-        expired, or the response was dismissed), a plain message in the channel still
-        reaches the user.
+        A private answer replaces the ephemeral "thinking…", or follows up ephemerally
+        once that is taken. A public one must not inherit the deferral's ephemeral flag,
+        which Discord keeps for a follow-up sent while the response is still loading
+        (discord-api-docs#2742): so the "thinking…" is deleted first and the answer follows
+        up for everyone; later edits of a streamed reply edit that follow-up.
+
+        When the interaction cannot carry the answer (its 15-minute token expired, it was
+        never acknowledged, parley restarted since), a public answer becomes a plain
+        message in the channel; so does a private one in a DM, while in a server channel
+        it is dropped rather than shown to everyone.
         """
-        entry = self._interactions.get(key)
-        if entry is None:  # expired or unknown
-            return await self.send(chat, text)
-        interaction, t, used = entry
+        answering = self._interactions.get(key)
+        if answering is None:  # expired or unknown
+            return await self._without_interaction(chat, text, private=private)
+        interaction = answering.interaction
         try:
-            if not used:
-                msg = await self._call(interaction.edit_original_response(content=text, allowed_mentions=_NO_PINGS))
-                self._interactions[key] = (interaction, t, True)
-                return MessageRef(chat, str(msg.id), handle=("original", interaction))
-            msg = await self._call(interaction.followup.send(content=text, allowed_mentions=_NO_PINGS, wait=True))
-            return MessageRef(chat, str(msg.id), handle=("followup", msg))
+            async with answering.lock:
+                if private and answering.original == _THINKING:
+                    msg = await self._call(interaction.edit_original_response(content=text, allowed_mentions=_NO_PINGS))
+                    answering.original = _PRIVATE
+                    return MessageRef(chat, str(msg.id), handle=("original", interaction))
+                if not private and answering.original == _THINKING:
+                    try:
+                        await self._call(interaction.delete_original_response())
+                    except TargetGone:
+                        pass  # dismissed by the caller, or never acknowledged: the follow-up tells
+                    answering.original = _PUBLIC
+                msg = await self._call(
+                    interaction.followup.send(content=text, allowed_mentions=_NO_PINGS, ephemeral=private, wait=True)
+                )
+                return MessageRef(chat, str(msg.id), handle=("followup", msg))
         except TargetGone as exc:
-            log.info("discord: interaction %s cannot carry the answer (%s); posting in the channel", key, exc)
+            log.info("discord: interaction %s cannot carry the answer (%s)", key, exc)
             self._interactions.pop(key, None)
-            return await self.send(chat, text)
+            return await self._without_interaction(chat, text, private=private)
+
+    async def _without_interaction(self, chat: ChatRef, text: str, *, private: bool) -> MessageRef:
+        """A slash command's answer without its interaction: a plain message, never a public private one."""
+        if private and not chat.is_private:
+            raise Undeliverable("a private answer to a slash command cannot reach its caller alone; not posted")
+        return await self.send(chat, text)
 
     async def edit(self, ref: MessageRef, text: str, *, markdown: bool = False) -> None:
         kind, obj = ref.handle if ref.handle else ("message", None)
@@ -578,12 +624,14 @@ class DiscordConnector:
         return slash
 
     async def _on_slash(self, interaction: discord.Interaction, command: Command, options: dict[str, Any]) -> None:
-        # Acknowledge within Discord's 3 s at once; the answer edits the original response.
+        # Acknowledge within Discord's 3 s at once, ephemerally: whoever runs a command (a
+        # stranger too) sees "thinking…", nobody else does. The answer replaces it, in
+        # private or for everyone (DiscordOutbox._send_interaction).
         try:
-            await interaction.response.defer(thinking=True)
+            await interaction.response.defer(ephemeral=True, thinking=True)
         except (discord.DiscordException, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            # Too late (10062) or already answered: the command still runs, and its answer
-            # goes to the channel as a plain message (see DiscordOutbox._send_interaction).
+            # Too late (10062) or already answered: the command still runs, and a public
+            # answer goes to the channel as a plain message; a private one does not.
             log.warning("discord: could not acknowledge /%s: %s", command.name, translate_error(exc))
         if self._gateway is None:
             return

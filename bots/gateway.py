@@ -11,6 +11,7 @@ groups -- never as a stack trace or a raw exception.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import deque
@@ -39,23 +40,42 @@ from bots.health import PlatformHealth
 from bots.inbound import Inbound
 from bots.inbound import from_json as inbound_from_json
 from bots.inbound import to_json as inbound_json
+from bots.inbound_rate import InboundRate, Verdict
 from bots.lanes import Lanes, Submitted
 from bots.live_reply import LiveReply, ReplyOptions, leftover_sends, shown_messages
 from bots.orphans import remove_leftovers
-from bots.logs import turn_context
+from bots.logs import redact, turn_context
 from bots.metrics import Metrics, ReplyMetrics
 from bots.outbox import MessageRef, Outbox
 from bots.pacing import Pacing, Priority
 from bots.render import Layout
-from bots.store import INBOX_RUNNING, InboxRow, NewMessage, Store, StoreError, TurnStateError, Usage
+from bots.store import (
+    INBOX_RUNNING,
+    BudgetHold,
+    BudgetRefused,
+    InboxRow,
+    NewMessage,
+    Store,
+    StoreError,
+    TurnStateError,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 
 QUEUED_TEXT = "⏳ I'll answer this right after the current reply."
-QUEUE_FULL_TEXT = "⏳ I'm still busy and my queue for this chat is full. Please resend this in a moment."
+QUEUE_FULL_TEXT = (
+    "⏳ Your queue in this chat is full, so I skipped this message, and I'll skip your next ones too "
+    "until I've answered those waiting. Please resend it after my replies."
+)
+RATE_LIMITED_TEXT = (
+    "⏳ You're sending messages faster than I can answer (my limit is {rate}), so I skipped this one and "
+    "I'll skip more until you slow down. Wait a moment, then send it again."
+)
 RESTARTING_TEXT = "⏳ parley is restarting; I'll answer this as soon as it's back."
 STORE_DOWN_TEXT = "⚠️ I couldn't save your message (my database is unavailable). Please resend it in a few minutes."
 CONTINUING_TEXT = "↻ continuing after a restart…"
+BUDGET_HELD_TEXT = "⏳ Your replies still running may use up your daily budget; send this again when they finish."
 INTERRUPTED_MARKER = "⚠️ interrupted by a restart"
 LOST_TEXT = "⚠️ I restarted and lost track of this message. Please resend it."
 CRASH_LOOP_TEXT = (
@@ -114,6 +134,10 @@ class ChatDefaults:
     prices: dict[str, tuple[float, float]] = field(default_factory=dict)  # model -> ($/1M prompt, $/1M completion)
     max_redelivery_age: float = 600.0  # seconds: older unfinished messages are not answered after a restart
     max_attempts: int = 2  # a turn cut off by restarts this often ends with the failure line
+    group_control: str = "admins"  # who stops others' replies / resets a group's conversation
+    reserve_completion_tokens: int = 1024  # a budgeted turn's answer allowance, unless extra_params caps it
+    budget_hold_ttl: float = 3600.0  # seconds a budget hold counts at most (a process died mid-turn)
+    still_working_after: float = 15.0  # seconds of nothing new before a reply says "still working…" (0: never)
 
     def allowed_models(self) -> list[str]:
         return list(dict.fromkeys([self.model, *self.models]))
@@ -154,6 +178,7 @@ class Gateway:
         clock: Clock = REAL_CLOCK,
         wall: Callable[[], datetime] = lambda: datetime.now(UTC),
         spill_max: int = SPILL_MAX,
+        inbound_rate: InboundRate | None = None,
     ) -> None:
         self.store = store
         self.agent = agent
@@ -166,6 +191,7 @@ class Gateway:
         self.spill_max = spill_max
         self.store_backoff = (STORE_BACKOFF_START, STORE_BACKOFF_MAX)  # (first, longest) wait; tests shorten it
         self.lanes = Lanes(self._run_turn, queue_max=defaults.queue_max, on_dropped=self._dropped)
+        self.inbound_rate = inbound_rate  # access.user_rate; None: no limit
         self.connectors: dict[str, Connector] = {}
         self.started_at = time.monotonic()
         self._chat_locks: dict[str, asyncio.Lock] = {}  # routing, per chat
@@ -349,15 +375,15 @@ class Gateway:
         self._maybe_prune()
         role = await self.access.role(inbound)
         if role == Role.BLOCKED:
-            if inbound.expects_answer:
-                await self._answer(inbound, "⛔ You can't use this bot.")
+            if inbound.expects_answer:  # a slash command: Discord shows an error unless answered
+                await self._answer(inbound, "⛔ You can't use this bot.", private=True)
             self._settle(inbound, "answered" if inbound.expects_answer else "ignored")
             return
         if role == Role.NOBODY:
             tell = inbound.chat.is_private or inbound.expects_answer
             told = tell and (inbound.expects_answer or self.access.should_tell_denied(inbound.user_key))
             if told:
-                await self._answer(inbound, denial_text(inbound))
+                await self._answer(inbound, denial_text(inbound), private=True)
             log.info("chat %s: message from %s without access", inbound.chat.key, inbound.user_key)
             self._settle(inbound, "answered" if told else "ignored")
             return
@@ -367,7 +393,29 @@ class Gateway:
         if not inbound.text.strip():
             self._settle(inbound, "ignored")
             return
+        if not await self._within_rate(inbound, role):
+            return
         await self._submit(inbound)
+
+    async def _within_rate(self, inbound: Inbound, role: Role) -> bool:
+        """`access.user_rate`: False when the message was dropped (its sender told once per burst).
+
+        Checked before the message enters a lane, so a flood costs no queue slot and no
+        turn. Owners are exempt; commands never get here (/stop works for a flooder); a
+        message recovered after a restart was let in before and is not counted again.
+        """
+        if self.inbound_rate is None or role >= Role.OWNER:
+            return True
+        if any(i in self._recovered for i in inbound.inbox_ids):
+            return True
+        verdict = await self.inbound_rate.hit(inbound.user_key)
+        if verdict is Verdict.ALLOWED:
+            return True
+        self.metrics.inbound_rate_limited.labels(inbound.platform).inc()
+        if verdict is Verdict.LIMITED:
+            await self._answer(inbound, RATE_LIMITED_TEXT.format(rate=self.inbound_rate.description))
+        self._settle(inbound, "failed")
+        return False
 
     def _maybe_prune(self) -> None:
         """Forget old finished inbox rows now and then, so the inbox stays small."""
@@ -393,13 +441,14 @@ class Gateway:
         if command is None:
             told = inbound.chat.is_private or inbound.mentions_bot or inbound.expects_answer
             if told:
-                await self._answer(inbound, f"Unknown command /{inbound.command}. Send /help for the list.")
+                await self._answer(inbound, f"Unknown command /{inbound.command[:32]}. Send /help for the list.",
+                                   private=True)
             self._settle(inbound, "answered" if told else "ignored")
             return
         ctx = CommandContext(inbound=inbound, role=role, gateway=self, command=command)
         text = await self.commands.run(ctx)
         if text:
-            await self._answer(inbound, text)
+            await self._answer(inbound, text, private=ctx.private)
         if not set(inbound.inbox_ids) & self._in_lanes:  # /retry hands its message to a turn
             self._settle(inbound, "answered")
 
@@ -416,8 +465,12 @@ class Gateway:
         recovered = any(i in self._recovered for i in inbound.inbox_ids)
         if outcome is Submitted.QUEUED and not recovered:  # acknowledged before the restart already
             await self._answer(inbound, QUEUED_TEXT)
-        elif outcome is Submitted.FULL:
-            await self._answer(inbound, QUEUE_FULL_TEXT)
+        elif outcome in (Submitted.FULL, Submitted.FULL_QUIETLY):
+            # One notice per burst: until this sender's queue drains, further ones are
+            # refused silently (a notice per refused message would be the flood, echoed).
+            self.metrics.queue_full.labels(inbound.platform).inc()
+            if outcome is Submitted.FULL:
+                await self._answer(inbound, QUEUE_FULL_TEXT)
             self._settle(inbound, "failed")
         elif outcome is Submitted.CLOSED:
             # Stays in the inbox: the next start answers it.
@@ -452,13 +505,13 @@ class Gateway:
                 await self.clock.sleep(delay)
                 delay = min(delay * 2, self.store_backoff[1])
 
-    async def _answer(self, inbound: Inbound, text: str) -> None:
+    async def _answer(self, inbound: Inbound, text: str, *, private: bool = False) -> None:
         """Reply in a task, so routing never waits on the platform -- except while
         shutting down, when the reply must be out before the connector closes."""
         if self._accepting:
-            self._spawn(self.reply(inbound, text))
+            self._spawn(self.reply(inbound, text, private=private))
         else:
-            await self.reply(inbound, text)
+            await self.reply(inbound, text, private=private)
 
     async def retry(self, inbound: Inbound) -> str:
         """/retry: run the session's last user message again as a fresh turn.
@@ -482,29 +535,39 @@ class Gateway:
 
     # ---- replies outside a turn --------------------------------------------------------
 
-    async def reply(self, inbound: Inbound, text: str) -> None:
+    async def reply(self, inbound: Inbound, text: str, *, private: bool = False) -> None:
         """A reply outside a turn (command output, notices), paced like everything else.
 
         Plain text; one that does not fit one message (a long system prompt shown by
-        /system) goes out as several, never truncated.
+        /system) goes out as several, never truncated. A `private` reply concerns the
+        caller alone (`Outbox.send`); to a slash command every piece of it answers the
+        command, so none of it lands in the channel for everyone.
         """
         connector = self.connectors.get(inbound.platform)
         if connector is None:
             return
+        # The last line of defence: whatever a command or notice quotes (a URL from the
+        # configuration, an error text), no configured secret or credential-shaped string
+        # reaches a chat.
+        text = redact(text)
         limits, measure = connector.outbox.limits, lambda t: connector.outbox.measure(t, markdown=False)
         pieces = [p.text for p in Layout(limits.max_message_len, measure, measure).pieces(text, final=True)]
+        answering = private and inbound.expects_answer
         for i, piece in enumerate(pieces):
-            if not await self._send_one(connector, inbound, piece, reply_to=inbound.message_id if i == 0 else None):
+            reply_to = inbound.message_id if i == 0 or answering else None
+            if not await self._send_one(connector, inbound, piece, reply_to=reply_to, private=private):
                 return
 
-    async def _send_one(self, connector: Connector, inbound: Inbound, text: str, *, reply_to: str | None) -> bool:
+    async def _send_one(
+        self, connector: Connector, inbound: Inbound, text: str, *, reply_to: str | None, private: bool = False
+    ) -> bool:
         """Send one message, waiting out rate limits; False when it could not be delivered."""
         pacer = connector.pacing.for_chat(inbound.chat)
         deadline = time.monotonic() + 120
         while True:
             await pacer.acquire(Priority.FINAL)
             try:
-                await connector.outbox.send(inbound.chat, text, reply_to=reply_to)
+                await connector.outbox.send(inbound.chat, text, reply_to=reply_to, private=private)
                 self.metrics.platform_calls.labels(inbound.platform, "send").inc()
                 return True
             except RateLimited as exc:
@@ -559,6 +622,7 @@ class Gateway:
                 show_reasoning=self.defaults.show_reasoning,
                 drafts=connector.drafts,
                 placeholder=CONTINUING_TEXT if adopt else None,
+                still_working_after=self.defaults.still_working_after or None,
             ),
             clock=self.clock,
             observer=ReplyMetrics(self.metrics, inbound.platform, started),
@@ -659,15 +723,13 @@ class Gateway:
     async def _plan_turn(
         self, inbound: Inbound, supersede: list[int]
     ) -> tuple[str, str, bool, list[dict], int] | None:
-        """Settings, budget, history; records the user message. None: refused (already said why)."""
+        """Settings, history, budget; records the user message. None: refused (already said why)."""
         settings = await self.store.chat_settings(inbound.chat.key)
         allowed = self.defaults.allowed_models()
         # A model chosen earlier may have left the configured list since.
         model = settings.model if settings.model in allowed else self.defaults.model
         system_prompt = settings.system_prompt or self.defaults.system_prompt
         streaming = self.defaults.streaming if settings.streaming is None else settings.streaming
-        if not await self._within_budget(inbound):
-            return None
         session = await self.store.current_session(self.session_key(inbound))
         earlier = await self.store.history(session, limit_turns=self.defaults.history_max_messages)
         usable = [
@@ -684,14 +746,19 @@ class Gateway:
             max_tokens=self.defaults.history_max_tokens,
         )
         history = [m for m in trimmed[:-1] if m.get("role") != "system"]
-        turn_id = await self.store.begin_turn(
-            session,
-            user_message=user_message,
-            user_key=inbound.user_key,
-            update_id=inbound.update_id,
-            inbox_ids=inbound.inbox_ids,
-            supersede=supersede,
-        )
+        try:
+            turn_id = await self.store.begin_turn(
+                session,
+                user_message=user_message,
+                user_key=inbound.user_key,
+                update_id=inbound.update_id,
+                inbox_ids=inbound.inbox_ids,
+                supersede=supersede,
+                hold=self._budget_hold(trimmed),
+            )
+        except BudgetRefused as refused:
+            await self._refuse_for_budget(inbound, refused)
+            return None
         return model, system_prompt, streaming, history, turn_id
 
     async def _abandon(self, inbound: Inbound, reply: LiveReply, turn_id: int) -> None:
@@ -708,20 +775,44 @@ class Gateway:
         except Exception:
             log.exception("could not record the interrupted turn")
 
-    async def _within_budget(self, inbound: Inbound) -> bool:
-        budget = await self.store.budget(inbound.user_key)
-        if budget is None:
-            return True
-        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-        used = await self.store.tokens_used(inbound.user_key, today)
-        if used < budget:
-            return True
-        await self.reply(
-            inbound,
-            f"⏳ You've used your daily budget of {budget:,} tokens. It resets at 00:00 UTC.",
+    def _budget_hold(self, sent: list[dict]) -> BudgetHold:
+        """What a turn reserves against its user's daily budget before the model is called.
+
+        Usage is known only after the turn; the reservation is what keeps turns started at
+        once in several chats from each seeing the whole budget free. It is the prompt
+        as estimated for history trimming (`sent`: system prompt, kept history, the new
+        message; plus the tool definitions) and the most the answer may take: the
+        provider's own cap from `extra_params` when set, else `reserve_completion_tokens`.
+        """
+        prompt = sum(map(hist.estimate_tokens, sent))
+        if len(self.agent.tools):
+            schemas = json.dumps(self.agent.tools.schemas(self.agent.cfg.api))
+            prompt += hist.estimate_tokens({"role": "system", "content": schemas})
+        today = self._wall().astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        return BudgetHold(
+            tokens=prompt + self._completion_allowance(),
+            since=today,
+            ttl=timedelta(seconds=self.defaults.budget_hold_ttl),
         )
+
+    def _completion_allowance(self) -> int:
+        """The most one answer may take: the provider's cap in `extra_params`, else the configured default."""
+        params = self.agent.cfg.extra_params
+        for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+            value = params.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return self.defaults.reserve_completion_tokens
+
+    async def _refuse_for_budget(self, inbound: Inbound, refused: BudgetRefused) -> None:
+        """Say why no turn starts: the day's budget is spent, or running replies may spend it."""
+        if refused.spent:
+            text = f"⏳ You've used your daily budget of {refused.budget:,} tokens. It resets at 00:00 UTC."
+        else:
+            text = BUDGET_HELD_TEXT
+        log.info("chat %s: turn refused for %s (%s)", inbound.chat.key, inbound.user_key, refused)
+        await self.reply(inbound, text)
         self._settle(inbound, "failed")
-        return False
 
     def _usage(self, inbound: Inbound, result) -> Usage:  # noqa: ANN001 - agent.TurnResult
         usage = result.usage

@@ -3,12 +3,22 @@
 Each chat (and forum topic / thread) has a lane. A message for an idle lane starts a turn
 at once; a message for a busy lane follows the chat's busy policy:
 
-- `queue`: wait in a bounded FIFO; the first message queued in a busy period is
-  acknowledged, later ones silently join it; a full queue refuses the message, and says so.
+- `queue`: wait in a bounded queue -- bounded *per person*: each sender may have up to
+  `queue_max` messages waiting in a chat. A sender's first waiting message is
+  acknowledged, later ones silently join it; a sender whose queue is full is told once,
+  and further messages of theirs are refused silently until their queue has drained
+  (a flood earns one notice, not one per message).
 - `interrupt`: stop the running turn (its partial answer is kept, marked interrupted)
   and run the new message next. Messages that pile up while the interrupted turn winds
   down are merged into that next turn rather than interrupting each other in turn --
   one person's messages only: another person's wait for their own turn.
+
+Fairness: a group is shared by people, and one of them flooding it must not make the
+others wait behind the flood. So the waiting messages are kept per person, and the next
+turn goes to the waiting person whose last turn in this chat started longest ago (people
+who have not had one yet first, in the order they started waiting) -- round-robin between
+people, FIFO within one person's messages. Whoever writes while someone else's backlog
+waits is answered by the very next turn, whatever the size of that backlog.
 
 The busy check and the state change happen synchronously in `submit`, with no await in
 between, so two racing messages can never both start a turn. Control commands (/stop,
@@ -33,10 +43,11 @@ Runner = Callable[[Inbound, asyncio.Event], Awaitable[None]]
 
 class Submitted(Enum):
     STARTED = "started"
-    QUEUED = "queued"  # joined the queue; an acknowledgement is due (first in this busy period)
-    QUEUED_QUIETLY = "queued_quietly"  # joined the queue; already acknowledged
+    QUEUED = "queued"  # joined the queue; an acknowledgement is due (the sender's first waiting message)
+    QUEUED_QUIETLY = "queued_quietly"  # joined the queue; the sender was acknowledged already
     INTERRUPTING = "interrupting"  # the running turn was asked to stop; this one runs next
-    FULL = "full"  # the queue is full: refused
+    FULL = "full"  # the sender's queue is full: refused, and the sender is due a notice
+    FULL_QUIETLY = "full_quietly"  # refused; the sender was told already (until their queue drains)
     CLOSED = "closed"  # shutting down: refused
 
 
@@ -46,9 +57,57 @@ class _Lane:
     running: asyncio.Task[None] | None = None
     current: Inbound | None = None  # the message the running turn answers
     interrupt: asyncio.Event | None = None
-    queue: deque[Inbound] = field(default_factory=deque)
-    acknowledged: bool = False
+    # Waiting messages, per sender (user_key), each sender's in arrival order. Only
+    # senders with something waiting have an entry.
+    waiting: dict[str, deque[tuple[int, Inbound]]] = field(default_factory=dict)
+    # The senders with something waiting, next first: ordered by when their last turn in
+    # this lane started (`served`), never-served first; ties keep the order they started
+    # waiting in. Short: one entry per person waiting in this one chat.
+    order: list[str] = field(default_factory=list)
+    served: dict[str, int] = field(default_factory=dict)  # sender -> number of their latest turn start
+    starts: int = 0  # turns started in this lane (while it exists: a lane is forgotten when idle)
+    arrivals: int = 0  # messages queued (their arrival number orders `leftovers`)
+    told_full: set[str] = field(default_factory=set)  # senders told their queue is full
     merge_next: bool = False  # interrupt policy: pending messages merge into the next turn
+
+    @property
+    def depth(self) -> int:
+        return sum(len(q) for q in self.waiting.values())
+
+    def enqueue(self, inbound: Inbound) -> None:
+        user = inbound.user_key
+        queue = self.waiting.get(user)
+        if queue is None:
+            queue = self.waiting[user] = deque()
+            rank = self.served.get(user, -1)
+            at = next((i for i, u in enumerate(self.order) if self.served.get(u, -1) > rank), len(self.order))
+            self.order.insert(at, user)
+        queue.append((self.arrivals, inbound))
+        self.arrivals += 1
+
+    def take(self, *, merge: bool) -> Inbound:
+        """The next sender's first waiting message -- or all of theirs, merged."""
+        user = self.order.pop(0)
+        queue = self.waiting[user]
+        if merge:
+            taken = [m for _, m in queue]
+            queue.clear()
+        else:
+            taken = [queue.popleft()[1]]
+        if queue:
+            self.order.append(user)  # this turn makes them the most recently served
+        else:
+            del self.waiting[user]
+            self.told_full.discard(user)  # drained: a new burst may be told again
+        return taken[0] if len(taken) == 1 else _merge(taken)
+
+    def drain(self) -> list[Inbound]:
+        """Remove every waiting message; returns them in arrival order."""
+        thrown = sorted((entry for q in self.waiting.values() for entry in q), key=lambda e: e[0])
+        self.waiting.clear()
+        self.order.clear()
+        self.told_full.clear()
+        return [m for _, m in thrown]
 
 
 class Lanes:
@@ -57,7 +116,10 @@ class Lanes:
     def __init__(
         self, runner: Runner, *, queue_max: int = 5, on_dropped: Callable[[list[Inbound]], None] | None = None
     ) -> None:
-        """`on_dropped` hears of queued messages that `stop` threw away (they will never run)."""
+        """`queue_max`: messages each sender may have waiting per chat (the `queue` policy).
+
+        `on_dropped` hears of queued messages that `stop` threw away (they will never run).
+        """
         self._runner = runner
         self._on_dropped = on_dropped
         self._queue_max = queue_max
@@ -77,17 +139,19 @@ class Lanes:
         if policy == "interrupt":
             if lane.interrupt is not None:
                 lane.interrupt.set()
-            lane.queue.append(inbound)
+            lane.enqueue(inbound)
             lane.merge_next = True
             return Submitted.INTERRUPTING
+        user = inbound.user_key
         limit = self._queue_max if queue_max is None else queue_max
-        if len(lane.queue) >= limit:
+        waiting = len(lane.waiting.get(user, ()))
+        if waiting >= limit:
+            if user in lane.told_full:
+                return Submitted.FULL_QUIETLY
+            lane.told_full.add(user)
             return Submitted.FULL
-        lane.queue.append(inbound)
-        if lane.acknowledged:
-            return Submitted.QUEUED_QUIETLY
-        lane.acknowledged = True
-        return Submitted.QUEUED
+        lane.enqueue(inbound)
+        return Submitted.QUEUED if waiting == 0 else Submitted.QUEUED_QUIETLY
 
     def stop(self, key: str, *, clear_queue: bool = True) -> tuple[bool, int]:
         """Interrupt the running turn of a lane; returns (was running, queued messages dropped)."""
@@ -96,9 +160,8 @@ class Lanes:
             return False, 0
         dropped = 0
         if clear_queue:
-            dropped = len(lane.queue)
-            thrown = list(lane.queue)
-            lane.queue.clear()
+            thrown = lane.drain()
+            dropped = len(thrown)
             lane.merge_next = False
             if thrown and self._on_dropped is not None:
                 self._on_dropped(thrown)
@@ -106,6 +169,22 @@ class Lanes:
         if lane.interrupt is not None:
             lane.interrupt.set()
         return running, dropped
+
+    def drop_queued(self, key: str, user_key: str) -> int:
+        """Throw away one sender's waiting messages in a lane (their /stop); returns how many.
+
+        Everyone else's wait on, in their places; the running turn is left alone.
+        """
+        lane = self._lanes.get(key)
+        if lane is None or user_key not in lane.waiting:
+            return 0
+        thrown = [m for _, m in lane.waiting.pop(user_key)]
+        lane.order.remove(user_key)
+        lane.told_full.discard(user_key)
+        lane.merge_next = lane.merge_next and bool(lane.waiting)
+        if self._on_dropped is not None:
+            self._on_dropped(thrown)
+        return len(thrown)
 
     async def wait_idle(self, key: str) -> None:
         """Wait until the lane has no running turn and nothing queued."""
@@ -135,7 +214,15 @@ class Lanes:
         return sum(1 for lane in self._lanes.values() if lane.running is not None)
 
     def queue_depths(self) -> dict[str, int]:
-        return {key: len(lane.queue) for key, lane in self._lanes.items() if lane.queue}
+        """Waiting messages per chat (all senders together)."""
+        return {key: lane.depth for key, lane in self._lanes.items() if lane.waiting}
+
+    def waiting(self, key: str) -> dict[str, int]:
+        """Waiting messages per sender in one chat, the sender who goes next first."""
+        lane = self._lanes.get(key)
+        if lane is None:
+            return {}
+        return {user: len(lane.waiting[user]) for user in lane.order}
 
     # ---- shutdown --------------------------------------------------------------------
 
@@ -155,9 +242,7 @@ class Lanes:
         inbox, and the next start answers them).
         """
         self._closed = True
-        leftovers = [m for lane in self._lanes.values() for m in lane.queue]
-        for lane in self._lanes.values():
-            lane.queue.clear()
+        leftovers = [m for lane in self._lanes.values() for m in lane.drain()]
         tasks = [lane.running for lane in self._lanes.values() if lane.running is not None]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout)
@@ -170,6 +255,8 @@ class Lanes:
 
     def _start(self, lane: _Lane, inbound: Inbound) -> None:
         lane.current = inbound
+        lane.served[inbound.user_key] = lane.starts
+        lane.starts += 1
         lane.interrupt = asyncio.Event()
         lane.running = asyncio.create_task(self._run(lane, inbound, lane.interrupt), name=f"turn:{lane.key}")
 
@@ -187,27 +274,16 @@ class Lanes:
             self._next(lane)
 
     def _next(self, lane: _Lane) -> None:
-        if self._closed or not lane.queue:
-            lane.acknowledged = False
+        if self._closed or not lane.waiting:
             lane.merge_next = False
-            if not lane.queue and lane.running is None:
-                self._lanes.pop(lane.key, None)
+            if not lane.waiting and lane.running is None:
+                self._lanes.pop(lane.key, None)  # idle: forgotten, with who was served when
             return
-        if lane.merge_next:
-            # One person's messages merge; another person's never join theirs (in a
-            # group they would be answered, billed and remembered as someone else's).
-            first = lane.queue[0].user_key
-            pending = []
-            while lane.queue and lane.queue[0].user_key == first:
-                pending.append(lane.queue.popleft())
-            lane.merge_next = bool(lane.queue)
-            nxt = pending[0] if len(pending) == 1 else _merge(pending)
-        else:
-            nxt = lane.queue.popleft()
-        if not lane.queue:
-            # Everyone waiting has now been served: the next message to wait is a new
-            # wait, and deserves its own acknowledgement.
-            lane.acknowledged = False
+        # Interrupt policy: one person's pending messages merge; another person's never
+        # join theirs (in a group they would be answered, billed and remembered as
+        # someone else's).
+        nxt = lane.take(merge=lane.merge_next)
+        lane.merge_next = lane.merge_next and bool(lane.waiting)
         self._start(lane, nxt)
 
 

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 STOPPED_MARKER = "⏹️ stopped"
 EMPTY_REPLY = "(The model returned an empty reply.)"
+STILL_WORKING_TEXT = "⏳ still working…"
+"""The note a live message carries while nothing new has come for `still_working_after`
+seconds; the next text replaces it, and the final message never has it."""
 
 
 class ReplyJournal(Protocol):
@@ -73,14 +76,21 @@ def leftover_sends(state: Mapping[str, Any] | None) -> list[dict[str, Any]]:
 
 
 def shown_messages(state: Mapping[str, Any] | None) -> list[tuple[str, str]]:
-    """(message id, text) of every message a recorded reply state shows, in order."""
+    """(message id, text) of every message a recorded reply state shows, in order --
+    without a "still working…" note, which is never part of what a reply says."""
     if not state:
         return []
     return [
-        (str(p["id"]), str(p.get("text") or ""))
+        (str(p["id"]), _without_note(str(p.get("text") or "")))
         for p in state.get("pieces") or ()
         if isinstance(p, Mapping) and p.get("id")
     ]
+
+
+def _without_note(text: str) -> str:
+    if text == STILL_WORKING_TEXT:
+        return ""
+    return text.removesuffix("\n\n" + STILL_WORKING_TEXT)
 
 
 class ReplyObserver(Protocol):
@@ -120,6 +130,7 @@ class ReplyOptions:
     give_up_after: float = 180.0  # seconds of consecutive transient failures before giving up
     draft_refresh: float = 20.0  # drafts expire after 30 s without an update
     placeholder: str | None = None  # shown while there is nothing else to show (e.g. after a restart)
+    still_working_after: float | None = None  # seconds of nothing new before the "still working…" note
 
 
 @dataclass(slots=True)
@@ -224,6 +235,10 @@ class LiveReply:
         self._done = asyncio.Event()
         self._failure: str | None = None
         self._visible = False
+        self._reported_visible = False  # on_first_visible: a note alone is not the reply
+        self._quiet_since = 0.0  # when the reply last got something new to show
+        self._still_working = False  # the note is part of the document
+        self._quiet_timer: TimerHandle | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._typing: asyncio.Task[None] | None = None
         self._journal = journal
@@ -257,11 +272,13 @@ class LiveReply:
 
     def on_text(self, delta: str) -> None:
         self._step_for_output().text.append(delta)
+        self._moved()
         self._dirty.set()
 
     def on_reasoning(self, delta: str) -> None:
         self._step_for_output().reasoning.append(delta)
         if self._opts.show_reasoning:
+            self._moved()
             self._dirty.set()
 
     def on_first_delta(self) -> None:
@@ -270,18 +287,56 @@ class LiveReply:
     def on_tool_started(self, call: ToolCall) -> None:
         self._after_tools = True
         self._tools.append((call, "running"))
+        self._moved()
         self._dirty.set()
 
     def on_tool_finished(self, call: ToolCall, result: ToolResult) -> None:
         for i, (known, _) in enumerate(self._tools):
             if known is call or known.id == call.id:
                 self._tools[i] = (known, "error" if result.is_error else "ok")
+        self._moved()
         self._dirty.set()
 
     def on_fallback(self, final_text: str) -> None:
         step = self._step_for_output()
         step.text[:] = [final_text]
+        self._moved()
         self._dirty.set()
+
+    # ---- "still working…" ------------------------------------------------------------
+
+    def _moved(self) -> None:
+        """Something new to show: the quiet clock restarts, and a note gives way to it.
+
+        Per delta this is one clock read; the timer is re-armed lazily when it fires
+        (`_check_quiet`), or here only when a note was showing (no timer runs then)."""
+        if self._opts.still_working_after:
+            self._quiet_since = self._clock.now()
+            if self._still_working:
+                self._still_working = False
+                self._arm_quiet()
+
+    def _arm_quiet(self) -> None:
+        after = self._opts.still_working_after
+        if after and not self._final:
+            self._quiet_timer = self._clock.call_at(self._quiet_since + after, self._check_quiet)
+
+    def _check_quiet(self) -> None:
+        self._quiet_timer = None
+        after = self._opts.still_working_after
+        if self._final or self._still_working or not after:
+            return
+        if self._clock.now() >= self._quiet_since + after:
+            self._still_working = True
+            self._dirty.set()
+        else:
+            self._arm_quiet()
+
+    def _stop_quiet(self) -> None:
+        self._still_working = False
+        if self._quiet_timer is not None:
+            self._quiet_timer.cancel()
+            self._quiet_timer = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -290,6 +345,9 @@ class LiveReply:
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_loop(), name=f"live-reply:{self._chat.key}")
             self._typing = asyncio.create_task(self._typing_loop(), name=f"typing:{self._chat.key}")
+            if self._opts.still_working_after and not self._final:
+                self._quiet_since = self._clock.now()
+                self._arm_quiet()
 
     async def finish(
         self,
@@ -313,6 +371,7 @@ class LiveReply:
         self._interrupted = interrupted
         self._notice = notice
         self._final = True
+        self._stop_quiet()
         self._dirty.set()
         self.start()
         assert self._flusher is not None
@@ -331,6 +390,7 @@ class LiveReply:
     async def aclose(self) -> None:
         """Abandon the reply without finishing it (used only when the process dies)."""
         self._unwatch()
+        self._stop_quiet()
         for task in (self._flusher, self._typing, self._cleaner):
             if task is not None:
                 task.cancel()
@@ -434,6 +494,8 @@ class LiveReply:
             parts.append(self._progress())
         if not parts and not final and self._opts.placeholder:
             parts.append(self._opts.placeholder)
+        if self._still_working and not final:
+            parts.append(STILL_WORKING_TEXT)
         if final:
             if not parts and self._answered and not self._notice:
                 parts.append(EMPTY_REPLY)
@@ -554,7 +616,7 @@ class LiveReply:
                     self._shown.append(shown)
                 if self._drafts and i == len(self._shown) - 1:
                     self._draft = None  # the draft of this piece is now persisted
-                self._mark_visible()
+                self._mark_visible(op.text)
             elif op.kind == "edit":
                 self._obs.on_call("edit")
                 ref = self._shown[i].ref
@@ -564,6 +626,8 @@ class LiveReply:
                 except NotModified:
                     pass
                 self._shown[i] = _Shown(ref, op.text, op.markdown)
+                if not self._reported_visible:
+                    self._mark_visible(op.text)
             else:  # delete
                 self._obs.on_call("delete")
                 ref = self._shown[i].ref
@@ -703,7 +767,7 @@ class LiveReply:
             return
         self._draft = op.text
         self._draft_at = self._clock.now()
-        self._mark_visible()
+        self._mark_visible(op.text)
         self._schedule_draft_refresh()
 
     def _draft_id(self, index: int) -> int:
@@ -714,9 +778,12 @@ class LiveReply:
             self._draft_timer.cancel()
         self._draft_timer = self._clock.call_at(self._draft_at + self._opts.draft_refresh, self._dirty.set)
 
-    def _mark_visible(self) -> None:
-        if not self._visible:
-            self._visible = True
+    def _mark_visible(self, text: str) -> None:
+        """Something reached the chat (typing stops); the first time it is more than the
+        "still working…" note, the observer hears of it (time to first visible text)."""
+        self._visible = True
+        if not self._reported_visible and text.strip() != STILL_WORKING_TEXT:
+            self._reported_visible = True
             self._obs.on_first_visible()
 
     def _give_up(self, why: str) -> None:

@@ -56,12 +56,31 @@ class Metrics:
         self.fallbacks = Counter(
             "parley_fallbacks", "Model calls answered by the non-streaming fallback, by cause", ["cause"], registry=r
         )
+        self.provider_requests = Counter(
+            "parley_provider_requests",
+            "HTTP requests sent to the model provider, by kind (stream, request) and attempt"
+            " (first; retry: the SDK sent it again; fallback: non-streaming after a broken stream)",
+            ["kind", "attempt"],
+            registry=r,
+        )
         self.tokens = Counter("parley_tokens", "Tokens used, by model and kind", ["model", "kind"], registry=r)
         self.deliveries_failed = Counter(
             "parley_deliveries_failed", "Replies that could not be delivered completely", ["platform"], registry=r
         )
         self.duplicates_ignored = Counter(
             "parley_duplicate_updates", "Redelivered platform updates that were ignored", ["platform"], registry=r
+        )
+        self.inbound_rate_limited = Counter(
+            "parley_inbound_rate_limited",
+            "Messages dropped because their sender went over access.user_rate",
+            ["platform"],
+            registry=r,
+        )
+        self.queue_full = Counter(
+            "parley_queue_full",
+            "Messages refused because their sender already had chat.queue_max messages waiting in the chat",
+            ["platform"],
+            registry=r,
         )
         self.spilled = Gauge(
             "parley_inbox_spilled",
@@ -95,6 +114,10 @@ class Metrics:
         then not be counted a second time (see `record_rate_limited`).
         """
         self._transport_429.add(platform)
+
+    def count_provider_request(self, kind: str, attempt: str) -> None:
+        """The agent's `RequestObserver`: every request a provider may bill, retries included."""
+        self.provider_requests.labels(kind, attempt).inc()
 
     def record_rate_limited(self, platform: str) -> None:
         """Count a `RateLimited` seen above the connector -- unless its transport counted it."""

@@ -51,6 +51,11 @@ class Outbox(Protocol):
     `markdown=True` asks the connector to render the text's Markdown natively
     (Telegram: entities; Discord: as-is). `markdown=False` sends it verbatim.
 
+    `private=True` marks an answer that concerns the person who asked alone (an access
+    denial, a usage error, their /usage): a connector that can show a message to one
+    person only does so (Discord: an ephemeral answer to a slash command) and never
+    posts it publicly instead; the others (Telegram, the console) send it as usual.
+
     Optionally an outbox has a `ledger` (`bots.orphans.SendLedger`) that every `send`
     goes through, when its platform's message ids grow per chat and a lost send can be
     looked for (Telegram). A `send` that raises `Transient` may have created the message.
@@ -60,7 +65,7 @@ class Outbox(Protocol):
     limits: PlatformLimits
 
     async def send(
-        self, chat: ChatRef, text: str, *, markdown: bool = False, reply_to: str | None = None
+        self, chat: ChatRef, text: str, *, markdown: bool = False, reply_to: str | None = None, private: bool = False
     ) -> MessageRef: ...
 
     async def edit(self, ref: MessageRef, text: str, *, markdown: bool = False) -> None: ...

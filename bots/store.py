@@ -1,7 +1,8 @@
 """parley's persistent state behind one interface: SQLite by default, PostgreSQL by URL.
 
 The store keeps what must survive a restart: chats and their settings, conversation
-history, token usage, access lists, known users, and the **inbox**: every accepted
+history, token usage (and the budget holds of running turns), access lists, known users,
+and the **inbox**: every accepted
 message, stored before the platform is told it arrived, with how far its answer got
 (so a crash loses nothing and a redelivered update never produces a second reply). One code path
 serves both databases — SQLAlchemy Core over `aiosqlite` or `asyncpg` — and the
@@ -38,7 +39,7 @@ import re
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -78,7 +79,9 @@ INBOX_FINISHED = ("answered", "stopped", "failed", "expired", "ignored")
 failed: answered with a failure line; expired: too old after a restart, the sender was
 asked to resend; ignored: nothing was owed (group chatter, an empty message)."""
 INBOX_STATUSES = (*INBOX_UNFINISHED, *INBOX_FINISHED)
-CHAT_SETTING_FIELDS = ("model", "system_prompt", "busy_policy", "streaming", "allowed")
+CHAT_SETTING_FIELDS = ("model", "system_prompt", "busy_policy", "streaming", "allowed", "control")
+CONTROL_POLICIES = ("admins", "everyone")
+"""Who may stop other people's replies and reset a group's shared conversation."""
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
 """How long a SQLite writer waits for another writer's lock before failing."""
@@ -109,6 +112,8 @@ class ChatSettings:
     busy_policy: str | None = None
     streaming: bool | None = None
     allowed: bool = False  # a group allowed as a whole
+    control: str | None = None  # "admins" | "everyone": who stops others' replies, resets the conversation
+    set_by: Mapping[str, str] = field(default_factory=dict)  # setting -> user key that set it last
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +181,42 @@ class UsageRow:
     reasoning: int
     cost: float | None
     turns: int
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetHold:
+    """What a new turn reserves against its user's daily budget (see `Store.begin_turn`).
+
+    Usage is only known once a turn finished; without a reservation, turns started at
+    once in several chats all see the budget unspent and together overspend it many
+    times over. `tokens` is the estimate (prompt + completion allowance), `since` the
+    start of the budget's day, `ttl` how long the hold counts at most: a process that
+    died mid-turn must not block its user for good.
+    """
+
+    tokens: int
+    since: datetime
+    ttl: timedelta
+
+
+class BudgetRefused(ParleyError):
+    """A turn was not started: the user's daily budget has no room left (nothing written).
+
+    Not a `StoreError`: the database worked, and retrying cannot help before tokens are
+    released. `spent`: the day's usage alone reached the budget (it resets at midnight
+    UTC); otherwise the holds of the user's running turns fill it, and a message sent
+    again after they finish may pass.
+    """
+
+    def __init__(self, *, budget: int, used: int, held: int) -> None:
+        super().__init__(f"daily budget {budget}: {used} used, {held} held by running turns")
+        self.budget = budget
+        self.used = used
+        self.held = held
+
+    @property
+    def spent(self) -> bool:
+        return self.used >= self.budget
 
 
 # --------------------------------------------------------------------------- schema
@@ -246,6 +287,8 @@ chats = sa.Table(
     sa.Column("streaming", sa.Boolean(), nullable=True),
     sa.Column("allowed", sa.Boolean(), nullable=False, server_default=sa.false()),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Column("set_by", sa.JSON(), nullable=True),  # setting name -> user key that set it last
+    sa.Column("control", sa.String(16), nullable=True),  # who stops others' replies: admins | everyone
     sa.PrimaryKeyConstraint("chat_key", name="pk_chats"),
 )
 
@@ -341,7 +384,22 @@ budgets = sa.Table(
     sa.Column("user_key", sa.String(255), nullable=False),
     sa.Column("tokens_per_day", sa.BigInteger(), nullable=False),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Column("set_by", sa.String(255), nullable=True),  # user key that set the budget
     sa.PrimaryKeyConstraint("user_key", name="pk_budgets"),
+)
+
+# Tokens reserved by running turns of users with a budget (see `Store.begin_turn`'s `hold`).
+budget_holds = sa.Table(
+    "budget_holds",
+    metadata,
+    sa.Column("turn_id", _ID, nullable=False),
+    sa.Column("user_key", sa.String(255), nullable=False),
+    sa.Column("tokens", sa.BigInteger(), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),  # a dead process's hold stops counting
+    sa.PrimaryKeyConstraint("turn_id", name="pk_budget_holds"),
+    sa.ForeignKeyConstraint(["turn_id"], ["turns.id"], name="fk_budget_holds_turn_id_turns", ondelete="CASCADE"),
+    sa.Index("ix_budget_holds_user_key", "user_key"),
 )
 
 
@@ -797,11 +855,13 @@ class Store:
         row = await self._run("chat_settings", lambda conn: conn.execute(query).first(), write=False)
         return ChatSettings() if row is None else _chat_settings(row._mapping)
 
-    async def update_chat_settings(self, chat_key: str, **fields: Any) -> ChatSettings:
+    async def update_chat_settings(self, chat_key: str, *, by: str | None = None, **fields: Any) -> ChatSettings:
         """Set only the given fields (None resets one to the default); returns the result.
 
         Fields: model, system_prompt, busy_policy ("queue" | "interrupt"), streaming
-        (bool), allowed (bool, never None).
+        (bool), allowed (bool, never None), control ("admins" | "everyone").
+        `by` is the user key making the change: remembered per field (`ChatSettings.set_by`)
+        so that a lower role cannot undo it; None (configuration, tests) forgets the setter.
         """
         _require_text("chat_key", chat_key)
         unknown = set(fields) - set(CHAT_SETTING_FIELDS)
@@ -812,12 +872,25 @@ class Store:
             fields["system_prompt"] = _strip_nul(fields["system_prompt"])
         if not fields:
             return await self.chat_settings(chat_key)
-        stmt = self._insert(chats).values(chat_key=chat_key, updated_at=self._now(), **fields)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["chat_key"],
-            set_={name: stmt.excluded[name] for name in (*fields, "updated_at")},
-        ).returning(*chats.c)
-        row = await self._run("update_chat_settings", lambda conn: conn.execute(stmt).one(), write=True)
+        now = self._now()
+
+        def work(conn: sa.Connection) -> Any:
+            # Read and write in one transaction: two admins changing different settings
+            # at once must both be remembered as the setters of their own field.
+            current = conn.scalar(sa.select(chats.c.set_by).where(chats.c.chat_key == chat_key)) or {}
+            setters = {k: v for k, v in dict(current).items() if k not in fields}
+            if by is not None:
+                # A reset to the default (None) is no override: nobody's decision to guard.
+                setters.update({name: by for name, value in fields.items() if value is not None})
+            values = {**fields, "set_by": setters or None}
+            stmt = self._insert(chats).values(chat_key=chat_key, updated_at=now, **values)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["chat_key"],
+                set_={name: stmt.excluded[name] for name in (*values, "updated_at")},
+            ).returning(*chats.c)
+            return conn.execute(stmt).one()
+
+        row = await self._run("update_chat_settings", work, write=True)
         return _chat_settings(row._mapping)
 
     # ---------------------------------------------------------------- sessions and history
@@ -892,6 +965,7 @@ class Store:
         update_id: str | None,
         inbox_ids: Iterable[int] = (),
         supersede: Iterable[int] = (),
+        hold: BudgetHold | None = None,
     ) -> int:
         """Record a turn's user message before the model is called; the turn is "running".
 
@@ -900,12 +974,23 @@ class Store:
         become "running" with this turn, their attempts counted; `supersede` names
         earlier turns of the same messages (cut off by a crash) that leave the
         conversation now -- all in the same transaction.
+
+        `hold`: when the user has a daily budget, the turn starts only if the tokens used
+        since `hold.since` plus those held by the user's running turns are below it, and
+        then holds `hold.tokens` until it finishes; otherwise `BudgetRefused` is raised
+        and nothing is written. Check and hold are one transaction, serialized per user
+        (SQLite: BEGIN IMMEDIATE; PostgreSQL: an advisory lock on the user, so several
+        processes on one database admit as one), so turns started at once can overspend
+        the budget by at most one turn's hold.
         """
         ids = list(inbox_ids)
         old_turns = list(supersede)
         if not isinstance(user_message, dict) or user_message.get("role") != "user":
             raise ValueError(f"user_message must be a dict with role 'user', got {user_message!r:.200}")
         _require_text("user_key", user_key)
+        if hold is not None:
+            _require_count("hold.tokens", hold.tokens)
+            _require_aware("hold.since", hold.since)
         stmt = (
             sa.insert(turns)
             .values(session_id=session_id, user_key=user_key, update_id=update_id, status=TURN_RUNNING, created_at=self._now())
@@ -913,8 +998,17 @@ class Store:
         )
 
         def begin(conn: sa.Connection) -> int:
+            held = hold is not None and self._admit(conn, user_key, hold)  # raises BudgetRefused
             turn_id = conn.execute(stmt).scalar_one()
             conn.execute(sa.insert(turn_messages).values(turn_id=turn_id, seq=0, message=user_message))
+            if held:
+                assert hold is not None
+                now = self._now()
+                conn.execute(
+                    sa.insert(budget_holds).values(
+                        turn_id=turn_id, user_key=user_key, tokens=hold.tokens, created_at=now, expires_at=now + hold.ttl
+                    )
+                )
             if ids:
                 conn.execute(
                     sa.update(inbox)
@@ -927,6 +1021,7 @@ class Store:
                     .where(turns.c.id.in_(old_turns), turns.c.status.in_((TURN_RUNNING, *TURN_FINISHED_STATUSES)))
                     .values(status=TURN_SUPERSEDED, finished_at=sa.func.coalesce(turns.c.finished_at, self._now()))
                 )
+                conn.execute(sa.delete(budget_holds).where(budget_holds.c.turn_id.in_(old_turns)))
             return int(turn_id)
 
         return await self._run("begin_turn", begin, write=True)
@@ -946,9 +1041,10 @@ class Store:
 
         `messages` are what the turn produced (assistant messages with or without
         tool_calls, tool results), in order; the user message is already stored. In the
-        same transaction: the turn's `usage` is booked, and the inbox messages it
-        answered get `inbox_status` and the `reply` the chat shows -- so a message is
-        never marked answered without its answer in history, nor the other way round.
+        same transaction: the turn's `usage` is booked (replacing its budget hold, if
+        any), and the inbox messages it answered get `inbox_status` and the `reply` the
+        chat shows -- so a message is never marked answered without its answer in
+        history, nor the other way round.
         Raises `TurnStateError` if the turn is unknown or already finished, and
         `ValueError` (writing nothing) if a message cannot be stored as JSON.
         """
@@ -981,6 +1077,8 @@ class Store:
                 )
             if booking is not None:
                 conn.execute(booking)
+            # Settled: the real usage (just booked) replaces what the turn held.
+            conn.execute(sa.delete(budget_holds).where(budget_holds.c.turn_id == turn_id))
             if ids:
                 values: dict[str, Any] = {"status": inbox_status, "finished_at": self._now()}
                 if reply is not None:
@@ -1053,7 +1151,16 @@ class Store:
         if status not in TURN_FINISHED_STATUSES:
             raise ValueError(f"status must be one of {TURN_FINISHED_STATUSES}, got {status!r}")
         stmt = sa.update(turns).where(turns.c.status == TURN_RUNNING).values(status=status, finished_at=self._now())
-        return await self._run("mark_stale_turns", lambda conn: conn.execute(stmt).rowcount, write=True)
+        # Their budget holds go with them: a turn cut off by a crash uses nothing more.
+        release = sa.delete(budget_holds).where(
+            budget_holds.c.turn_id.in_(sa.select(turns.c.id).where(turns.c.status == TURN_RUNNING))
+        )
+
+        def mark(conn: sa.Connection) -> int:
+            conn.execute(release)
+            return conn.execute(stmt).rowcount
+
+        return await self._run("mark_stale_turns", mark, write=True)
 
     async def mark_turn_superseded(self, turn_id: int) -> bool:
         """/retry: mark a finished turn as replaced, so history users can leave it out.
@@ -1155,6 +1262,60 @@ class Store:
         )
         return int(await self._run("tokens_used", lambda conn: conn.scalar(query), write=False))
 
+    async def tokens_held(self, user_key: str) -> int:
+        """Tokens reserved by the user's running turns (see `BudgetHold`): spoken for, not used yet."""
+        held = self._held_query(user_key, self._now())
+        return int(await self._run("tokens_held", lambda conn: conn.scalar(held), write=False))
+
+    @staticmethod
+    def _held_query(user_key: str, now: datetime) -> sa.Select[Any]:
+        # Holds count only while their turn runs and before they expire: a turn ended by
+        # any path, or a process gone for longer than the hold's ttl, frees the tokens.
+        return (
+            sa.select(sa.func.coalesce(sa.func.sum(budget_holds.c.tokens), 0))
+            .select_from(budget_holds.join(turns, turns.c.id == budget_holds.c.turn_id))
+            .where(
+                budget_holds.c.user_key == user_key,
+                budget_holds.c.expires_at > now,
+                turns.c.status == TURN_RUNNING,
+            )
+        )
+
+    def _admit(self, conn: sa.Connection, user_key: str, hold: BudgetHold) -> bool:
+        """In `begin_turn`'s transaction: may the user start a turn? True: write `hold`.
+
+        False when the user has no budget (nothing to hold against); raises
+        `BudgetRefused` when used + held already reach the budget. Budget, usage and
+        holds are read in one statement, so one snapshot sees a finishing turn either
+        as its hold or as its usage, never as neither.
+        """
+        budget = sa.select(budgets.c.tokens_per_day).where(budgets.c.user_key == user_key).scalar_subquery()
+        if conn.scalar(sa.select(budget)) is None:
+            return False  # most users: no lock to wait for (a budget set meanwhile counts from the next turn)
+        if self._dialect == "postgresql":
+            # Concurrent admissions of one user, from any process, take turns here; READ
+            # COMMITTED then shows each the holds of those admitted before it.
+            conn.execute(
+                sa.text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": f"parley.budget:{user_key}"}
+            )
+        now = self._now()
+        used = (
+            sa.select(sa.func.coalesce(sa.func.sum(usage.c.prompt_tokens + usage.c.completion_tokens), 0))
+            .where(usage.c.user_key == user_key, usage.c.created_at >= hold.since)
+            .scalar_subquery()
+        )
+        row = conn.execute(sa.select(budget, used, self._held_query(user_key, now).scalar_subquery())).one()
+        if row[0] is None:
+            return False
+        limit, spent, held = int(row[0]), int(row[1]), int(row[2])
+        if spent + held >= limit:
+            raise BudgetRefused(budget=limit, used=spent, held=held)
+        # Housekeeping: this user's holds that no longer count.
+        conn.execute(
+            sa.delete(budget_holds).where(budget_holds.c.user_key == user_key, budget_holds.c.expires_at <= now)
+        )
+        return True
+
     # ---------------------------------------------------------------- access lists
 
     async def set_role(self, user_key: str, role: str, *, by: str | None = None) -> None:
@@ -1179,6 +1340,11 @@ class Store:
         query = sa.select(roles.c.role).where(roles.c.user_key == user_key)
         return await self._run("role", lambda conn: conn.scalar(query), write=False)
 
+    async def role_granted_by(self, user_key: str) -> str | None:
+        """Who granted the user's stored role (a user key), or None (no role, or unknown)."""
+        query = sa.select(roles.c.granted_by).where(roles.c.user_key == user_key)
+        return await self._run("role_granted_by", lambda conn: conn.scalar(query), write=False)
+
     async def users_with_role(self, role: str) -> list[str]:
         """User keys holding `role`, sorted."""
         if role not in ROLES:
@@ -1186,18 +1352,20 @@ class Store:
         query = sa.select(roles.c.user_key).where(roles.c.role == role).order_by(roles.c.user_key)
         return list(await self._run("users_with_role", lambda conn: conn.scalars(query).all(), write=False))
 
-    async def set_budget(self, user_key: str, tokens_per_day: int | None) -> None:
-        """Cap a user's tokens per day; None removes the cap."""
+    async def set_budget(self, user_key: str, tokens_per_day: int | None, *, by: str | None = None) -> None:
+        """Cap a user's tokens per day; None removes the cap. `by`: who set it (a user key)."""
         _require_text("user_key", user_key)
         if tokens_per_day is None:
             delete = sa.delete(budgets).where(budgets.c.user_key == user_key)
             await self._run("set_budget", lambda conn: conn.execute(delete), write=True)
             return
         _require_count("tokens_per_day", tokens_per_day)
-        stmt = self._insert(budgets).values(user_key=user_key, tokens_per_day=tokens_per_day, updated_at=self._now())
+        stmt = self._insert(budgets).values(
+            user_key=user_key, tokens_per_day=tokens_per_day, updated_at=self._now(), set_by=by
+        )
         stmt = stmt.on_conflict_do_update(
             index_elements=["user_key"],
-            set_={name: stmt.excluded[name] for name in ("tokens_per_day", "updated_at")},
+            set_={name: stmt.excluded[name] for name in ("tokens_per_day", "updated_at", "set_by")},
         )
         await self._run("set_budget", lambda conn: conn.execute(stmt), write=True)
 
@@ -1206,6 +1374,11 @@ class Store:
         query = sa.select(budgets.c.tokens_per_day).where(budgets.c.user_key == user_key)
         value = await self._run("budget", lambda conn: conn.scalar(query), write=False)
         return None if value is None else int(value)
+
+    async def budget_set_by(self, user_key: str) -> str | None:
+        """Who set the user's budget (a user key), or None (no budget, or unknown)."""
+        query = sa.select(budgets.c.set_by).where(budgets.c.user_key == user_key)
+        return await self._run("budget_set_by", lambda conn: conn.scalar(query), write=False)
 
     # ---------------------------------------------------------------- known users
 
@@ -1278,6 +1451,8 @@ def _chat_settings(row: Mapping[str, Any]) -> ChatSettings:
         busy_policy=row["busy_policy"],
         streaming=row["streaming"],
         allowed=bool(row["allowed"]),
+        control=row["control"],
+        set_by=dict(row["set_by"] or {}),
     )
 
 
@@ -1293,5 +1468,6 @@ def _validate_chat_fields(fields: Mapping[str, Any]) -> None:
     optional("system_prompt", str)
     optional("busy_policy", str, BUSY_POLICIES)
     optional("streaming", bool)
+    optional("control", str, CONTROL_POLICIES)
     if "allowed" in fields and not isinstance(fields["allowed"], bool):
         raise ValueError(f"chat setting allowed={fields['allowed']!r} must be True or False")

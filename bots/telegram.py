@@ -149,7 +149,10 @@ class TelegramOutbox:
                 }
         return {"text": text}
 
-    async def send(self, chat: ChatRef, text: str, *, markdown: bool = False, reply_to: str | None = None) -> MessageRef:
+    async def send(
+        self, chat: ChatRef, text: str, *, markdown: bool = False, reply_to: str | None = None, private: bool = False
+    ) -> MessageRef:
+        """`private` changes nothing: Telegram cannot show a message to one member of a group only."""
         kwargs = self._text_args(text, markdown)
         if chat.thread_id:
             kwargs["message_thread_id"] = int(chat.thread_id)

@@ -52,6 +52,7 @@ SHARED_EXPECTED: dict[str, tuple[Any, ...]] = {
     "slow_drip": OK,
     "keepalive_only": OK,
     "headers_late": OK,
+    "first_byte_late": OK,  # late headers below first_token: one request, streamed
     "slow_cancel": INTERRUPT,
     "429": ("error", ProviderRateLimited),
     "reject_stream": fallback("stream_rejected"),
@@ -114,7 +115,7 @@ RESPONSES_EXPECTED: dict[str, tuple[Any, ...]] = {
 
 # Timings shortened for the suite (seconds); stall uses the default 30 s and must be cut by idle.
 MODEL_SUFFIX = {"slow_drip": ";drip=0.01", "keepalive_only": ";keepalive=0.2", "headers_late": ";late=0.2",
-                "slow_cancel": ";interval=0.05"}
+                "first_byte_late": ";late=0.2", "slow_cancel": ";interval=0.05"}
 TIMEOUTS = Timeouts(connect=5, first_token=5, idle=0.3, total=20)
 EXPECTED_COMPLETION_TOKENS = math.ceil(len(FAULT_TEXT) / 8)  # the fake streams FAULT_TEXT in 8-char pieces
 

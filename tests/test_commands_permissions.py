@@ -33,6 +33,7 @@ PLAUSIBLE: dict[str, str] = {
     "system": "You are a pirate now.",
     "mode": "interrupt",
     "stream": "off",
+    "control": "everyone",
     "allow": str(TARGET_UNKNOWN),
     "deny": str(TARGET_USER),
     "admins": "",
@@ -45,7 +46,7 @@ PLAUSIBLE: dict[str, str] = {
 # Who may run what (issue 5's table): the registry must not drift from it.
 REQUIRED_ROLES: dict[str, Role] = {
     **dict.fromkeys(("help", "new", "stop", "retry", "usage", "model"), Role.USER),
-    **dict.fromkeys(("system", "mode", "stream", "allow", "deny", "budget", "status"), Role.ADMIN),
+    **dict.fromkeys(("system", "mode", "stream", "control", "allow", "deny", "budget", "status"), Role.ADMIN),
     **dict.fromkeys(("admins", "promote", "demote"), Role.OWNER),
 }
 
@@ -57,8 +58,10 @@ SUBCOMMANDS: list[tuple[str, Role, str]] = [
     ("/usage all", Role.USER, "⛔ Only admins can see everyone's usage."),
     (f"/usage {TARGET_USER}", Role.USER, "⛔ Only admins can see another user's usage."),
     (f"/deny {TARGET_ADMIN}", Role.ADMIN, "⛔ Only owners can deny an admin."),
-    (f"/budget {TARGET_ADMIN} 5", Role.ADMIN, "⛔ Only owners can set the budget of an admin or owner."),
-    (f"/budget {OWNER_TG} 5", Role.ADMIN, "⛔ Only owners can set the budget of an admin or owner."),
+    (f"/budget {TARGET_ADMIN} 5", Role.ADMIN, f"⛔ telegram:{TARGET_ADMIN} is an admin like you; only an owner can change their budget."),
+    (f"/budget {OWNER_TG} 5", Role.ADMIN, f"⛔ telegram:{OWNER_TG} is an owner; nobody else can change their budget."),
+    (f"/budget {ADMIN_ID} off", Role.ADMIN, "⛔ You can't change your own budget; only an owner can."),
+    (f"/deny {ADMIN_ID}", Role.ADMIN, "⛔ You can't change your own access; only an owner can."),
 ]
 
 

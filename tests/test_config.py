@@ -211,7 +211,7 @@ def test_provider_settings_become_the_agents_provider_config(tmp_path: Path) -> 
     assert (cfg.model, cfg.api, cfg.api_key, cfg.max_retries, cfg.stream) == ("m2", "responses", OPENAI_KEY, 0, False)
     assert cfg.transport == "httpx"
     assert cfg.extra_params == {"temperature": 0.1}
-    assert (cfg.timeouts.idle, cfg.timeouts.first_token) == (12.0, 90.0)
+    assert (cfg.timeouts.idle, cfg.timeouts.first_token) == (12.0, 45.0)
     assert OPENAI_KEY not in repr(cfg)
 
     local = write(tmp_path / "l.yaml", "provider: {base_url: 'http://127.0.0.1:8080/v1'}\n")

@@ -161,7 +161,7 @@ STREAM_FAULTS = sorted(set(CHAT_FAULTS) - _NOT_STREAM_BREAKS)
 async def test_every_streaming_fault_ends_with_complete_reply_once(fault, fast_discord, fake_llm, parley) -> None:
     p = await parley(
         discord=fast_discord,
-        overrides={"provider": {"max_retries": 2, "timeouts": {"first_token": 2, "idle": 1, "total": 20}}},
+        overrides={"provider": {"max_retries": 2, "timeouts": {"connect": 1, "first_token": 2, "idle": 1, "total": 20}}},
     )
     owner = fast_discord.user(OWNER_DC, "owner")
     channel = fast_discord.dm_channel(owner)
@@ -363,24 +363,35 @@ async def test_slash_model_round_trip(fast_discord, fake_llm, parley) -> None:
     (policy,) = registered["mode"]["options"]
     assert [c["value"] for c in policy["choices"]] == ["queue", "interrupt"]
 
-    async def run(who, name: str, options=None) -> str:  # noqa: ANN001
+    async def run(who, name: str, options=None, *, private: bool | None = None) -> str:  # noqa: ANN001
         rec = fast_discord.user_runs_command(channel, who, name, options or {})
-        await fast_discord.wait_for(lambda: rec.original is not None and not rec.original.loading, timeout=5)
+        await fast_discord.wait_for(
+            lambda: rec.original is not None and (rec.followups or not (rec.original.loading or rec.original.deleted)),
+            timeout=5,
+        )
         await p.gateway.settle(key)
-        # Deferred (the fake rejects a late acknowledgement with 10062), then answered by
-        # editing the original response -- once, with no follow-up message.
-        assert rec.deferred and not rec.rejected
+        # Deferred ephemerally (the fake rejects a late acknowledgement with 10062), then
+        # answered once: privately by editing that response, or for everyone by deleting
+        # it and following up (tests/test_e2e_discord_private.py has the details).
+        assert rec.deferred and not rec.rejected and rec.original.ephemeral
+        if rec.original.deleted:
+            assert private is not True, f"/{name} was answered publicly"
+            (answer,) = rec.followups
+            assert not answer.ephemeral and answer.versions == [answer.content]
+            return answer.content
+        assert private is not False, f"/{name} was answered privately"
         assert rec.original.versions[0] == "" and len(rec.original.edits) == 1
         assert not rec.followups
         return rec.original.content
 
     assert await run(user, "model") == "Model in this chat: fake-model (default)\nAvailable: fake-model, other-model"
-    refused = await run(user, "model", {"name": "other-model"})
+    refused = await run(user, "model", {"name": "other-model"}, private=True)
     assert refused.startswith("⛔") and "admin" in refused
     assert (await p.store.chat_settings(key)).model is None
-    assert await run(owner, "model", {"name": "other-model"}) == "Model for this chat set to other-model."
+    switched = await run(owner, "model", {"name": "other-model"}, private=False)
+    assert switched == "Model for this chat set to other-model."
     assert (await p.store.chat_settings(key)).model == "other-model"
-    assert (await run(user, "help")).startswith("Commands you can use here:")
+    assert (await run(user, "help", private=True)).startswith("Commands you can use here:")
     assert await run(user, "stop") == "Nothing is running."
     assert fake_llm.requests == []
 
@@ -412,14 +423,16 @@ async def test_slash_stop_interrupts_the_running_reply(fast_discord, fake_llm, p
     fast_discord.user_says(channel, owner, "tell me a story", mentions_bot=True)
     await fast_discord.wait_for(lambda: stripped(fast_discord.bot_texts(channel)) == ["The beginning of"], timeout=10)
     rec = fast_discord.user_runs_command(channel, owner, "stop")
-    await fast_discord.wait_for(lambda: rec.original is not None and rec.original.content == "⏹️ Stopped.", timeout=10)
+    await fast_discord.wait_for(lambda: [m.content for m in rec.followups] == ["⏹️ Stopped."], timeout=10)
     await p.gateway.settle(key)
     gate.set()
     assert rec.deferred and not rec.rejected
-    (reply, answer) = bot_messages(fast_discord, channel)
+    # "Stopped" is for everyone in the channel: the ephemeral "thinking…" gave way to it.
+    assert rec.original.ephemeral and rec.original.deleted
+    (reply, answer) = [m for m in bot_messages(fast_discord, channel) if not m.ephemeral]
     assert reply.content.startswith("The beginning of") and reply.content.endswith("\n\n⏹️ stopped")
     assert "long story" not in reply.content
-    assert answer.id == rec.original.id
+    assert answer.id == rec.followups[0].id and not answer.ephemeral
 
 
 # ---- typing and pacing -----------------------------------------------------------------------

@@ -104,7 +104,7 @@ STREAM_FAULTS = sorted(set(CHAT_FAULTS) - _NOT_STREAM_BREAKS)
 async def test_every_streaming_fault_ends_with_complete_reply_once(fault, fast_telegram, fake_llm, parley) -> None:
     p = await parley(
         telegram=fast_telegram,
-        overrides={"provider": {"max_retries": 2, "timeouts": {"first_token": 2, "idle": 1, "total": 20}}},
+        overrides={"provider": {"max_retries": 2, "timeouts": {"connect": 1, "first_token": 2, "idle": 1, "total": 20}}},
     )
     owner = fast_telegram.user(OWNER_TG, "Owner")
     chat = fast_telegram.private_chat(owner)

@@ -130,14 +130,14 @@ async def test_only_one_persons_messages_merge() -> None:
     lanes.submit(msg("a", user="1"), policy="interrupt")
     for text, user in (("b", "1"), ("c", "2"), ("d", "1")):
         assert lanes.submit(msg(text, user=user), policy="interrupt") is Submitted.INTERRUPTING
-    await runner.until(lambda: runner.started == ["a", "b"])
-    assert lanes.running("memory:1").user_key == "memory:1"
-    runner.finish("b")
-    await runner.until(lambda: runner.started == ["a", "b", "c"])
+    # The interrupted turn was person 1's: person 2 goes next (fairness), alone; then
+    # everything person 1 sent meanwhile, as one turn -- never mixed with person 2's.
+    await runner.until(lambda: runner.started == ["a", "c"])
     assert lanes.running("memory:1").user_key == "memory:2"
     runner.finish("c")
-    await runner.until(lambda: runner.started == ["a", "b", "c", "d"])
-    runner.finish("d")
+    await runner.until(lambda: runner.started == ["a", "c", "b\n\nd"])
+    assert lanes.running("memory:1").user_key == "memory:1"
+    runner.finish("b\n\nd")
     await lanes.wait_idle("memory:1")
     assert lanes.running("memory:1") is None
 
@@ -195,3 +195,126 @@ async def test_close_returns_queued_messages_and_interrupts_after_the_timeout() 
     assert sorted(runner.ended) == [("a", "interrupted"), ("x", "finished")]
     assert lanes.submit(msg("c"), policy="queue") is Submitted.CLOSED
     assert await lanes.close(timeout=0) == []  # closing twice is harmless
+
+
+# ---- floods: limits and fairness per person -------------------------------------------
+
+
+def group_msg(text: str, user: str) -> Inbound:
+    return Inbound(ChatRef("memory", "-5", is_private=False), user, text, message_id=text, update_id=text)
+
+
+GROUP = "memory:-5"
+
+
+async def test_the_queue_limit_is_per_person_and_a_full_queue_is_told_once() -> None:
+    runner = Runner()
+    lanes = Lanes(runner, queue_max=2)
+    assert lanes.submit(group_msg("f0", "flood"), policy="queue") is Submitted.STARTED
+    outcomes = [lanes.submit(group_msg(f"f{i}", "flood"), policy="queue") for i in range(1, 7)]
+    assert outcomes == [
+        Submitted.QUEUED, Submitted.QUEUED_QUIETLY,  # two may wait
+        Submitted.FULL,  # the third is refused, and the sender is due one notice...
+        Submitted.FULL_QUIETLY, Submitted.FULL_QUIETLY, Submitted.FULL_QUIETLY,  # ...not one per message
+    ]
+    # Someone else in the same chat has a queue of their own, and their own acknowledgement.
+    assert lanes.submit(group_msg("m1", "member"), policy="queue") is Submitted.QUEUED
+    assert lanes.submit(group_msg("m2", "member"), policy="queue") is Submitted.QUEUED_QUIETLY
+    assert lanes.submit(group_msg("m3", "member"), policy="queue") is Submitted.FULL
+    assert lanes.waiting(GROUP) == {"memory:member": 2, "memory:flood": 2}
+    assert lanes.queue_depths() == {GROUP: 4}
+    for text in ("f0", "m1", "f1", "m2", "f2"):
+        runner.finish(text)
+    await lanes.wait_idle(GROUP)
+
+
+async def test_a_flooders_backlog_delays_another_member_by_one_turn_at_most() -> None:
+    runner = Runner()
+    lanes = Lanes(runner, queue_max=50)
+    lanes.submit(group_msg("f0", "flood"), policy="queue")
+    for i in range(1, 41):
+        lanes.submit(group_msg(f"f{i}", "flood"), policy="queue")
+    assert lanes.submit(group_msg("question", "member"), policy="queue") is Submitted.QUEUED
+    await runner.until(lambda: runner.started == ["f0"])
+    runner.finish("f0")
+    # The very next turn is the member's, though 40 messages were queued before it.
+    await runner.until(lambda: len(runner.started) == 2)
+    assert runner.started == ["f0", "question"]
+    # While the flooder's backlog is answered, a member who writes again is next again.
+    runner.finish("question")
+    await runner.until(lambda: runner.started[-1] == "f1")
+    assert lanes.submit(group_msg("follow-up", "member"), policy="queue") is Submitted.QUEUED
+    runner.finish("f1")
+    await runner.until(lambda: runner.started[-1] == "follow-up")
+    assert runner.started == ["f0", "question", "f1", "follow-up"]
+    lanes.stop(GROUP)
+    await lanes.wait_idle(GROUP)
+
+
+async def test_turns_go_round_robin_between_people_fifo_within_each() -> None:
+    runner = Runner()
+    lanes = Lanes(runner, queue_max=5)
+    lanes.submit(group_msg("a0", "a"), policy="queue")
+    for text, user in (("a1", "a"), ("a2", "a"), ("a3", "a"), ("b1", "b"), ("b2", "b"), ("c1", "c")):
+        lanes.submit(group_msg(text, user), policy="queue")
+    expected = ["a0", "b1", "c1", "a1", "b2", "a2", "a3"]
+    for i, text in enumerate(expected):
+        await runner.until(lambda i=i: len(runner.started) == i + 1)
+        runner.finish(text)
+    await lanes.wait_idle(GROUP)
+    assert runner.started == expected
+
+
+async def test_a_drained_queue_may_be_told_it_is_full_again() -> None:
+    runner = Runner()
+    lanes = Lanes(runner, queue_max=1)
+    lanes.submit(group_msg("a", "flood"), policy="queue")
+    assert lanes.submit(group_msg("b", "flood"), policy="queue") is Submitted.QUEUED
+    assert lanes.submit(group_msg("c", "flood"), policy="queue") is Submitted.FULL
+    assert lanes.submit(group_msg("d", "flood"), policy="queue") is Submitted.FULL_QUIETLY
+    runner.finish("a")
+    await runner.until(lambda: runner.started == ["a", "b"])  # the sender's queue drained
+    assert lanes.submit(group_msg("e", "flood"), policy="queue") is Submitted.QUEUED
+    assert lanes.submit(group_msg("f", "flood"), policy="queue") is Submitted.FULL, "a new burst"
+    assert lanes.stop(GROUP) == (True, 1)
+    await lanes.wait_idle(GROUP)
+    assert lanes.submit(group_msg("g", "flood"), policy="queue") is Submitted.STARTED
+    assert lanes.submit(group_msg("h", "flood"), policy="queue") is Submitted.QUEUED
+    assert lanes.submit(group_msg("i", "flood"), policy="queue") is Submitted.FULL, "stop emptied the queue"
+    lanes.stop(GROUP)
+    await lanes.wait_idle(GROUP)
+
+
+async def test_stop_and_close_hand_back_every_person_s_waiting_messages_in_arrival_order() -> None:
+    dropped: list[str] = []
+    runner = Runner()
+    lanes = Lanes(runner, on_dropped=lambda ms: dropped.extend(m.text for m in ms))
+    lanes.submit(group_msg("a0", "a"), policy="queue")
+    for text, user in (("a1", "a"), ("b1", "b"), ("a2", "a"), ("c1", "c")):
+        lanes.submit(group_msg(text, user), policy="queue")
+    assert lanes.stop(GROUP) == (True, 4)
+    assert dropped == ["a1", "b1", "a2", "c1"]
+    await lanes.wait_idle(GROUP)
+    lanes.submit(group_msg("x0", "a"), policy="queue")
+    for text, user in (("x1", "b"), ("x2", "a"), ("x3", "b")):
+        lanes.submit(group_msg(text, user), policy="queue")
+    leftovers = await lanes.close(timeout=0)
+    assert [m.text for m in leftovers] == ["x1", "x2", "x3"]
+
+
+async def test_one_sender_s_waiting_messages_can_be_dropped_alone() -> None:
+    dropped: list[str] = []
+    runner = Runner()
+    lanes = Lanes(runner, queue_max=1, on_dropped=lambda ms: dropped.extend(m.text for m in ms))
+    lanes.submit(group_msg("a0", "a"), policy="queue")
+    lanes.submit(group_msg("b1", "b"), policy="queue")
+    lanes.submit(group_msg("a1", "a"), policy="queue")
+    assert lanes.submit(group_msg("a2", "a"), policy="queue") is Submitted.FULL
+    assert lanes.drop_queued(GROUP, "memory:a") == 1
+    assert lanes.drop_queued(GROUP, "memory:a") == 0 and lanes.drop_queued("memory:nowhere", "memory:a") == 0
+    assert dropped == ["a1"] and lanes.waiting(GROUP) == {"memory:b": 1}
+    assert lanes.submit(group_msg("a3", "a"), policy="queue") is Submitted.QUEUED, "a new wait"
+    for text in ("a0", "b1", "a3"):
+        runner.finish(text)
+    await lanes.wait_idle(GROUP)
+    assert runner.started == ["a0", "b1", "a3"]

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
 from agent.events import ToolCall, ToolResult
 from bots.errors import BadFormatting, RateLimited, TargetGone, TooLong, Transient, Undeliverable
-from bots.live_reply import EMPTY_REPLY, STOPPED_MARKER, Delivery, LiveReply, ReplyOptions
+from bots.live_reply import (
+    EMPTY_REPLY,
+    STILL_WORKING_TEXT,
+    STOPPED_MARKER,
+    Delivery,
+    LiveReply,
+    NullObserver,
+    ReplyOptions,
+    shown_messages,
+)
 from bots.outbox import ChatRef
 from bots.pacing import Budget, Pacing, PacingPolicy
 from tests.support.fakeclock import FakeClock
@@ -23,8 +33,10 @@ class Harness:
         budget: Budget = Budget(1.0, 2),
         options: ReplyOptions = ReplyOptions(),
         private: bool = True,
+        observer_for: Callable[[FakeClock], NullObserver] | None = None,
     ) -> None:
         self.clock = FakeClock()
+        self.observer = observer_for(self.clock) if observer_for is not None else None
         self.outbox = MemoryOutbox(limit=limit, now=self.clock.now, typing_interval=4.0)
         self.pacing = Pacing(PacingPolicy(budget, budget, Budget(1000, 1000)), self.clock)
         self.chat = ChatRef("memory", "1", is_private=private)
@@ -35,6 +47,7 @@ class Harness:
             reply_to="u1",
             options=options,
             clock=self.clock,
+            observer=self.observer,
         )
         self.reply.start()
 
@@ -407,3 +420,100 @@ async def test_stopped_marker_follows_the_text_without_trailing_blanks() -> None
     await h.clock.advance(1.0)
     await h.finish(interrupted=True)
     assert h.outbox.texts() == [f"The beginning of\n\n{STOPPED_MARKER}"]
+
+
+# ---- "still working…" (chat.still_working_after) ------------------------------------------
+
+
+class FirstVisible(NullObserver):
+    """Records when the reply told its observer that something became visible."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.times: list[float] = []
+
+    def on_first_visible(self) -> None:
+        self.times.append(self.clock.now())
+
+
+async def test_still_working_shows_after_a_silence_and_gives_way_to_text() -> None:
+    h = Harness(options=ReplyOptions(still_working_after=15))
+    await h.clock.advance(14.5)
+    assert h.outbox.texts() == []  # typing only, so far
+    await h.clock.advance(1.0)
+    assert h.outbox.texts() == [STILL_WORKING_TEXT]
+    h.reply.on_first_delta()
+    h.reply.on_text("Hello")
+    await h.clock.advance(1.0)
+    assert h.outbox.texts() == ["Hello"]  # the text replaces the note, in the same message
+    await h.clock.advance(13.0)
+    assert h.outbox.texts() == ["Hello"]  # quiet for 14 s of 15
+    await h.clock.advance(2.0)
+    assert h.outbox.texts() == [f"Hello\n\n{STILL_WORKING_TEXT}"]  # below what was said
+    h.reply.on_text(" world")
+    await h.clock.advance(1.0)
+    assert h.outbox.texts() == ["Hello world"]
+    delivery = await h.finish(final_text="Hello world")
+    assert delivery.complete and delivery.text == "Hello world"
+    assert h.outbox.texts() == ["Hello world"] and len(h.outbox.messages) == 1
+    assert h.edits_without_change() == 0
+
+
+async def test_a_steady_stream_never_says_still_working() -> None:
+    h = Harness(options=ReplyOptions(still_working_after=15), limit=10_000)
+    for i in range(12):  # a delta every 10 s for two minutes
+        h.reply.on_text(f"w{i} ")
+        await h.clock.advance(10.0)
+    await h.finish(final_text="".join(f"w{i} " for i in range(12)))
+    shown = [text for msg in h.outbox.messages.values() for _, text, _ in msg.history]
+    assert shown and not any(STILL_WORKING_TEXT in text for text in shown)
+
+
+async def test_a_running_tool_counts_as_silence_too() -> None:
+    h = Harness(options=ReplyOptions(still_working_after=15))
+    call = ToolCall(id="c1", name="fetch_url", arguments="{}")
+    h.reply.on_tool_started(call)
+    await h.clock.advance(1.0)
+    assert h.outbox.texts() == ["⚙️ fetch_url…"]
+    await h.clock.advance(15.0)
+    assert h.outbox.texts() == [f"⚙️ fetch_url…\n\n{STILL_WORKING_TEXT}"]
+    h.reply.on_tool_finished(call, ToolResult(call.id, call.name, "page text"))
+    await h.clock.advance(1.0)
+    assert h.outbox.texts() == ["✅ fetch_url"]
+
+
+@pytest.mark.parametrize("end", ["answer", "interrupted", "error"])
+async def test_the_final_message_never_keeps_the_note(end: str) -> None:
+    h = Harness(options=ReplyOptions(still_working_after=15))
+    h.reply.on_text("Partial")
+    await h.clock.advance(16.0)
+    assert h.outbox.texts() == [f"Partial\n\n{STILL_WORKING_TEXT}"]
+    assert shown_messages(h.reply.state())[0][1] == "Partial"  # what a restart would continue from
+    kwargs = {"answer": {"final_text": "Partial answer"}, "interrupted": {"interrupted": True},
+              "error": {"notice": "⚠️ The model took too long to answer."}}[end]
+    delivery = await h.finish(**kwargs)
+    assert delivery.complete
+    (text,) = h.outbox.texts()
+    assert STILL_WORKING_TEXT not in text and STILL_WORKING_TEXT not in delivery.text
+
+
+async def test_the_note_alone_is_not_the_first_visible_text() -> None:
+    h = Harness(options=ReplyOptions(still_working_after=15), observer_for=FirstVisible)
+    observer = h.observer
+    assert isinstance(observer, FirstVisible)
+    await h.clock.advance(16.0)
+    assert h.outbox.texts() == [STILL_WORKING_TEXT] and observer.times == []
+    h.reply.on_text("Hi")
+    await h.clock.advance(1.0)
+    assert h.outbox.texts() == ["Hi"] and len(observer.times) == 1
+    await h.finish(final_text="Hi")
+
+
+async def test_still_working_off_by_default_and_with_zero() -> None:
+    for options in (ReplyOptions(), ReplyOptions(still_working_after=0)):
+        h = Harness(options=options)
+        await h.clock.advance(120.0)
+        assert h.outbox.texts() == []
+        h.reply.on_text("late answer")
+        await h.finish(final_text="late answer")
+        assert h.outbox.texts() == ["late answer"]

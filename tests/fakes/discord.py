@@ -2064,10 +2064,19 @@ class FakeDiscord:
         rec = self._require_token(request)
         body = request[_BODY] or {}
         self._validate_content(body, creating=True)
-        # A follow-up is always a new message here; whether Discord instead replaces a
-        # still-loading deferred response is [unverified] — use edit_original_response.
-        m = self._interaction_message(rec, str(body.get("content") or ""), body, msg_type=20)
-        rec.followups.append(m)
+        loading = rec.original
+        if loading is not None and loading.loading and not loading.deleted:
+            # A follow-up sent while the deferred response still loads *is* that response:
+            # it fills the "thinking…" message, which keeps the deferral's flags whatever the
+            # follow-up asks (an ephemeral deferral stays ephemeral) [discord-api-docs#2742,
+            # #3466: "If you ACK with a flag of 64 then your response will also be ephemeral"].
+            self._edit_message(loading, {k: v for k, v in body.items() if k != "flags"})
+            if not loading.ephemeral:
+                self._dispatch_message("MESSAGE_UPDATE", loading, self._message_payload(loading, gateway=True))
+            m = loading
+        else:  # after the response was edited or deleted: a new message, with its own flags
+            m = self._interaction_message(rec, str(body.get("content") or ""), body, msg_type=20)
+            rec.followups.append(m)
         self._changed()
         if request.query.get("wait", "").lower() not in ("1", "true"):
             return web.Response(status=204)

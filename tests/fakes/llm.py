@@ -11,7 +11,8 @@ What a request gets is chosen by its model name:
   (one framing fault, one payload quirk, one timing fault, one `nonstream_*` fault).
   Parameters tune timings: `stall`, `drip`, `keepalive`, `keepalive_every`, `late`,
   `interval` (seconds). Stream faults hit streaming requests only; `nonstream_*`
-  faults hit non-streaming requests only; `429` hits both. Unknown modes → HTTP 400.
+  faults hit non-streaming requests only; `429` and `first_byte_late` hit both.
+  Unknown modes → HTTP 400.
 - `bench:tokens=600,rate=30,ttft=0.2,chunk=1,seed=7[,tick=0.05]` — a deterministic reply
   of `bench_text(tokens, seed)` streamed at `rate` tokens/s (`rate=0`: as fast as the
   socket takes it), for benchmarks running the fake in another process.
@@ -28,7 +29,10 @@ next *streaming* request instead drops it (an interrupted turn never falls back)
 takes the entry after it. A `nonstream_*` fault keeps its entry waiting (a provider that
 stays down); a `429` puts its entry back for the SDK's retry of the same request.
 
-Every request is recorded (`fake.requests`, `GET /_fake/requests`, `POST /_fake/reset`).
+Every request is recorded (`fake.requests`, `GET /_fake/requests`, `POST /_fake/reset`),
+with the read timeout the SDK announced (`x-stainless-read-timeout`) and how many other
+requests to the same path were still being answered when it arrived (`concurrent`;
+`fake.max_in_flight` per path) -- a retry that overlaps the attempt it repeats shows there.
 Run standalone: `python -m tests.fakes.llm --port 8083`.
 """
 
@@ -90,6 +94,7 @@ _SHARED_FAULTS: dict[str, str] = {
     "slow_drip": "`drip` seconds (default 0.05) between every event",
     "keepalive_only": "only comments for `keepalive` seconds (default 0.3), then the reply",
     "headers_late": "`late` seconds (default 0.3) before the response headers",
+    "first_byte_late": "`late` seconds before the response headers, streaming or not (a slow or hung provider)",
     "slow_cancel": "50 content events, `interval` seconds apart (default 0.2)",
     "429": "HTTP 429 rate_limit_exceeded (retry-after-ms: 1), streaming or not",
     "reject_stream": "HTTP 400 \"Unsupported value: 'stream' does not support true\" to stream requests",
@@ -343,6 +348,9 @@ class RequestRecord:
     chunks_sent: int = 0
     disconnected: bool = False
     sdk_retry: int = 0  # the SDK's x-stainless-retry-count: >0 repeats the previous request
+    read_timeout: float | None = None  # the SDK's x-stainless-read-timeout (seconds)
+    path: str = ""
+    concurrent: int = 0  # other requests to the same path still being answered when this one arrived
 
     def to_dict(self, brief: bool = False) -> dict[str, Any]:
         data = asdict(self)
@@ -856,6 +864,8 @@ class FakeLLM:
         self.host = host
         self.port = port
         self.requests: list[RequestRecord] = []
+        self.in_flight: dict[str, int] = {}  # path -> requests being answered now
+        self.max_in_flight: dict[str, int] = {}  # path -> the most at once since the last reset
         self._script: list[_Entry] = []
         self._ids = _Ids()
         self._waiters: list[asyncio.Future[None]] = []
@@ -925,6 +935,7 @@ class FakeLLM:
     def reset(self) -> None:
         self._script.clear()
         self.requests.clear()
+        self.max_in_flight = dict(self.in_flight)
         self._notify()
 
     async def wait_for(self, predicate: Callable[[], Any], timeout: float = 5.0) -> None:
@@ -1087,6 +1098,10 @@ class FakeLLM:
             record.sdk_retry = int(request.headers.get("x-stainless-retry-count", "0"))
         except ValueError:
             record.sdk_retry = 0
+        try:
+            record.read_timeout = float(request.headers["x-stainless-read-timeout"])
+        except (KeyError, ValueError):
+            record.read_timeout = None
         if "stream_options" in body and not body.get("stream"):
             return record, _error(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                                   param="stream_options")
@@ -1101,6 +1116,12 @@ class FakeLLM:
     async def _handle(self, request: web.Request, api: str) -> web.StreamResponse:
         record, early = await self._read(request, api)
         plan: _Plan | web.StreamResponse | None = None
+        path = request.path
+        if record is not None:
+            record.path = path
+            record.concurrent = self.in_flight.get(path, 0)
+            self.in_flight[path] = record.concurrent + 1
+            self.max_in_flight[path] = max(self.max_in_flight.get(path, 0), record.concurrent + 1)
         try:
             if early is not None:
                 if record is not None:
@@ -1126,6 +1147,8 @@ class FakeLLM:
                         return web.json_response(builder.response_object(
                             "failed", error={"code": "server_error", "message": "The model failed to respond."}))
                     return web.json_response(_CONTEXT_ERROR)
+                if "first_byte_late" in plan.modes:
+                    await asyncio.sleep(plan.params["late"])
                 await self._wait_hold(plan.reply, 0)
                 record.t_first_token_sent = time.monotonic()
                 body = builder.chat_completion() if api == "chat" else builder.response_body()
@@ -1143,6 +1166,7 @@ class FakeLLM:
             raise
         finally:
             if record is not None:
+                self.in_flight[path] -= 1
                 record.t_done = time.monotonic()
                 self._notify()
 
@@ -1155,7 +1179,7 @@ class FakeLLM:
         self, request: web.Request, record: RequestRecord, plan: _Plan, builder: _Builder, api: str
     ) -> web.StreamResponse:
         modes, params, reply = plan.modes, plan.params, plan.reply
-        if "headers_late" in modes:
+        if "headers_late" in modes or "first_byte_late" in modes:
             await asyncio.sleep(params["late"])
         if "200_error_json" in modes:
             return web.json_response(_CONTEXT_ERROR)
@@ -1364,7 +1388,7 @@ _STREAM_OPTIONS_FAULTS = {"reject_stream_options", "reject_stream_options_422", 
 _QUIRKS = {
     "normal", "crlf", "byte_by_byte", "multi_data_lines", "text_plain", "comment_keepalive", "slow_drip",
     "comment_after_id", "retry_directive", "event_ping_nodata", "data_comment", "ignore_stream",
-    "keepalive_only", "headers_late", "reasoning", "reasoning_openrouter", "reasoning_mirrored", "tool_std",
+    "keepalive_only", "headers_late", "first_byte_late", "reasoning", "reasoning_openrouter", "reasoning_mirrored", "tool_std",
     "done_nospace", "trailing_after_done", "null_choices", "empty_choices_mid", "azure_filter", "role_every_chunk",
     "usage_every_chunk", "empty_finish_reason", "think_in_content", "tool_all_at_once", "stop_with_tools",
     "double_finish", "tool_repeat_id_name", "tool_no_index", "tool_ollama_index0", "tool_int_id", "tool_args_dict",

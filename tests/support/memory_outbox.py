@@ -112,7 +112,9 @@ class MemoryOutbox:
             self._record(kind, target, text, False)
             raise err
 
-    async def send(self, chat: ChatRef, text: str, *, markdown: bool = False, reply_to: str | None = None) -> MessageRef:
+    async def send(
+        self, chat: ChatRef, text: str, *, markdown: bool = False, reply_to: str | None = None, private: bool = False
+    ) -> MessageRef:
         async with self.ledger.sending(chat) as sent:
             await asyncio.sleep(0)
             self._check("send", None, text)
