@@ -42,6 +42,7 @@ from bots.inbound import from_json as inbound_from_json
 from bots.inbound import to_json as inbound_json
 from bots.inbound_rate import InboundRate, Verdict
 from bots.lanes import Lanes, Submitted
+from bots.media import Attachment
 from bots.live_reply import LiveReply, ReplyOptions, leftover_sends, shown_messages
 from bots.orphans import remove_leftovers
 from bots.logs import redact, turn_context
@@ -113,6 +114,10 @@ class Connector(Protocol):
     async def stop_receiving(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+    async def download(self, attachment: Attachment, *, max_bytes: int, timeout: float) -> bytes:
+        """The bytes of an attachment this connector reported (`bots.media.MediaSource`)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

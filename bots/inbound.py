@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from bots.media import Attachment, attachment_from_json, attachment_to_json
 from bots.outbox import ChatRef
 
 
@@ -35,6 +36,9 @@ class Inbound:
     expects_answer: bool = False  # the platform shows a pending state until answered (slash commands)
     listening: bool = False  # the bot answers every message in this group (group_trigger: all)
     inbox_ids: tuple[int, ...] = ()  # set by the gateway once stored: the inbox rows this message is
+    attachments: tuple[Attachment, ...] = ()  # photos, voice notes, files (references, not bytes)
+    media_group_id: str | None = None  # Telegram albums: the updates of one album share it
+    edit_of: str | None = None  # an edit of the message with this id (text is the new text)
 
     @property
     def platform(self) -> str:
@@ -54,7 +58,11 @@ class Inbound:
 
 def to_json(inbound: Inbound) -> dict[str, Any]:
     """The message as JSON, for the inbox (everything needed to answer it after a restart)."""
-    data = {f.name: getattr(inbound, f.name) for f in fields(inbound) if f.name not in ("chat", "inbox_ids")}
+    data = {
+        f.name: getattr(inbound, f.name) for f in fields(inbound) if f.name not in ("chat", "inbox_ids", "attachments")
+    }
+    if inbound.attachments:
+        data["attachments"] = [attachment_to_json(a) for a in inbound.attachments]
     chat = inbound.chat
     data["chat"] = {
         "platform": chat.platform,
@@ -67,9 +75,10 @@ def to_json(inbound: Inbound) -> dict[str, Any]:
 
 def from_json(data: Mapping[str, Any], inbox_ids: tuple[int, ...] = ()) -> Inbound:
     """`to_json` reversed; unknown keys (from a newer parley) are ignored."""
-    known = {f.name for f in fields(Inbound)} - {"chat", "inbox_ids"}
+    known = {f.name for f in fields(Inbound)} - {"chat", "inbox_ids", "attachments"}
     values = {k: v for k, v in data.items() if k in known}
-    return Inbound(chat=ChatRef(**data["chat"]), inbox_ids=inbox_ids, **values)
+    attachments = tuple(attachment_from_json(a) for a in data.get("attachments") or ())
+    return Inbound(chat=ChatRef(**data["chat"]), inbox_ids=inbox_ids, attachments=attachments, **values)
 
 
 @dataclass(frozen=True, slots=True)
