@@ -23,6 +23,7 @@ from .errors import (
     ToolError,
 )
 from .events import NullEvents, ToolCall, ToolResult, TurnEvents
+from .provider import ProbeResult
 from .stream import ModelResponse, Usage
 from .tools import Tool, ToolRegistry, tool
 from .turn import MAX_STEPS_MESSAGE, Agent, TurnResult
@@ -33,6 +34,7 @@ __all__ = [
     "AgentError",
     "ModelResponse",
     "NullEvents",
+    "ProbeResult",
     "ProviderAuthError",
     "ProviderBadRequest",
     "ProviderBadResponse",

@@ -56,7 +56,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -87,6 +87,7 @@ from .stream import (
 )
 
 __all__ = [
+    "ProbeResult",
     "Provider",
     "RequestObserver",
     "StepState",
@@ -621,6 +622,55 @@ def _emit_whole(response: ModelResponse, callbacks: tuple[Callable[..., None], .
 # ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What `Provider.probe` learned about the models parley is configured to use.
+
+    Facts only; `parley check` decides what they are worth: a model missing from the
+    listing fails (every turn with it would end in "model not found"), no listing at all
+    is a warning (nothing could be verified but the first model's answer).
+
+    `models`: the models asked about, the default first. `listed`: the ids `GET /models`
+    returned, or None when it gave none -- then `models_status` is its HTTP status (200:
+    an empty list) and `models[0]` answered a 1-token request instead. `missing`: the
+    models the listing lacks (empty when there was no listing to compare with).
+    """
+
+    models: tuple[str, ...]
+    listed: tuple[str, ...] | None
+    missing: tuple[str, ...]
+    models_status: int | None = None
+
+    @property
+    def verified(self) -> bool:
+        """Whether the listing could confirm every model (False: no listing, or some missing)."""
+        return self.listed is not None and not self.missing
+
+    def __str__(self) -> str:
+        if self.listed is None:
+            if self.models_status == 200:
+                why = "GET /models lists no models"
+            elif self.models_status in (404, 405, 501):
+                why = f"the provider has no /models endpoint (GET /models answered {self.models_status})"
+            else:
+                why = f"GET /models failed ({self.models_status})"
+            text = f"{why}, so which models it serves is unknown; {self.models[0]} answered a 1-token request"
+            unchecked = self.models[1:]
+            return text + (f"; not checked: {', '.join(unchecked)}" if unchecked else "")
+        count = f"{len(self.listed)} model{'s' if len(self.listed) != 1 else ''}"
+        if not self.missing:
+            return f"{', '.join(self.models)} among the {count} GET /models lists"
+        shown = ", ".join(self.listed[:5]) + (f", … {len(self.listed) - 5} more" if len(self.listed) > 5 else "")
+        verb = "is" if len(self.missing) == 1 else "are"
+        return f"{', '.join(self.missing)} {verb} not among the {count} GET /models lists ({shown})"
+
+
+def _is_listed(model: str, listed: Sequence[str]) -> bool:
+    """Whether `model` is served per the listing. Ollama lists `llama3.2:latest` and serves
+    it as `llama3.2` too, so an untagged name matches its `:latest`."""
+    return model in listed or (":" not in model and f"{model}:latest" in listed)
+
+
 class Provider:
     """The agent's only door to the model: `complete()` one step, streaming when it pays off."""
 
@@ -849,28 +899,40 @@ class Provider:
 
     # -- operator helpers ---------------------------------------------------
 
-    async def probe(self, model: str | None = None) -> str:
-        """Reach the provider: list models, else make a tiny request. Raises `ProviderError`."""
-        model = model or self.cfg.model
+    async def probe(self, models: Sequence[str] = ()) -> ProbeResult:
+        """Reach the provider and ask which of `models` (default: the configured one) it serves.
+
+        `GET /models` answers without spending a token. A provider without it (many local
+        servers) gets one 1-token request for the first model instead, which proves the key
+        and that model but says nothing about the others -- the result says so, and
+        `parley check` warns. Raises `ProviderError` when the provider cannot be reached,
+        refuses the key, or refuses the model.
+        """
+        wanted = tuple(dict.fromkeys(models or (self.cfg.model,)))
         try:
             with _calling("probe"), _Watchdog(None, first_token=None, idle=None, total=self.cfg.timeouts.total):
                 try:
                     page = await self._client.models.list()
-                    ids = [m.id for m in page.data]
-                    listed = "listed" if model in ids else "not listed"
-                    return f"ok: {len(ids)} models available, {model} {listed}"
+                    listed = tuple(m.id for m in page.data)
+                    if listed:
+                        missing = tuple(m for m in wanted if not _is_listed(m, listed))
+                        return ProbeResult(wanted, listed, missing)
+                    log.info("GET /models listed no models; probing with a 1-token request")
+                    status: int | None = 200
                 except openai.APIStatusError as exc:
                     if exc.status_code in (401, 403, 429):
                         raise
                     # Many OpenAI-compatible servers have no /models: try the model itself.
                     log.info("GET /models failed (%s); probing with a 1-token request", exc.status_code)
+                    status = exc.status_code
+                model = wanted[0]
                 if self.cfg.api == "responses":
                     await self._client.responses.create(model=model, input="ping", max_output_tokens=16)
                 else:
                     await self._client.chat.completions.create(
                         model=model, messages=[{"role": "user", "content": "ping"}], max_tokens=1
                     )
-                return f"ok: {model} answered a 1-token request"
+                return ProbeResult(wanted, None, (), models_status=status)
         except ProviderError:
             raise
         except Exception as exc:

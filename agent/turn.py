@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import ProviderConfig
 from .events import ToolCall, ToolResult, TurnEvents
-from .provider import Provider, RequestObserver, StepState, _guard
+from .provider import ProbeResult, Provider, RequestObserver, StepState, _guard
 from .stream import ModelResponse, Usage
 from .tools import ToolRegistry
 
@@ -135,9 +135,10 @@ class Agent:
         """Streaming health per model, for an operator's /status (no secrets)."""
         return self._provider.health_snapshot()
 
-    async def probe(self) -> str:
-        """Check the provider is reachable with this key and model (for `parley check`)."""
-        return await self._provider.probe(self.cfg.model)
+    async def probe(self, models: Sequence[str] = ()) -> ProbeResult:
+        """Check the provider is reachable with this key and serves `models` (default: this
+        agent's model), for `parley check`; see `Provider.probe`."""
+        return await self._provider.probe(models or (self.cfg.model,))
 
     async def run_turn(
         self,

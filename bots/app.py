@@ -338,6 +338,14 @@ async def run(settings: Settings, stop: asyncio.Event, hurry: asyncio.Event | No
         else:
             starting.result()
             log.info("parley is running (%s)", ", ".join(c.platform for c in app.connectors))
+            if not settings.access.owners:
+                # The first thing a new operator needs is their own id; the bot tells anyone
+                # without access theirs, so say where to look.
+                log.warning(
+                    "access.owners is empty: the bot has no owner to /allow anyone. Message the bot: its answer "
+                    "(\"... run /allow telegram:<id>\") names your id; put it in access.owners "
+                    "(PARLEY_ACCESS__OWNERS) and restart"
+                )
             await asyncio.wait({stopper, fatal}, return_when=asyncio.FIRST_COMPLETED)
         failed = _fatal_platform(fatal)
         if failed is not None:

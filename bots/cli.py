@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import NamedTuple
 
 from bots.config import Settings, load_config, report_config_error
 from bots.errors import ConfigError, ParleyError, PlatformFailed
@@ -66,7 +67,10 @@ def _parser() -> argparse.ArgumentParser:
 
     common(sub.add_parser("run", help="start every configured platform in one process"))
     common(sub.add_parser("chat", help="talk to the agent in this terminal (no platform token needed)"))
-    common(sub.add_parser("check", help="validate the config and reach the provider and each platform"))
+    check = sub.add_parser("check", help="validate the config and reach the provider and each platform")
+    common(check)
+    check.add_argument("--strict", action="store_true",
+                       help="treat warnings (e.g. a provider without /models) as failures")
     sub.add_parser("version", help="print parley's version")
     return parser
 
@@ -185,23 +189,55 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Print one PASS / WARN / FAIL row per check; exit 1 on a FAIL (or a WARN with --strict).
+
+    WARN is for what could not be verified rather than found wrong -- a provider with no
+    `/models` listing cannot say whether it serves every configured model. A deployment
+    pipeline that must not start on a guess runs `parley check --strict`.
+    """
     # discord.py warns about intents and voice support when the probe logs in; noise here.
     settings = _load(args, quiet_libraries={"discord": "ERROR"})
     rows = asyncio.run(_checks(settings))
-    width = max(len(name) for name, _, _ in rows)
-    failed = [name for name, passed, _ in rows if not passed]
-    for name, passed, detail in rows:
-        print(f"{'PASS' if passed else 'FAIL'}  {name.ljust(width)}  {detail}")
+    width = max(len(row.name) for row in rows)
+    for row in rows:
+        print(f"{row.verdict}  {row.name.ljust(width)}  {row.detail}")
     if not settings.enabled_platforms():
         print("note: no platform has a token: `parley run` would have nothing to serve (`parley chat` needs none)")
+    failed = [row.name for row in rows if row.verdict == FAIL]
+    warned = [row.name for row in rows if row.verdict == WARN]
+    if args.strict and warned:
+        failed = [row.name for row in rows if row.verdict in (FAIL, WARN)]
+        print(f"{len(failed)} of {len(rows)} checks failed (--strict counts warnings): {', '.join(failed)}")
+        return EXIT_FAILED
     if failed:
         print(f"{len(failed)} of {len(rows)} checks failed: {', '.join(failed)}")
         return EXIT_FAILED
+    if warned:
+        print(f"all {len(rows)} checks passed, {len(warned)} with a warning: {', '.join(warned)} "
+              "(--strict makes warnings failures)")
+        return EXIT_OK
     print(f"all {len(rows)} checks passed")
     return EXIT_OK
 
 
-Row = tuple[str, bool, str]
+PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
+
+
+class Row(NamedTuple):
+    """One line of `parley check`'s table."""
+
+    name: str
+    verdict: str  # PASS | WARN | FAIL
+    detail: str
+
+
+class _Verdict(Exception):
+    """Raised by a probe whose answer is a WARN or a FAIL without an underlying error."""
+
+    def __init__(self, verdict: str, detail: str) -> None:
+        super().__init__(detail)
+        self.verdict = verdict
+        self.detail = detail
 
 
 async def _checks(settings: Settings) -> list[Row]:
@@ -209,11 +245,13 @@ async def _checks(settings: Settings) -> list[Row]:
 
     async def attempt(name: str, probe: Callable[[], Awaitable[str]]) -> Row:
         try:
-            return name, True, await asyncio.wait_for(probe(), timeout=CHECK_TIMEOUT)
+            return Row(name, PASS, await asyncio.wait_for(probe(), timeout=CHECK_TIMEOUT))
+        except _Verdict as verdict:
+            return Row(name, verdict.verdict, verdict.detail)
         except TimeoutError:
-            return name, False, f"no answer within {CHECK_TIMEOUT:g} s" + _hint(name, None, settings)
+            return Row(name, FAIL, f"no answer within {CHECK_TIMEOUT:g} s" + _hint(name, None, settings))
         except Exception as exc:  # every failure becomes a table row, never a traceback
-            return name, False, _describe(exc) + _hint(name, exc, settings)
+            return Row(name, FAIL, _describe(exc) + _hint(name, exc, settings))
 
     probes: list[Awaitable[Row]] = [
         attempt("store", lambda: _probe_store(settings)),
@@ -227,8 +265,8 @@ async def _checks(settings: Settings) -> list[Row]:
         else:
             var = section.unset_env.get("token")
             why = f" ({var} is not set)" if var else ""
-            skipped.append((platform, True, f"skipped: no token{why}, so it will not be started"))
-    rows: list[Row] = [("config", True, str(settings.config_file or "no file: defaults + environment"))]
+            skipped.append(Row(platform, PASS, f"skipped: no token{why}, so it will not be started"))
+    rows = [Row("config", PASS, str(settings.config_file or "no file: defaults + environment"))]
     rows.extend(await asyncio.gather(*probes))
     return rows + skipped
 
@@ -255,13 +293,28 @@ async def _probe_store(settings: Settings) -> str:
 
 
 async def _probe_provider(settings: Settings) -> str:
+    """Reach the provider and make sure it serves `provider.model` and every `provider.models`.
+
+    A model the provider does not serve passes every other check and then fails each turn
+    ("model not found"), so a listing without it is a FAIL naming the key to fix; a
+    provider with no listing is a WARN, since only the default model could be tried.
+    """
     from agent import Agent
 
-    agent = Agent(settings.provider.agent_config())
+    provider = settings.provider
+    agent = Agent(provider.agent_config())
     try:
-        return f"{settings.provider.base_url}, model {settings.provider.model}: {await agent.probe()}"
+        result = await agent.probe(provider.allowed_models)
     finally:
         await agent.aclose()
+    detail = f"{provider.base_url}: {result}"
+    if result.missing:
+        keys = [key for key, models in (("provider.model", [provider.model]), ("provider.models", provider.models))
+                if any(m in result.missing for m in models)]
+        raise _Verdict(FAIL, f"{detail} -- check {' and '.join(keys)}")
+    if result.listed is None:
+        raise _Verdict(WARN, detail)
+    return detail
 
 
 async def _probe_platform(settings: Settings, platform: str) -> str:

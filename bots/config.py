@@ -11,6 +11,8 @@ Where values come from, highest priority first:
 1. keyword arguments to `Settings(...)` (tests, programmatic use);
 2. environment variables `PARLEY_<SECTION>__<KEY>` (`__` separates nesting levels,
    names are case-insensitive), e.g. `PARLEY_TELEGRAM__TOKEN`, `PARLEY_PROVIDER__MODEL`;
+   one that names no setting is an error like an unknown YAML key, except parley's own
+   non-setting variables (`NON_SETTING_ENV_VARS`);
 3. the same variables in a `.env` file **in the current working directory** (where Docker
    Compose reads its `.env` too, and where systemd's `WorkingDirectory=` points);
 4. the YAML file: the explicit path (the CLI's `--config`), else `PARLEY_CONFIG`, else
@@ -38,7 +40,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, NamedTuple, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, NamedTuple, TextIO, get_origin
 from urllib.parse import quote, urlsplit
 
 import yaml
@@ -74,6 +76,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CONFIG_FILE",
     "ENV_PREFIX",
+    "NON_SETTING_ENV_VARS",
     "NO_API_KEY",
     "AccessSettings",
     "AgentSettings",
@@ -102,6 +105,17 @@ __all__ = [
 ENV_PREFIX = "PARLEY_"
 ENV_DELIMITER = "__"
 CONFIG_ENV_VAR = "PARLEY_CONFIG"
+# parley's own `PARLEY_*` variables that are not settings (the README lists them). Every
+# other `PARLEY_*` variable must name a setting: a misspelt one is an error, like a
+# misspelt YAML key, instead of a value silently ignored.
+NON_SETTING_ENV_VARS = frozenset(
+    {
+        CONFIG_ENV_VAR,  # the YAML file to read
+        "PARLEY_TEST_POSTGRES_URL",  # the test suite's PostgreSQL server
+        "PARLEY_REQUIRE_POSTGRES",  # the test suite fails, rather than skips, without it (CI)
+        "PARLEY_CRASH_REPLY_TIMEOUT",  # how long the crash tests wait for a reply
+    }
+)
 DEFAULT_CONFIG_FILE = "parley.yaml"
 DEFAULT_ENV_FILE = ".env"
 ENV_REF = "env:"
@@ -183,6 +197,9 @@ class _LoadOptions:
     dotenv: Mapping[str, str]
     yaml_data: Mapping[str, Any]
     yaml_path: Path | None
+    # Variables already reported as naming no setting: the settings sources skip them, so
+    # pydantic does not report them a second time in its own words.
+    unknown: frozenset[str] = frozenset()
 
     @property
     def lookup(self) -> dict[str, str]:
@@ -416,10 +433,17 @@ def _platform_id(value: str, *, what: str, allow_negative: bool) -> str:
     return f"{platform}:{ident}"
 
 
+# A new operator rarely knows their numeric id; the bot tells anyone without access theirs.
+_FIND_YOUR_ID = "to find yours, message the bot: it answers anyone without access with their id"
+
+
 def _owner(value: Any) -> str:
     if not isinstance(value, str):
-        raise ValueError("must be 'platform:user_id' as a quoted string, e.g. 'telegram:123456'")
-    return _platform_id(value, what="user_id", allow_negative=False)
+        raise ValueError(f"must be 'platform:user_id' as a quoted string, e.g. 'telegram:123456' ({_FIND_YOUR_ID})")
+    try:
+        return _platform_id(value, what="user_id", allow_negative=False)
+    except ValueError as exc:
+        raise ValueError(f"{exc} ({_FIND_YOUR_ID})") from None
 
 
 def _chat(value: Any) -> str:
@@ -990,8 +1014,8 @@ class Settings(BaseSettings):
         opts = _options()
         return (
             init_settings,
-            _MappingEnvSource(settings_cls, opts.environ),
-            _MappingEnvSource(settings_cls, opts.dotenv),
+            _MappingEnvSource(settings_cls, {k: v for k, v in opts.environ.items() if k not in opts.unknown}),
+            _MappingEnvSource(settings_cls, {k: v for k, v in opts.dotenv.items() if k not in opts.unknown}),
             _YamlSource(settings_cls, opts.yaml_data),
         )
 
@@ -1048,9 +1072,15 @@ def load_config(
     dotenv = _read_dotenv(Path(env_file)) if env_file is not None else {}
     yaml_path = find_config_file(path, {**dotenv, **environ})
     yaml_data = _read_yaml(yaml_path) if yaml_path is not None else {}
-    opts = _LoadOptions(environ=environ, dotenv=dotenv, yaml_data=yaml_data, yaml_path=yaml_path)
+    referenced = _env_refs([yaml_data, environ, dotenv])
+    problems: list[Problem] = []
+    unknown: set[str] = set()
+    for mapping, where in ((environ, "environment variable"), (dotenv, f"{env_file} variable")):
+        for var, problem in _unknown_env_vars(mapping, where, referenced):
+            problems.append(problem)
+            unknown.add(var)
+    opts = _LoadOptions(environ, dotenv, yaml_data, yaml_path, unknown=frozenset(unknown))
 
-    problems = _env_typos(environ, "environment variable") + _env_typos(dotenv, f"{env_file} variable")
     settings: Settings | None = None
     with _loading(opts):
         try:
@@ -1065,29 +1095,105 @@ def load_config(
     return settings
 
 
-def _env_typos(mapping: Mapping[str, str], where: str) -> list[Problem]:
-    """`PARLEY_TELEGRAM_TOKEN` (one underscore) would be silently ignored: say so instead.
+def _env_refs(sources: Sequence[Any]) -> frozenset[str]:
+    """Every variable an `env:NAME` value names, upper-cased (`env:PARLEY_TG_TOKEN` is in use)."""
+    found: set[str] = set()
+    stack = list(sources)
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        else:
+            name = env_ref(item)
+            if name:
+                found.add(name.upper())
+    return frozenset(found)
 
-    Only names that are unmistakably a section key with the wrong separator are flagged;
-    other `PARLEY_*` variables (e.g. test switches) are left alone.
+
+def _unknown_env_vars(
+    mapping: Mapping[str, str], where: str, referenced: frozenset[str]
+) -> list[tuple[str, Problem]]:
+    """Every `PARLEY_*` variable in `mapping` that sets nothing: (variable, problem).
+
+    pydantic-settings drops a variable whose first level names no setting
+    (`PARLEY_PROVIDR__MODEL`, `PARLEY_TELEGRAM_TOKEN`) or that nests under a plain value
+    (`PARLEY_STORE__URL`) without a word, while the same mistake in YAML is an error. So
+    each name is walked through the settings here and reported like a YAML key:
+    `key.path: unknown key (did you mean 'x'?) [set by environment variable PARLEY_...]`.
+    Exempt: parley's own non-setting variables (`NON_SETTING_ENV_VARS`), variables an
+    `env:NAME` value reads, and anything below a mapping-valued setting
+    (`provider.extra_params`, `telegram.group_triggers`...), whose keys are the operator's.
     """
-    problems = []
-    sections = {name: info.annotation for name, info in Settings.model_fields.items()}
+    found = []
     for var in mapping:
         upper = var.upper()
-        if not upper.startswith(ENV_PREFIX) or ENV_DELIMITER in upper[len(ENV_PREFIX) :]:
+        if not upper.startswith(ENV_PREFIX) or upper in NON_SETTING_ENV_VARS or upper in referenced:
             continue
-        rest = upper[len(ENV_PREFIX) :].lower()
-        for section, annotation in sections.items():
-            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-                continue
-            if rest.startswith(section + "_") and rest[len(section) + 1 :] in annotation.model_fields:
-                key = rest[len(section) + 1 :]
-                fixed = f"{ENV_PREFIX}{section.upper()}{ENV_DELIMITER}{key.upper()}"
-                problems.append(
-                    Problem(f"{section}.{key}", f"{where} {var} is ignored: nesting uses two underscores, {fixed}")
-                )
-    return problems
+        path = upper[len(ENV_PREFIX) :].lower().split(ENV_DELIMITER)
+        wrong = _unknown_env_path(path)
+        if wrong is None:
+            continue
+        key, message = wrong
+        fixed = _single_underscore_fix(path)
+        if fixed is not None:
+            key, message = fixed
+            found.append((var, Problem(key, f"{where} {var} is ignored: {message}")))
+            continue
+        if key and "did you mean" not in message:
+            close = difflib.get_close_matches(upper, _setting_env_names(), n=1, cutoff=0.75)
+            message += f" (did you mean {close[0]}?)" if close else ""
+        found.append((var, Problem(key or var, f"{message} [set by {where} {var}]")))
+    return found
+
+
+def _setting_env_names(model: type[BaseModel] | None = None, prefix: str = ENV_PREFIX) -> list[str]:
+    """The variable name of every setting and section, e.g. `PARLEY_LOGGING__LEVEL`."""
+    names = []
+    for name, info in (model or Settings).model_fields.items():
+        var = prefix + (info.alias or name).upper()
+        names.append(var)
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names.extend(_setting_env_names(annotation, var + ENV_DELIMITER))
+    return names
+
+
+def _unknown_env_path(path: Sequence[str]) -> tuple[str, str] | None:
+    """Where the settings path `path` leaves the settings: (key, message), or None if it is one."""
+    model: type[BaseModel] = Settings
+    for i, part in enumerate(path):
+        here = list(path[: i + 1])
+        fields = {(info.alias or name): info for name, info in model.model_fields.items()}
+        info = fields.get(part)
+        if info is None:
+            return ".".join(here), "unknown key" + _did_you_mean(here)
+        if i == len(path) - 1:
+            return None
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif get_origin(annotation) is dict:
+            return None  # the operator's own keys; pydantic checks the values
+        else:
+            return ".".join(path[: i + 2]), f"unknown key: {'.'.join(here)} is a value, it has no keys"
+    return None
+
+
+def _single_underscore_fix(path: Sequence[str]) -> tuple[str, str] | None:
+    """`PARLEY_TELEGRAM_TOKEN` meant `PARLEY_TELEGRAM__TOKEN`: (key, message), when that is a setting."""
+    head = path[0]
+    for section, info in Settings.model_fields.items():
+        annotation = info.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            continue
+        if head.startswith(section + "_"):
+            meant = [section, head[len(section) + 1 :], *path[1:]]
+            if _unknown_env_path(meant) is None:
+                fixed = ENV_PREFIX + ENV_DELIMITER.join(meant).upper()
+                return ".".join(meant), f"nesting uses two underscores, {fixed}"
+    return None
 
 
 def _loc_to_key(loc: Sequence[str | int]) -> str:

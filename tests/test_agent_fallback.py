@@ -354,7 +354,38 @@ async def test_a_model_that_rejects_streaming_is_not_asked_again(fake_llm: FakeL
 
 async def test_probe_lists_models(fake_llm: FakeLLM) -> None:
     async with make_agent(fake_llm) as agent:
-        assert await agent.probe() == "ok: 1 models available, fake-model listed"
+        result = await agent.probe()
+        assert (result.listed, result.missing, result.verified) == (("fake-model", "other-model"), (), True)
+        assert str(result) == "fake-model among the 2 models GET /models lists"
+
+
+async def test_probe_names_the_models_the_provider_does_not_list(fake_llm: FakeLLM) -> None:
+    async with make_agent(fake_llm) as agent:
+        result = await agent.probe(["gpt-nonexistent", "fake-model", "gpt-gone"])
+    assert (result.missing, result.verified) == (("gpt-nonexistent", "gpt-gone"), False)
+    assert str(result) == (
+        "gpt-nonexistent, gpt-gone are not among the 2 models GET /models lists (fake-model, other-model)"
+    )
+    assert [r.api for r in fake_llm.requests] == []  # the listing was enough: no token spent
+
+
+async def test_probe_without_a_models_endpoint_asks_the_model_and_says_the_rest_is_unknown(fake_llm: FakeLLM) -> None:
+    fake_llm.listed_models = None
+    async with make_agent(fake_llm) as agent:
+        result = await agent.probe(["fake-model", "other-model"])
+    assert (result.listed, result.models_status, result.verified) == (None, 404, False)
+    assert str(result) == (
+        "the provider has no /models endpoint (GET /models answered 404), so which models it serves is "
+        "unknown; fake-model answered a 1-token request; not checked: other-model"
+    )
+    assert [(r.api, r.model, r.stream) for r in fake_llm.requests] == [("chat", "fake-model", False)]
+
+
+async def test_probe_matches_an_untagged_ollama_name_to_its_latest_tag(fake_llm: FakeLLM) -> None:
+    fake_llm.listed_models = ["llama3.2:latest", "qwen3:8b"]
+    async with make_agent(fake_llm) as agent:
+        result = await agent.probe(["llama3.2", "qwen3:8b", "qwen3"])
+    assert result.missing == ("qwen3",)  # only `:latest` is implied by a bare name
 
 
 async def test_probe_with_a_wrong_key_raises_auth_error(fake_llm: FakeLLM) -> None:

@@ -18,17 +18,17 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.support.stack import parley_config
+from tests.support.stack import deep_merge, parley_config
 from tests.support.process import REPO, Finished, child_env, run_cli, write_config
 
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
 def rows(result: Finished) -> dict[str, tuple[str, str]]:
-    """`parley check`'s table: name -> (PASS|FAIL, detail)."""
+    """`parley check`'s table: name -> (PASS|WARN|FAIL, detail)."""
     table = {}
     for line in result.stdout.splitlines():
-        match = re.match(r"^(PASS|FAIL)  (\S+) +(.*)$", line)
+        match = re.match(r"^(PASS|WARN|FAIL)  (\S+) +(.*)$", line)
         if match:
             table[match.group(2)] = (match.group(1), match.group(3))
     return table
@@ -94,7 +94,7 @@ async def test_check_against_the_fakes_passes(tmp_path: Path, fake_llm, fast_tel
     # gateway session, and no database created or migrated.
     assert [c.method for c in fast_telegram.calls] == ["getMe"]
     assert not fast_discord.sessions
-    assert table["provider"][1].endswith("ok: 1 models available, fake-model listed")  # GET /models
+    assert table["provider"][1] == f"{fake_llm.base_url}: fake-model, other-model among the 2 models GET /models lists"
     assert not (tmp_path / "parley.db").exists()
     assert "Traceback" not in result.output
 
@@ -140,6 +140,62 @@ async def test_check_names_each_failure_and_exits_1(tmp_path: Path, fake_llm, fa
     assert "is provider.base_url (http://127.0.0.1:1/v1) right and reachable?" in unreachable
     wrong_key = results[3].output
     assert "sk-not-the-right-key-0000" not in wrong_key
+
+
+async def test_check_fails_on_a_model_the_provider_does_not_list(tmp_path: Path, fake_llm) -> None:
+    """It used to print `PASS provider ... gpt-nonexistent not listed` and exit 0."""
+    base = parley_config(tmp_path, fake_llm)
+    cases = {
+        "default-model": ({"provider": {"model": "gpt-nonexistent"}}, "gpt-nonexistent is not", "provider.model"),
+        "switchable-model": ({"provider": {"models": ["other-model", "gpt-gone"]}}, "gpt-gone is not",
+                             "provider.models"),
+    }
+
+    async def check(name: str, change: dict[str, Any]) -> Finished:
+        directory = tmp_path / name
+        directory.mkdir()
+        path = write_config(directory, deep_merge(base, change))
+        return await run_cli(["check", "--config", str(path)], cwd=directory)
+
+    results = await asyncio.gather(*(check(name, change) for name, (change, _, _) in cases.items()))
+    for (name, (_, words, key)), result in zip(cases.items(), results):
+        table = rows(result)
+        assert result.returncode == 1, f"{name}: {result.output}"
+        assert table["provider"][0] == "FAIL", f"{name}: {result.stdout}"
+        detail = table["provider"][1]
+        assert detail.endswith(f"{words} among the 2 models GET /models lists (fake-model, other-model) -- check {key}")
+        assert result.stdout.splitlines()[-1] == "1 of 5 checks failed: provider", name
+    assert fake_llm.requests == []  # the listing decided: no token was spent
+
+
+async def test_check_warns_without_a_models_endpoint_and_strict_fails(tmp_path: Path, fake_llm) -> None:
+    fake_llm.listed_models = None  # a local server with no GET /models
+    path = write_config(tmp_path, parley_config(tmp_path, fake_llm))
+    lenient, strict = await asyncio.gather(
+        run_cli(["check", "--config", str(path)], cwd=tmp_path),
+        run_cli(["check", "--strict", "--config", str(path)], cwd=tmp_path),
+    )
+    for result in (lenient, strict):
+        verdict, detail = rows(result)["provider"]
+        assert verdict == "WARN", result.stdout
+        assert detail == (
+            f"{fake_llm.base_url}: the provider has no /models endpoint (GET /models answered 404), so which "
+            "models it serves is unknown; fake-model answered a 1-token request; not checked: other-model"
+        )
+        assert "Traceback" not in result.output
+    assert lenient.returncode == 0, lenient.output
+    assert lenient.stdout.splitlines()[-1] == (
+        "all 5 checks passed, 1 with a warning: provider (--strict makes warnings failures)"
+    )
+    assert strict.returncode == 1, strict.output
+    assert strict.stdout.splitlines()[-1] == "1 of 5 checks failed (--strict counts warnings): provider"
+
+
+async def test_strict_check_passes_when_nothing_warns(tmp_path: Path, fake_llm) -> None:
+    path = write_config(tmp_path, parley_config(tmp_path, fake_llm))
+    result = await run_cli(["check", "--strict", "--config", str(path)], cwd=tmp_path)
+    assert result.returncode == 0, result.output
+    assert {verdict for verdict, _ in rows(result).values()} == {"PASS"}
 
 
 # --------------------------------------------------------------------------- configuration errors

@@ -311,13 +311,15 @@ def test_env_reference_must_name_a_variable(tmp_path: Path) -> None:
         pytest.param(
             "access: {owners: ['123456']}\n",
             "access.owners[0]",
-            "must be 'platform:user_id' with platform telegram or discord, e.g. 'telegram:123456'",
+            "must be 'platform:user_id' with platform telegram or discord, e.g. 'telegram:123456' "
+            "(to find yours, message the bot: it answers anyone without access with their id)",
             id="malformed-owner",
         ),
         pytest.param(
             "access: {owners: [123456]}\n",
             "access.owners[0]",
-            "must be 'platform:user_id' as a quoted string, e.g. 'telegram:123456'",
+            "must be 'platform:user_id' as a quoted string, e.g. 'telegram:123456' "
+            "(to find yours, message the bot: it answers anyone without access with their id)",
             id="owner-not-a-string",
         ),
         pytest.param("telegram: {tokn: x}\n", "telegram.tokn", "unknown key (did you mean 'token'?)", id="unknown-key"),
@@ -432,6 +434,85 @@ def test_unknown_nested_environment_key_is_an_error() -> None:
     assert problems_of(exc) == {
         "discord.tokn": "unknown key (did you mean 'token'?) [set by environment variable PARLEY_DISCORD__TOKN]"
     }
+
+
+def test_every_parley_variable_that_sets_nothing_is_an_error_like_an_unknown_yaml_key(tmp_path: Path) -> None:
+    """pydantic-settings dropped these without a word; a YAML file with the same keys fails."""
+    write(tmp_path / ".env", "PARLEY_LOG_LEVEL=debug\n")
+    env = {
+        **BASE_ENV,
+        "PARLEY_PROVIDR__MODEL": "gpt-4.1",  # no such section
+        "PARLEY_PROVIDER__MODLE": "gpt-4.1",  # no such key (pydantic caught this one already)
+        "PARLEY_STORE__URL": "sqlite:///x.db",  # below a plain value
+        "PARLEY_COLOUR": "blue",  # nothing close
+    }
+    exc = load_error(env=env, env_file=tmp_path / ".env")
+    assert problems_of(exc) == {
+        "providr": "unknown key (did you mean 'provider'?) [set by environment variable PARLEY_PROVIDR__MODEL]",
+        "provider.modle": "unknown key (did you mean 'model'?) [set by environment variable PARLEY_PROVIDER__MODLE]",
+        "store.url": "unknown key: store is a value, it has no keys (did you mean PARLEY_STORE?) "
+        "[set by environment variable PARLEY_STORE__URL]",
+        "colour": "unknown key [set by environment variable PARLEY_COLOUR]",
+        "log_level": f"unknown key (did you mean PARLEY_LOGGING__LEVEL?) [set by {tmp_path / '.env'} variable "
+        "PARLEY_LOG_LEVEL]",
+    }
+    assert len(exc.value.problems) == 5  # each once, not again in pydantic's words
+
+
+def test_parley_variables_that_are_not_settings_and_keys_of_mappings_are_accepted() -> None:
+    env = {
+        **BASE_ENV,
+        # parley's own documented non-setting variables
+        "PARLEY_CONFIG": "",
+        "PARLEY_REQUIRE_POSTGRES": "1",
+        "PARLEY_TEST_POSTGRES_URL": "postgresql://postgres@127.0.0.1:5432/test",
+        "PARLEY_CRASH_REPLY_TIMEOUT": "45",
+        # a variable the configuration reads through env:
+        "PARLEY_MY_TELEGRAM_TOKEN": TG_TOKEN,
+        "PARLEY_TELEGRAM__TOKEN": "env:PARLEY_MY_TELEGRAM_TOKEN",
+        # mappings take the operator's own keys
+        "PARLEY_PROVIDER__EXTRA_PARAMS__TEMPERATURE": "0.2",
+        "PARLEY_TELEGRAM__GROUP_TRIGGERS__-1001234": "all",
+        "PARLEY_LOGGING__LOGGERS__AIOHTTP": "warning",
+        # an alias, a top-level value, a whole section as JSON
+        "PARLEY_TELEGRAM__PACING__GLOBAL__RATE": "10",
+        "PARLEY_SHUTDOWN_TIMEOUT": "7",
+        "PARLEY_HEALTH": '{"unready_after": 12}',
+    }
+    settings = load_config(env=env)
+    assert settings.telegram.token is not None and settings.telegram.token.get_secret_value() == TG_TOKEN
+    assert settings.provider.extra_params == {"temperature": "0.2"}
+    assert settings.telegram.group_triggers == {"-1001234": "all"}
+    assert settings.logging.loggers == {"aiohttp": "WARNING"}
+    assert settings.telegram.pacing.global_.rate == 10
+    assert (settings.shutdown_timeout, settings.health.unready_after) == (7, 12)
+
+
+def test_every_parley_variable_the_project_uses_is_a_setting_or_listed_as_none() -> None:
+    """A new switch (a test knob, a deployment variable) must be added to NON_SETTING_ENV_VARS,
+    or every run that sets it would stop at "unknown key"."""
+    import re
+
+    from bots.config import _unknown_env_vars
+
+    users = [
+        *(path for path in REPO.glob("bots/**/*.py") if path.name != "config.py"),  # config.py quotes mistakes
+        *REPO.glob("agent/**/*.py"), *REPO.glob("bench/**/*.py"), *REPO.glob("tests/support/*.py"),
+        REPO / "tests" / "store_fixtures.py", REPO / "tests" / "conftest.py", REPO / ".ci" / "run",
+        REPO / "Dockerfile", REPO / "docker-compose.yml", *REPO.glob("deploy/*"), REPO / ".env.example",
+    ]
+    names = set()
+    for path in users:
+        names |= set(re.findall(r"\bPARLEY_[A-Z][A-Z0-9_]*[A-Z0-9]\b", path.read_text(encoding="utf-8")))
+    assert {"PARLEY_CONFIG", "PARLEY_REQUIRE_POSTGRES", "PARLEY_STORE"} <= names  # the scan sees them
+    assert sorted(n for n in names if _unknown_env_vars({n: "x"}, "variable", frozenset())) == []
+
+
+def test_the_readme_lists_every_non_setting_variable() -> None:
+    from bots.config import NON_SETTING_ENV_VARS
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert [name for name in sorted(NON_SETTING_ENV_VARS) if f"`{name}`" not in readme] == []
 
 
 def test_secret_values_are_not_echoed_in_error_messages(tmp_path: Path) -> None:

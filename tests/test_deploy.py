@@ -87,7 +87,9 @@ def test_env_example_filled_in_is_a_valid_configuration(tmp_path: Path) -> None:
     for name, value, commented in env_example():
         if commented:
             continue
-        filled = value or {"TELEGRAM_BOT_TOKEN": "123456:abcdef", "DISCORD_BOT_TOKEN": "x.y.z"}.get(name, "secret-value")
+        stand_ins = {"TELEGRAM_BOT_TOKEN": "123456:abcdef", "DISCORD_BOT_TOKEN": "x.y.z",
+                     "PARLEY_ACCESS__OWNERS": "telegram:123456789"}
+        filled = stand_ins.get(name, "secret-value") if not value or "your-" in value else value
         lines.append(f"{name}={filled}")
     (tmp_path / ".env").write_text("\n".join(lines) + "\n")
     settings = load_config(None, env={}, env_file=tmp_path / ".env")
@@ -99,7 +101,8 @@ def test_env_example_unfilled_says_what_is_missing(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text((REPO / ".env.example").read_text())
     with pytest.raises(ConfigProblems) as exc:
         load_config(None, env={}, env_file=tmp_path / ".env")
-    assert [p.key for p in exc.value.problems] == ["provider.api_key"]
+    # The owner is a placeholder, not an example id that would make a stranger the owner.
+    assert sorted(p.key for p in exc.value.problems) == ["access.owners[0]", "provider.api_key"]
 
 
 @pytest.mark.parametrize("name", sorted({n for n, _, c in env_example() if c and n.startswith("PARLEY_")}))

@@ -179,7 +179,16 @@ async def test_records_over_http_and_reset(fake_llm: FakeLLM) -> None:
 
 async def test_models_endpoint(fake_llm: FakeLLM) -> None:
     page = await client(fake_llm).models.list()
-    assert [m.id for m in page.data] == ["fake-model"]
+    assert [m.id for m in page.data] == ["fake-model", "other-model"]
+    fake_llm.listed_models = ["only-this"]
+    page = await client(fake_llm).models.list()
+    assert [m.id for m in page.data] == ["only-this"]
+
+
+async def test_no_models_endpoint_is_a_404(fake_llm: FakeLLM) -> None:
+    fake_llm.listed_models = None
+    with pytest.raises(openai.NotFoundError):
+        await client(fake_llm).models.list()
 
 
 def test_standalone_process_serves_the_api() -> None:

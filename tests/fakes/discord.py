@@ -3,7 +3,7 @@
 The *real* discord.py talks to this server over 127.0.0.1 — pointed at it by
 `bots.discord_endpoints.point_discord_at(fake.api_base, fake.gateway_url)`, nothing else —
 so a test that passes here exercised discord.py's real HTTP, rate-limit and Gateway code.
-Every behaviour follows `shared/reference/discord-api.md` (section numbers below refer to
+Every behaviour follows `../shared/reference/discord-api.md` (section numbers below refer to
 it); where the reference marks a fact [unverified] the docstring says so.
 
 What a test gets:

@@ -29,11 +29,17 @@ next *streaming* request instead drops it (an interrupted turn never falls back)
 takes the entry after it. A `nonstream_*` fault keeps its entry waiting (a provider that
 stays down); a `429` puts its entry back for the SDK's retry of the same request.
 
+`GET /v1/models` lists `fake.listed_models` (default `fake-model` and `other-model`, the
+models tests configure); set it to other names to play a provider that does not serve a
+configured model, or to None to play one without a `/models` endpoint (404, as many local
+servers answer). Chat requests are answered whatever the model, as before.
+
 Every request is recorded (`fake.requests`, `GET /_fake/requests`, `POST /_fake/reset`),
 with the read timeout the SDK announced (`x-stainless-read-timeout`) and how many other
 requests to the same path were still being answered when it arrived (`concurrent`;
 `fake.max_in_flight` per path) -- a retry that overlaps the attempt it repeats shows there.
-Run standalone: `python -m tests.fakes.llm --port 8083`.
+Run standalone: `python -m tests.fakes.llm --port 8083` (`--list-models a,b`,
+`--no-models-endpoint`).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ import json
 import random
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,6 +61,7 @@ __all__ = [
     "API_KEY",
     "CHAT_FAULTS",
     "DEFAULT_MODEL",
+    "OTHER_MODEL",
     "FAULT_TEXT",
     "FAULT_TOOL_CALLS",
     "RESPONSES_FAULTS",
@@ -66,6 +73,7 @@ __all__ = [
 
 API_KEY = "sk-parley-fake-key-0123456789abcdef"
 DEFAULT_MODEL = "fake-model"
+OTHER_MODEL = "other-model"  # the second model tests configure (`provider.models`)
 FAULT_TEXT = "Hello from the fake provider. This reply streams in several small chunks."
 FAULT_TOOL_CALLS: list[tuple[str, dict[str, Any]]] = [("get_weather", {"city": "Paris"}), ("get_time", {})]
 FAULT_REASONING = "First I think about it, then I answer."
@@ -859,8 +867,17 @@ _CONTEXT_ERROR = {"error": {"message": "the request exceeds the available contex
 class FakeLLM:
     """The fake provider. `async with FakeLLM() as fake:` or the `fake_llm` fixture."""
 
-    def __init__(self, *, api_key: str = API_KEY, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str = API_KEY,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        listed_models: Sequence[str] | None = (DEFAULT_MODEL, OTHER_MODEL),
+    ) -> None:
         self.api_key = api_key
+        # What GET /models lists; None: no such endpoint (404). Tests may change it any time.
+        self.listed_models: list[str] | None = list(listed_models) if listed_models is not None else None
         self.host = host
         self.port = port
         self.requests: list[RequestRecord] = []
@@ -1365,11 +1382,12 @@ class FakeLLM:
         return resp
 
     async def _models(self, request: web.Request) -> web.Response:
+        if self.listed_models is None:  # a server without the route: aiohttp's own 404
+            raise web.HTTPNotFound()
         if not self._authorized(request):
             return self._unauthorized(request)
-        return web.json_response(
-            {"object": "list", "data": [{"id": DEFAULT_MODEL, "object": "model", "created": 0, "owned_by": "parley"}]}
-        )
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "parley"} for m in self.listed_models]
+        return web.json_response({"object": "list", "data": data})
 
     async def _http_requests(self, request: web.Request) -> web.Response:
         brief = request.query.get("brief", "") not in ("", "0", "false")
@@ -1406,8 +1424,8 @@ def _error(status: int, message: str, *, param: str | None = None) -> web.Respon
 # Standalone
 
 
-async def _serve_forever(host: str, port: int, api_key: str) -> None:
-    fake = FakeLLM(api_key=api_key, host=host, port=port)
+async def _serve_forever(host: str, port: int, api_key: str, listed_models: Sequence[str] | None) -> None:
+    fake = FakeLLM(api_key=api_key, host=host, port=port, listed_models=listed_models)
     await fake.start()
     print(f"fake-llm listening on {fake.base_url}", flush=True)
     stop = asyncio.Event()
@@ -1423,8 +1441,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8083, help="0 picks a free port (printed on stdout)")
     parser.add_argument("--api-key", default=API_KEY)
+    parser.add_argument("--list-models", default=f"{DEFAULT_MODEL},{OTHER_MODEL}",
+                        help="comma-separated ids GET /v1/models lists")
+    parser.add_argument("--no-models-endpoint", action="store_true", help="answer GET /v1/models with 404")
     args = parser.parse_args(argv)
-    asyncio.run(_serve_forever(args.host, args.port, args.api_key))
+    listed = None if args.no_models_endpoint else [m for m in args.list_models.split(",") if m]
+    asyncio.run(_serve_forever(args.host, args.port, args.api_key, listed))
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@
 Why: every connector test, end-to-end test and benchmark of parley talks to this server
 through the *real* python-telegram-bot, so its fidelity decides what those tests are worth.
 It reproduces the documented and observed behaviour collected in
-``/work/shared/reference/telegram-bot-api.md``: URL shapes, request encodings, the JSON
-envelope with the real HTTP status, the exact error strings, long polling with its 409
-conflicts, webhook delivery with the secret header, message state (edits, deletions,
-drafts, forum topics) and a deterministic flood model that answers 429 like Telegram.
+``../shared/reference/telegram-bot-api.md`` (relative to the repository): URL shapes,
+request encodings, the JSON envelope with the real HTTP status, the exact error strings,
+long polling with its 409 conflicts, webhook delivery with the secret header, message
+state (edits, deletions, drafts, forum topics) and a deterministic flood model that
+answers 429 like Telegram.
 
 Pointing PTB at it needs no monkeypatching::
 

@@ -9,7 +9,7 @@ everything else, or our tests prove nothing.
 The behaviour follows TDLib (``td/telegram/MessageEntity.cpp``: ``parse_markdown``,
 ``parse_markdown_v2``, ``parse_html``, ``fix_formatted_text``, ``find_entities``) and the
 Bot API server (``telegram-bot-api/Client.cpp``: ``get_formatted_text``,
-``get_text_entity``), as summarised in ``/work/shared/reference/telegram-bot-api.md``.
+``get_text_entity``), as summarised in ``../shared/reference/telegram-bot-api.md``.
 It was written from that documented behaviour; no GPL code (ptbtest) was used.
 
 Known simplifications (documented so nobody mistakes them for Telegram's rules):

@@ -17,7 +17,7 @@ import yaml
 from bots.app import App
 from bots.config import load_config
 from tests.fakes.discord import FakeDiscord
-from tests.fakes.llm import FakeLLM
+from tests.fakes.llm import DEFAULT_MODEL, OTHER_MODEL, FakeLLM
 from tests.fakes.telegram import FakeTelegram
 
 OWNER_TG = 1
@@ -71,8 +71,8 @@ def parley_config(
         "provider": {
             "base_url": llm.base_url,
             "api_key": llm.api_key,
-            "model": "fake-model",
-            "models": ["other-model"],
+            "model": DEFAULT_MODEL,
+            "models": [OTHER_MODEL],
             "timeouts": {"connect": 5, "first_token": 10, "idle": 10, "total": 60},
             "max_retries": 0,
         },
