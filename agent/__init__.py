@@ -17,12 +17,15 @@ from .errors import (
     ProviderBadRequest,
     ProviderBadResponse,
     ProviderError,
+    ProviderNoVision,
     ProviderRateLimited,
     ProviderTimeout,
     ProviderUnavailable,
     ToolError,
+    TranscriptionFailed,
 )
 from .events import NullEvents, ToolCall, ToolResult, TurnEvents
+from .media import TranscriptionConfig, UserContent, data_url, image_part, text_part
 from .stream import ModelResponse, Usage
 from .tools import Tool, ToolRegistry, tool
 from .turn import MAX_STEPS_MESSAGE, Agent, TurnResult
@@ -38,6 +41,7 @@ __all__ = [
     "ProviderBadResponse",
     "ProviderConfig",
     "ProviderError",
+    "ProviderNoVision",
     "ProviderRateLimited",
     "ProviderTimeout",
     "ProviderUnavailable",
@@ -47,8 +51,14 @@ __all__ = [
     "ToolError",
     "ToolRegistry",
     "ToolResult",
+    "TranscriptionConfig",
+    "TranscriptionFailed",
     "TurnEvents",
     "TurnResult",
     "Usage",
+    "UserContent",
+    "data_url",
+    "image_part",
+    "text_part",
     "tool",
 ]
