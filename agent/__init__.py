@@ -17,13 +17,16 @@ from .errors import (
     ProviderBadRequest,
     ProviderBadResponse,
     ProviderError,
+    ProviderNoVision,
     ProviderRateLimited,
     ProviderTimeout,
     ProviderUnavailable,
     ToolError,
+    TranscriptionFailed,
 )
 from .events import NullEvents, ToolCall, ToolResult, TurnEvents
 from .provider import ProbeResult
+from .media import TranscriptionConfig, UserContent, data_url, image_part, text_part
 from .stream import ModelResponse, Usage
 from .tools import Tool, ToolRegistry, tool
 from .turn import MAX_STEPS_MESSAGE, Agent, TurnResult
@@ -40,6 +43,7 @@ __all__ = [
     "ProviderBadResponse",
     "ProviderConfig",
     "ProviderError",
+    "ProviderNoVision",
     "ProviderRateLimited",
     "ProviderTimeout",
     "ProviderUnavailable",
@@ -49,8 +53,14 @@ __all__ = [
     "ToolError",
     "ToolRegistry",
     "ToolResult",
+    "TranscriptionConfig",
+    "TranscriptionFailed",
     "TurnEvents",
     "TurnResult",
     "Usage",
+    "UserContent",
+    "data_url",
+    "image_part",
+    "text_part",
     "tool",
 ]

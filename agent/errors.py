@@ -64,9 +64,31 @@ class ProviderBadRequest(ProviderError):
     """4xx other than auth/rate limit (bad model name, context too long, bad parameter)."""
 
 
+class ProviderNoVision(ProviderBadRequest):
+    """The model refused a request because it carried images: it cannot take image input.
+
+    Its own class because it is the one bad request a person can do something about
+    (pick a model that sees, or send words instead), and because retrying the same
+    request -- streaming or not -- can never succeed.
+    """
+
+
 class ProviderTimeout(ProviderError):
     """A request exceeded one of the configured clocks (connect, read, total)."""
 
 
 class ProviderBadResponse(ProviderError):
     """The provider answered 200 but with something that is not a usable completion."""
+
+
+class TranscriptionFailed(ProviderError):
+    """Audio could not be turned into text (`Agent.transcribe`).
+
+    One class for every cause, since the chat says one thing ("couldn't transcribe");
+    `reason` keeps the cause for logs: "timeout", "auth", "rate_limited",
+    "unavailable", "rejected" (a 4xx: bad format, too short) or "bad_response".
+    """
+
+    def __init__(self, message: str, *, reason: str, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.reason = reason

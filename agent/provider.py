@@ -70,11 +70,13 @@ from .errors import (
     ProviderBadRequest,
     ProviderBadResponse,
     ProviderError,
+    ProviderNoVision,
     ProviderRateLimited,
     ProviderTimeout,
     ProviderUnavailable,
 )
 from .events import TurnEvents
+from .media import has_images
 from .sse import SSEDecoder
 from .stream import (
     ChatAccumulator,
@@ -105,6 +107,20 @@ _STREAM_RE = re.compile(
     r"|streaming is not supported|unsupported value: 'stream'",
     re.IGNORECASE,
 )
+# A request with images refused because of them: what "this model cannot see" looks like in
+# the wild -- OpenAI "Invalid content type. image_url is only supported by certain models.",
+# OpenRouter 404 "No endpoints found that support image input", DeepSeek 422 "unknown variant
+# `image_url`, expected `text`", vLLM "... is not a multimodal model".
+_VISION_RE = re.compile(r"image|vision|multi-?modal", re.IGNORECASE)
+# ...unless the complaint is about this image, not about images: too large, a format the
+# model does not take, bytes it cannot decode. The model can see; this picture failed.
+_BAD_IMAGE_RE = re.compile(
+    r"too large|too big|exceeds|maximum (file )?size|dimension|invalid (base64|image)|unsupported image"
+    r"|image format|media type|could not (process|decode|read|load)|corrupt|valid image"
+    r"|does not exist|no such model",  # a model named like "gpt-image-1" that is not there
+    re.IGNORECASE,
+)
+_VISION_STATUSES = frozenset({400, 404, 415, 422})
 
 
 class RequestObserver(Protocol):
@@ -380,8 +396,22 @@ def _disguised_disconnect(exc: BaseException) -> bool:
     return False
 
 
-def to_provider_error(exc: BaseException, api_key: str = "") -> ProviderError:
-    """Map an SDK (or watchdog) exception to the agent's typed hierarchy, scrubbing the key."""
+def _refuses_images(exc: BaseException) -> bool:
+    """A 4xx to a request with images that says the model cannot take images at all."""
+    if not isinstance(exc, openai.APIStatusError) or exc.status_code not in _VISION_STATUSES:
+        return False
+    if _body_field(exc, "code") == "model_not_found":
+        return False
+    message = _provider_message(exc)
+    return bool(_VISION_RE.search(message)) and not _BAD_IMAGE_RE.search(message)
+
+
+def to_provider_error(exc: BaseException, api_key: str = "", *, images: bool = False) -> ProviderError:
+    """Map an SDK (or watchdog) exception to the agent's typed hierarchy, scrubbing the key.
+
+    `images`: the request carried image parts, so a 4xx naming images means the model
+    cannot see (`ProviderNoVision`) rather than a generic bad request.
+    """
     if isinstance(exc, ProviderError):
         return exc
     message = _scrub(_provider_message(exc), api_key)
@@ -401,6 +431,8 @@ def to_provider_error(exc: BaseException, api_key: str = "") -> ProviderError:
             return ProviderTimeout(text, **kwargs)
         if status >= 500:
             return ProviderUnavailable(text, **kwargs)
+        if images and _refuses_images(exc):
+            return ProviderNoVision(text, **kwargs)
         return ProviderBadRequest(text, **kwargs)
     if isinstance(exc, openai.APITimeoutError) and not _disguised_disconnect(exc):
         return ProviderTimeout("provider request timed out", provider_message=message)
@@ -415,10 +447,12 @@ def to_provider_error(exc: BaseException, api_key: str = "") -> ProviderError:
     return ProviderBadResponse(f"unusable provider response ({type(exc).__name__}: {message})", provider_message=message)
 
 
-def _is_terminal_status(exc: BaseException) -> bool:
+def _is_terminal_status(exc: BaseException, *, images: bool = False) -> bool:
     """Errors a non-streaming retry cannot fix: raise them instead of falling back."""
     if isinstance(exc, (openai.AuthenticationError, openai.NotFoundError, openai.RateLimitError)):
         return True
+    if images and _refuses_images(exc):
+        return True  # the same images, non-streaming, are refused the same way
     if isinstance(exc, openai.PermissionDeniedError):
         return not _STREAM_RE.search(_provider_message(exc))
     return False
@@ -497,9 +531,10 @@ def _responses_parts(content: Any, role: str) -> Any:
         if kind == "text":
             parts.append({"type": "output_text" if role == "assistant" else "input_text", "text": part.get("text", "")})
         elif kind == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            parts.append({"type": "input_image", "image_url": url})
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            detail = image.get("detail") if isinstance(image, dict) else None
+            parts.append({"type": "input_image", "image_url": url, "detail": detail or "auto"})
         else:
             parts.append(part)
     return parts
@@ -711,6 +746,11 @@ class Provider:
     async def aclose(self) -> None:
         await self._client.close()
 
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        """The SDK client every request goes through (shared by transcription)."""
+        return self._client
+
     async def _sent(self, request: httpx2.Request) -> None:
         """The transport's request hook: one HTTP request is leaving (SDK retries too)."""
         if self._on_request is None:
@@ -736,8 +776,9 @@ class Provider:
     ) -> ModelResponse:
         """Run one model call; stream when `events.wants_deltas`, fall back when streaming breaks."""
         step.started_at = asyncio.get_running_loop().time()
+        images = has_images(messages)
         if events is None or not events.wants_deltas or not self.cfg.stream:
-            response = await self._request(messages, tools, model, attempt="first")
+            response = await self._request(messages, tools, model, attempt="first", images=images)
             self._first_delta(step, events)
             return response
 
@@ -746,7 +787,9 @@ class Provider:
             cause, detail = "cooldown", ""
         else:
             try:
-                response = await self._stream(messages, tools, model, events, step, health.stream_options_ok)
+                response = await self._stream(
+                    messages, tools, model, events, step, health.stream_options_ok, images=images
+                )
             except StreamBroken as broken:
                 cause, detail = broken.cause, broken.detail
                 if cause == "stream_options_rejected":
@@ -766,7 +809,7 @@ class Provider:
             cause,
             f": {_scrub(detail, self.cfg.api_key)}" if detail else "",
         )
-        response = await self._request(messages, tools, model, attempt="fallback")
+        response = await self._request(messages, tools, model, attempt="fallback", images=images)
         response.fell_back = True
         response.fallback_cause = cause
         self._first_delta(step, events)
@@ -802,7 +845,13 @@ class Provider:
     # -- non-streaming ------------------------------------------------------
 
     async def _request(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, model: str, *, attempt: str
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        model: str,
+        *,
+        attempt: str,
+        images: bool = False,
     ) -> ModelResponse:
         """One non-streaming request; `attempt` is "first", or "fallback" after a broken stream."""
         kwargs = self._kwargs(messages, tools, model)
@@ -817,7 +866,7 @@ class Provider:
         except ProviderError:
             raise
         except Exception as exc:
-            raise to_provider_error(exc, self.cfg.api_key) from exc
+            raise to_provider_error(exc, self.cfg.api_key, images=images) from exc
 
     # -- streaming ----------------------------------------------------------
 
@@ -829,6 +878,8 @@ class Provider:
         events: TurnEvents,
         step: StepState,
         stream_options: bool,
+        *,
+        images: bool = False,
     ) -> ModelResponse:
         """One streaming request: the SDK sends it (auth, retries, typed status errors before
         the body), we read the body -- SSE through `SSEDecoder` + `json.loads` into the
@@ -880,8 +931,8 @@ class Provider:
             if not reader.done:  # a deadline during the brief drain after [DONE] changes nothing
                 raise StreamBroken(exc.cause) from exc
         except Exception as exc:
-            if _is_terminal_status(exc):
-                raise to_provider_error(exc, self.cfg.api_key) from exc
+            if _is_terminal_status(exc, images=images):
+                raise to_provider_error(exc, self.cfg.api_key, images=images) from exc
             raise StreamBroken(_stream_cause(exc, acc), f"{type(exc).__name__}: {_provider_message(exc)}") from exc
         if not acc.chunks:
             if reader.cut:

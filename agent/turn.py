@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import ProviderConfig
 from .events import ToolCall, ToolResult, TurnEvents
+from .media import Transcriber, TranscriptionConfig, user_content
 from .provider import ProbeResult, Provider, RequestObserver, StepState, _guard
 from .stream import ModelResponse, Usage
 from .tools import ToolRegistry
@@ -104,6 +105,8 @@ class Agent:
     `ToolRegistry()` for none. `clock` drives the streaming cooldown (tests inject one).
     `on_request` hears of every HTTP request sent to the provider, SDK retries and
     fallbacks included (`agent.provider.RequestObserver`; the gateway counts them).
+    `transcription` says how `transcribe` turns audio into text (default: `whisper-1`
+    through the provider's own client).
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class Agent:
         *,
         clock: Callable[[], float] = time.monotonic,
         on_request: RequestObserver | None = None,
+        transcription: TranscriptionConfig | None = None,
     ) -> None:
         if max_steps < 1:
             raise ValueError("max_steps must be >= 1")
@@ -121,9 +125,25 @@ class Agent:
         self.tools = tools if tools is not None else ToolRegistry.default()
         self.max_steps = max_steps
         self._provider = Provider(cfg, clock=clock, on_request=on_request)
+        transcription = transcription or TranscriptionConfig()
+        shared = transcription.base_url is None
+        self._transcriber = Transcriber(
+            transcription,
+            client=self._provider.client if shared else None,
+            api_key=cfg.api_key if shared else "",
+        )
 
     async def aclose(self) -> None:
+        await self._transcriber.aclose()
         await self._provider.aclose()
+
+    async def transcribe(self, audio: bytes, *, filename: str, mime: str | None = None) -> str:
+        """The words spoken in `audio` ("" for silence); raises `TranscriptionFailed`.
+
+        `filename` should carry the real format's extension (`voice.ogg`): Whisper-style
+        servers decide the decoder by it.
+        """
+        return await self._transcriber.transcribe(audio, filename=filename, mime=mime)
 
     async def __aenter__(self) -> Agent:
         return self
@@ -143,19 +163,24 @@ class Agent:
     async def run_turn(
         self,
         history: list[dict[str, Any]],
-        message: str,
+        message: str | Sequence[Mapping[str, Any]],
         events: TurnEvents | None = None,
         *,
         model: str | None = None,
         system_prompt: str | None = None,
         interrupt: asyncio.Event | None = None,
     ) -> TurnResult:
-        """Run one turn to its final answer (or interrupt, or `max_steps`)."""
+        """Run one turn to its final answer (or interrupt, or `max_steps`).
+
+        `message` is the user's text, or Chat Completions content parts (text and
+        `image_url` parts, see `agent.media`) -- converted for the Responses API when
+        that is the provider's.
+        """
         conversation: list[dict[str, Any]] = []
         if system_prompt:
             conversation.append({"role": "system", "content": system_prompt})
         conversation.extend(history)
-        conversation.append({"role": "user", "content": message})
+        conversation.append({"role": "user", "content": user_content(message)})
         turn = _Turn(model or self.cfg.model)
 
         task = asyncio.current_task()

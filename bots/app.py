@@ -128,6 +128,7 @@ class App:
                 tools=build_tools(settings),
                 max_steps=settings.agent.max_steps,
                 on_request=metrics.count_provider_request,
+                transcription=settings.media.transcription_config(settings.provider),
             )
         except BaseException:
             await store.close()
@@ -140,6 +141,7 @@ class App:
         gateway = Gateway(
             store=store, agent=agent, access=Access(store, policy), defaults=chat_defaults(settings), metrics=metrics,
             inbound_rate=InboundRate(settings.access.user_rate) if settings.access.user_rate else None,
+            media=settings.media.options(),
         )
         return cls(settings=settings, store=store, agent=agent, gateway=gateway, metrics=metrics, recover=recover)
 

@@ -70,6 +70,8 @@ from bots.errors import ConfigError
 
 if TYPE_CHECKING:
     from agent.config import ProviderConfig
+    from agent.media import TranscriptionConfig
+    from bots.media_input import MediaOptions
     from bots.access import AccessPolicy
     from bots.pacing import Budget, PacingPolicy
 
@@ -86,6 +88,7 @@ __all__ = [
     "DiscordSettings",
     "Listen",
     "LoggingSettings",
+    "MediaSettings",
     "MetricsSettings",
     "Problem",
     "ProviderSettings",
@@ -95,6 +98,7 @@ __all__ = [
     "StoreUrl",
     "TelegramPacing",
     "TelegramSettings",
+    "TranscriptionSettings",
     "WebhookSettings",
     "env_ref",
     "find_config_file",
@@ -730,6 +734,79 @@ class ChatSettings(_Section):
     still_working_after: SecondsOrOff = 15.0
 
 
+MB = 1_000_000
+
+
+class TranscriptionSettings(_Section):
+    """Where voice notes are transcribed: the provider's endpoint unless `base_url` is set."""
+
+    base_url: HttpUrl | None = None
+    api_key: OptionalSecret = None
+    timeout: Seconds = 60.0
+
+    @property
+    def is_openai(self) -> bool:
+        return self.base_url is not None and (urlsplit(self.base_url).hostname or "").lower() in OPENAI_HOSTS
+
+    def _cross_check(self) -> list[tuple[str, str]]:
+        if self.base_url is None and self.api_key is not None:
+            return [("api_key", "is only used with transcription.base_url (without it, the provider's key is used)")]
+        if self.api_key is None and self.is_openai:
+            var = self._unset_env.get("api_key")
+            why = f"environment variable {var} is not set" if var else "is empty"
+            return [("api_key", f"{why}; {self.base_url} requires an API key")]
+        return []
+
+
+class MediaSettings(_Section):
+    """What parley does with photos, voice notes and files people send (`bots.media_input`).
+
+    Every limit bounds work a stranger can cause: bytes downloaded, images sent to a paid
+    model, characters of a document put into the prompt.
+    """
+
+    images: bool = True
+    max_images: int = Field(default=4, ge=1, le=20)
+    max_image_bytes: int = Field(default=10 * MB, ge=1)
+    max_download_bytes: int = Field(default=20 * MB, ge=1)
+    download_timeout: Seconds = 30.0
+    transcription_model: str = Field(default="whisper-1", min_length=1)
+    transcription: TranscriptionSettings = Field(default_factory=dict)
+    show_transcript: bool = True
+    max_document_chars: int = Field(default=20_000, ge=100)
+    replay_images: bool = False
+
+    def options(self) -> MediaOptions:
+        """These settings as the gateway's `bots.media_input.MediaOptions`."""
+        from bots.media_input import MediaOptions
+
+        return MediaOptions(
+            images=self.images,
+            max_images=self.max_images,
+            max_image_bytes=self.max_image_bytes,
+            max_download_bytes=self.max_download_bytes,
+            download_timeout=self.download_timeout,
+            show_transcript=self.show_transcript,
+            max_document_chars=self.max_document_chars,
+            replay_images=self.replay_images,
+        )
+
+    def transcription_config(self, provider: ProviderSettings) -> TranscriptionConfig:
+        """The agent's `TranscriptionConfig`: the provider's client unless `transcription.base_url`."""
+        from agent.media import TranscriptionConfig
+
+        t = self.transcription
+        if t.base_url is None:
+            return TranscriptionConfig(model=self.transcription_model, timeout=t.timeout, max_retries=provider.max_retries)
+        return TranscriptionConfig(
+            model=self.transcription_model,
+            base_url=t.base_url,
+            api_key=t.api_key.get_secret_value() if t.api_key is not None else NO_API_KEY,
+            timeout=t.timeout,
+            max_retries=provider.max_retries,
+        )
+
+
 class WebhookSettings(_Section):
     url: HttpUrl | None = None
     listen: ListenAddr = Listen("127.0.0.1", 8443)
@@ -986,6 +1063,7 @@ class Settings(BaseSettings):
     telegram: TelegramSettings = Field(default_factory=dict)
     discord: DiscordSettings = Field(default_factory=dict)
     access: AccessSettings = Field(default_factory=dict)
+    media: MediaSettings = Field(default_factory=dict)
     store: StoreUrl = Field(default_factory=lambda: StoreUrl("sqlite:///data/parley.db"))
     metrics: MetricsSettings = Field(default_factory=dict)
     health: HealthSettings = Field(default_factory=dict)
@@ -1033,6 +1111,7 @@ class Settings(BaseSettings):
         values: list[str] = []
         for secret in (
             self.provider.api_key,
+            self.media.transcription.api_key,
             self.telegram.token,
             self.telegram.webhook.secret_token,
             self.discord.token,

@@ -27,9 +27,11 @@ from agent.errors import (
     ProviderBadRequest,
     ProviderBadResponse,
     ProviderError,
+    ProviderNoVision,
     ProviderRateLimited,
     ProviderTimeout,
     ProviderUnavailable,
+    TranscriptionFailed,
 )
 from bots import history as hist
 from bots.access import Access, Role, denial_text
@@ -42,7 +44,8 @@ from bots.inbound import from_json as inbound_from_json
 from bots.inbound import to_json as inbound_json
 from bots.inbound_rate import InboundRate, Verdict
 from bots.lanes import Lanes, Submitted
-from bots.media import Attachment
+from bots.media import Attachment, attachment_from_json
+from bots.media_input import MediaOptions, MediaRefused, PreparedInput, image_url, prepare, stored_images, text_input
 from bots.live_reply import LiveReply, ReplyOptions, leftover_sends, shown_messages
 from bots.orphans import remove_leftovers
 from bots.logs import redact, turn_context
@@ -148,8 +151,15 @@ class ChatDefaults:
         return list(dict.fromkeys([self.model, *self.models]))
 
 
+NO_VISION_TEXT = "⚠️ This model can't see images; an admin can pick another with /model."
+
+
 def friendly_error(exc: BaseException) -> str:
     """One short line for the chat: what happened and what to do. Never the raw error."""
+    if isinstance(exc, ProviderNoVision):
+        return NO_VISION_TEXT
+    if isinstance(exc, TranscriptionFailed):
+        return "⚠️ I couldn't transcribe that voice note. Please try again, or type your message."
     if isinstance(exc, ProviderAuthError):
         return "⚠️ The model provider rejected parley's credentials. An admin needs to check the API key."
     if isinstance(exc, ProviderRateLimited):
@@ -164,6 +174,8 @@ def friendly_error(exc: BaseException) -> str:
         text = str(exc).lower()
         if "context" in text or "too long" in text or ("maximum" in text and "token" in text):
             return "⚠️ This conversation is too long for the model. Send /new to start a fresh one."
+        if "image" in text:  # the model sees, but not this picture (too large, a format it refuses)
+            return "⚠️ The model couldn't read this image. Please try a smaller JPEG or PNG."
         return "⚠️ The model provider refused the request. An admin may need to check the model settings."
     return "⚠️ Something went wrong while generating the reply. Please try again."
 
@@ -184,6 +196,7 @@ class Gateway:
         wall: Callable[[], datetime] = lambda: datetime.now(UTC),
         spill_max: int = SPILL_MAX,
         inbound_rate: InboundRate | None = None,
+        media: MediaOptions | None = None,
     ) -> None:
         self.store = store
         self.agent = agent
@@ -197,6 +210,7 @@ class Gateway:
         self.store_backoff = (STORE_BACKOFF_START, STORE_BACKOFF_MAX)  # (first, longest) wait; tests shorten it
         self.lanes = Lanes(self._run_turn, queue_max=defaults.queue_max, on_dropped=self._dropped)
         self.inbound_rate = inbound_rate  # access.user_rate; None: no limit
+        self.media = media or MediaOptions()  # config media.*
         self.connectors: dict[str, Connector] = {}
         self.started_at = time.monotonic()
         self._chat_locks: dict[str, asyncio.Lock] = {}  # routing, per chat
@@ -395,7 +409,7 @@ class Gateway:
         if inbound.command is not None:
             await self._run_command(inbound, role)
             return
-        if not inbound.text.strip():
+        if not inbound.text.strip() and not inbound.attachments:
             self._settle(inbound, "ignored")
             return
         if not await self._within_rate(inbound, role):
@@ -531,11 +545,14 @@ class Gateway:
         turn = last[0]
         if turn.status == "running":
             return "That message is still being answered. Send /stop first if you want a fresh answer."
-        content = turn.messages[0].get("content")
-        if not isinstance(content, str) or not content.strip():
+        first = turn.messages[0]
+        content = first.get("content")
+        # Files are fetched (and transcribed, read) again from their references.
+        attachments = tuple(attachment_from_json(a) for a in first.get(hist.ATTACHMENTS) or () if isinstance(a, dict))
+        if not isinstance(content, str) or not (content.strip() or attachments):
             return "The last message cannot be retried."
         await self.store.mark_turn_superseded(turn.id)
-        await self._submit(replace(inbound, command=None, args="", text=content))
+        await self._submit(replace(inbound, command=None, args="", text=content, attachments=attachments))
         return ""
 
     # ---- replies outside a turn --------------------------------------------------------
@@ -613,7 +630,12 @@ class Gateway:
         unsure = [entry for row in earlier for entry in leftover_sends(row.reply)]  # copies to look for
         if earlier and await self._end_recovered(inbound, earlier, connector):
             return
-        plan = await self._durably("plan_turn", self._plan_turn, inbound, [r.turn_id for r in earlier if r.turn_id])
+        prepared = await self._prepare_input(inbound, connector, interrupt)
+        if prepared is None:
+            return
+        plan = await self._durably(
+            "plan_turn", self._plan_turn, inbound, [r.turn_id for r in earlier if r.turn_id], prepared
+        )
         if plan is None:
             return
         model, system_prompt, streaming, history, turn_id = plan
@@ -628,6 +650,7 @@ class Gateway:
                 drafts=connector.drafts,
                 placeholder=CONTINUING_TEXT if adopt else None,
                 still_working_after=self.defaults.still_working_after or None,
+                header=prepared.header,
             ),
             clock=self.clock,
             observer=ReplyMetrics(self.metrics, inbound.platform, started),
@@ -642,7 +665,7 @@ class Gateway:
             reply.start()
             try:
                 result = await self.agent.run_turn(
-                    history, inbound.text, reply, model=model, system_prompt=system_prompt, interrupt=interrupt
+                    history, prepared.content, reply, model=model, system_prompt=system_prompt, interrupt=interrupt
                 )
             except asyncio.CancelledError:
                 await asyncio.shield(self._abandon(inbound, reply, turn_id))
@@ -725,10 +748,96 @@ class Gateway:
         await self._finish_messages(list(inbound.inbox_ids), status, reply=reply.state())
         return True
 
+    async def _prepare_input(
+        self, inbound: Inbound, connector: Connector, interrupt: asyncio.Event
+    ) -> PreparedInput | None:
+        """The message as model input: its files fetched and read (`bots.media_input`).
+
+        None: no turn -- a file was refused (its one line is sent, the message ends
+        "failed", nothing is stored), or the person stopped it while files were fetched.
+        A message without files costs nothing here.
+        """
+        if not inbound.attachments:
+            return text_input(inbound.text)
+        work = asyncio.ensure_future(
+            prepare(
+                inbound.text,
+                inbound.attachments,
+                source=connector,
+                transcribe=self.agent.transcribe,
+                options=self.media,
+            )
+        )
+        stopped = asyncio.ensure_future(interrupt.wait())
+        typing = asyncio.create_task(self._typing(connector, inbound))
+        try:
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            typing.cancel()
+            stopped.cancel()
+            if not work.done():
+                work.cancel()
+            await asyncio.gather(work, typing, stopped, return_exceptions=True)
+        if work.cancelled():
+            log.info("chat %s: stopped while its files were read", inbound.chat.key)
+            await self._finish_messages(list(inbound.inbox_ids), "stopped")
+            return None
+        try:
+            return work.result()
+        except MediaRefused as refused:
+            log.info("chat %s: message %s not answered: %s", inbound.chat.key, inbound.update_id, refused.reason)
+            self.metrics.media_refused.labels(inbound.platform, refused.reason).inc()
+            await self.reply(inbound, refused.line)
+            await self._finish_messages(list(inbound.inbox_ids), "failed")
+            return None
+        except Exception as exc:  # a bug reading a file must not leave the message hanging
+            log.exception("chat %s: reading the files of message %s failed", inbound.chat.key, inbound.update_id)
+            await self.reply(inbound, friendly_error(exc))
+            await self._finish_messages(list(inbound.inbox_ids), "failed")
+            return None
+
+    async def _typing(self, connector: Connector, inbound: Inbound) -> None:
+        """Show "typing" while files are fetched and read (a transcription takes seconds)."""
+        pacer = connector.pacing.for_chat(inbound.chat)
+        while True:
+            async with pacer.try_sending() as allowed:
+                if allowed:
+                    try:
+                        await connector.outbox.typing(inbound.chat)
+                    except OutboxError:
+                        return
+            await self.clock.sleep(connector.outbox.limits.typing_interval)
+
+    async def _replayed_images(self, connector: Connector, turns: list[Any]) -> dict[int, dict[int, dict[int, str]]]:
+        """`media.replay_images`: earlier images fetched again, newest first, at most `max_images`.
+
+        turn id -> message index -> attachment index -> `data:` URL. An image that cannot
+        be fetched any more (expired, deleted) keeps its placeholder.
+        """
+        wanted: list[tuple[int, int, int, Attachment]] = []
+        for turn in reversed(turns):
+            for m, message in enumerate(turn.messages):
+                if message.get("role") == "user":
+                    wanted.extend((turn.id, m, i, a) for i, a in stored_images(message))
+        wanted = wanted[: self.media.max_images]
+        if not wanted or not callable(getattr(connector, "download", None)):
+            return {}
+        urls = await asyncio.gather(*(image_url(connector, a, self.media) for *_, a in wanted))
+        found: dict[int, dict[int, dict[int, str]]] = {}
+        for (turn_id, m, i, _), url in zip(wanted, urls):
+            if url is not None:
+                found.setdefault(turn_id, {}).setdefault(m, {})[i] = url
+        return found
+
     async def _plan_turn(
-        self, inbound: Inbound, supersede: list[int]
+        self, inbound: Inbound, supersede: list[int], prepared: PreparedInput | None = None
     ) -> tuple[str, str, bool, list[dict], int] | None:
-        """Settings, history, budget; records the user message. None: refused (already said why)."""
+        """Settings, history, budget; records the user message. None: refused (already said why).
+
+        History keeps `prepared.stored` (file references, no bytes); the model and the
+        budget hold see `prepared.content` (images as parts, counted per image).
+        """
+        prepared = prepared or text_input(inbound.text)
         settings = await self.store.chat_settings(inbound.chat.key)
         allowed = self.defaults.allowed_models()
         # A model chosen earlier may have left the configured list since.
@@ -737,16 +846,16 @@ class Gateway:
         streaming = self.defaults.streaming if settings.streaming is None else settings.streaming
         session = await self.store.current_session(self.session_key(inbound))
         earlier = await self.store.history(session, limit_turns=self.defaults.history_max_messages)
-        usable = [
-            hist.turn_for_model(t.messages, t.status)
-            for t in earlier
-            if t.status in HISTORY_STATUSES and t.id not in supersede
-        ]
-        user_message = {"role": "user", "content": inbound.text}
+        kept = [t for t in earlier if t.status in HISTORY_STATUSES and t.id not in supersede]
+        replayed: dict[int, dict[int, dict[int, str]]] = {}
+        if self.media.replay_images:
+            replayed = await self._replayed_images(self.connectors[inbound.platform], kept)
+        usable = [hist.turn_for_model(t.messages, t.status, replayed.get(t.id)) for t in kept]
+        user_message = prepared.stored
         trimmed = hist.trim_history(
             system_prompt,
             usable,
-            [user_message],
+            [{"role": "user", "content": prepared.content}],
             max_messages=self.defaults.history_max_messages,
             max_tokens=self.defaults.history_max_tokens,
         )

@@ -3,6 +3,15 @@
 Pure functions over Chat Completions message dicts, so the policy is easy to test and
 the same for every connector.
 
+User messages that carried files are stored as references (`bots.media_input`): the typed
+text as `content`, and an `attachments` list -- each file's platform reference, type and
+size, plus what was derived from it (a voice note's `transcript`, a document's `text`).
+`user_content` renders such a message for the model: transcripts and document text as
+text, images as `data:` URL parts when their bytes are at hand (the turn that received
+them, or `media.replay_images`) and as a short placeholder ("[image: photo.jpg, 1.2 MB]")
+otherwise, so a long conversation never resends megabytes. The stored shape never
+reaches a provider (which would reject the unknown `attachments` key).
+
 The budget uses a deliberately cheap token *estimate* (about 4 characters per token,
 plus a small per-message overhead), not a tokenizer: models differ in tokenizers,
 and the budget only has to keep requests comfortably inside a context window, not to
@@ -11,7 +20,7 @@ be exact. Leave headroom accordingly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 Message = dict[str, Any]
@@ -21,6 +30,9 @@ MESSAGE_OVERHEAD_TOKENS = 4
 """Roughly what the role and message framing cost per message."""
 IMAGE_PART_TOKENS = 800
 """A flat guess for one image part; real costs depend on size and detail."""
+
+ATTACHMENTS = "attachments"
+"""The key of a stored user message's files (never sent to a provider)."""
 
 INTERRUPTED_NOTE = "[interrupted by the user]"
 FAILED_NOTE = "[no reply: this turn failed]"
@@ -139,15 +151,92 @@ def render_interrupted(messages: Sequence[Message], *, note: str = INTERRUPTED_N
     return result
 
 
-def turn_for_model(messages: Sequence[Message], status: str) -> list[Message]:
+def human_size(size: int) -> str:
+    """A byte count as people read it: "512 bytes", "340 KB", "1.2 MB"."""
+    if size < 1000:
+        return f"{size} bytes"
+    if size < 1_000_000:
+        return f"{size / 1000:.0f} KB"
+    return f"{size / 1_000_000:.1f} MB"
+
+
+def image_placeholder(attachment: Mapping[str, Any]) -> str:
+    """What the model reads instead of an image whose bytes are not sent again."""
+    details = [str(attachment["name"])] if attachment.get("name") else []
+    if isinstance(attachment.get("size"), int):
+        details.append(human_size(attachment["size"]))
+    return f"[image: {', '.join(details)}]" if details else "[image]"
+
+
+def document_block(attachment: Mapping[str, Any]) -> str:
+    """A document's text as the model reads it: framed by its name, with a note when cut."""
+    name = attachment.get("name") or "document"
+    text = str(attachment.get("text") or "")
+    end = "[end of file]"
+    if attachment.get("truncated"):
+        end = f"[end of file: cut after {len(text):,} characters; the rest was not included]"
+    return f"[file: {name}]\n{text}\n{end}"
+
+
+def user_content(message: Mapping[str, Any], images: Mapping[int, str] | None = None) -> str | list[Message]:
+    """The content the model reads for a stored user message with attachments.
+
+    `images` maps an attachment's index to its `data:` URL, for images whose bytes are at
+    hand; every other image becomes `image_placeholder`. Text first (typed text,
+    transcripts, documents, placeholders, in attachment order), then the image parts.
+    Without image parts the content is one string, which every provider takes.
+    """
+    texts: list[str] = []
+    typed = message.get("content")
+    if isinstance(typed, str) and typed.strip():
+        texts.append(typed)
+    parts: list[Message] = []
+    skipped = 0
+    for index, attachment in enumerate(message.get(ATTACHMENTS) or ()):
+        if not isinstance(attachment, Mapping):
+            continue
+        kind = attachment.get("kind")
+        if kind == "image":
+            if attachment.get("skipped"):
+                skipped += 1
+            elif images and images.get(index):
+                parts.append({"type": "image_url", "image_url": {"url": images[index], "detail": "auto"}})
+            else:
+                texts.append(image_placeholder(attachment))
+        elif kind == "audio":
+            if attachment.get("transcript"):
+                texts.append(str(attachment["transcript"]))
+        elif kind == "document":
+            texts.append(document_block(attachment))
+    if skipped:
+        texts.append(f"[{skipped} more image{'s' if skipped > 1 else ''} attached but not shown]")
+    text = "\n\n".join(texts)
+    if not parts:
+        return text
+    return ([{"type": "text", "text": text}] if text else []) + parts
+
+
+def message_for_model(message: Message, images: Mapping[int, str] | None = None) -> Message:
+    """A stored message as a provider takes it: one with attachments rendered by `user_content`."""
+    if ATTACHMENTS not in message:
+        return message
+    return {"role": message.get("role", "user"), "content": user_content(message, images)}
+
+
+def turn_for_model(
+    messages: Sequence[Message], status: str, images: Mapping[int, Mapping[int, str]] | None = None
+) -> list[Message]:
     """A stored turn's messages ready for the model, whatever its status.
 
     "ok" turns pass through (minus any broken tool exchange); "interrupted" and
     "error" turns get a note; a "superseded" turn (replaced by /retry) disappears; a
-    "running" turn (the current one) passes through.
+    "running" turn (the current one) passes through. Messages with attachments are
+    rendered by `user_content`; `images` maps a message's index in the turn to the
+    `data:` URLs fetched again for it (`media.replay_images`).
     """
     if status == "superseded":
         return []
+    messages = [message_for_model(m, (images or {}).get(i)) for i, m in enumerate(messages)]
     if status == "interrupted":
         return render_interrupted(messages, note=INTERRUPTED_NOTE)
     if status == "error":

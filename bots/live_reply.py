@@ -131,6 +131,7 @@ class ReplyOptions:
     draft_refresh: float = 20.0  # drafts expire after 30 s without an update
     placeholder: str | None = None  # shown while there is nothing else to show (e.g. after a restart)
     still_working_after: float | None = None  # seconds of nothing new before the "still working…" note
+    header: str | None = None  # Markdown the reply opens with once it shows anything (a voice note's transcript)
 
 
 @dataclass(slots=True)
@@ -503,6 +504,9 @@ class LiveReply:
                 parts.append(STOPPED_MARKER)
             if self._notice:
                 parts.append(self._notice)
+        if self._opts.header and parts:
+            # With the reply, never alone: until the answer starts, the chat shows "typing".
+            parts.insert(0, self._opts.header)
         return "\n\n".join(parts)
 
     def _quote(self, reasoning: str) -> str:

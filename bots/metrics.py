@@ -76,6 +76,13 @@ class Metrics:
             ["platform"],
             registry=r,
         )
+        self.media_refused = Counter(
+            "parley_media_refused",
+            "Messages not answered because of a file in them, by reason (too_large, unavailable, not_an_image,"
+            " unsupported, images_off, encrypted_pdf, damaged_pdf, transcription_failed, no_speech, ...)",
+            ["platform", "reason"],
+            registry=r,
+        )
         self.queue_full = Counter(
             "parley_queue_full",
             "Messages refused because their sender already had chat.queue_max messages waiting in the chat",

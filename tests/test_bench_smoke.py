@@ -225,3 +225,17 @@ async def test_soak_benchmark_runs() -> None:
     has_fields(result["restart_to_recovered_reply_s"], "p50", "p99", "max", "n")
     assert result["messages_sent"] == 9
     assert result["kills"] <= 2
+
+
+async def test_media_benchmark_runs() -> None:
+    result = await run_script("bench/media.py", "--runs", "1", "--image-bytes", "20000", "--rtt", "0.01")
+    has_fields(result, "bench", "image", "machine")
+    image = result["image"]
+    has_fields(
+        image, "params", "download_ms", "prepare_overhead_ms", "build_ms", "transfer_ms", "text_build_ms",
+        "text_transfer_ms", "overhead_ms", "to_request_ms", "targets", "pass",
+    )  # fmt: skip
+    has_fields(result["machine"], *MACHINE)
+    assert image["params"]["image_bytes"] == 20000
+    assert all(is_number(image[key]["median"]) for key in ("download_ms", "overhead_ms", "to_request_ms"))
+    assert image["params"]["rtt_s"] == 0.01

@@ -220,6 +220,53 @@ def test_provider_settings_become_the_agents_provider_config(tmp_path: Path) -> 
     assert keyless.transport == "aiohttp"
 
 
+def test_media_defaults_are_safe_and_on_off_reads_as_it_says(tmp_path: Path) -> None:
+    media = load_config(env=BASE_ENV).media
+    assert (media.images, media.max_images, media.max_image_bytes, media.max_download_bytes) == (True, 4, 10**7, 2 * 10**7)
+    assert (media.transcription_model, media.show_transcript, media.replay_images) == ("whisper-1", True, False)
+    assert media.max_document_chars == 20_000 and media.transcription.base_url is None
+
+    path = write(tmp_path / "c.yaml", "media: {images: off, replay_images: on, max_images: 2}\n")
+    media = load_config(path, env=BASE_ENV).media
+    assert (media.images, media.replay_images, media.max_images) == (False, True, 2)
+    assert load_config(env={**BASE_ENV, "PARLEY_MEDIA__IMAGES": "off"}).media.images is False
+    options = media.options()
+    assert (options.images, options.max_images, options.replay_images) == (False, 2, True)
+
+
+def test_transcription_uses_the_providers_client_unless_it_has_its_own_endpoint(tmp_path: Path) -> None:
+    settings = load_config(env=BASE_ENV)
+    shared = settings.media.transcription_config(settings.provider)
+    assert (shared.model, shared.base_url, shared.api_key, shared.timeout) == ("whisper-1", None, None, 60.0)
+
+    path = write(
+        tmp_path / "c.yaml",
+        "provider: {base_url: 'http://localhost:8000/v1'}\n"
+        "media: {transcription_model: whisper-large-v3, transcription: {base_url: 'https://api.openai.com/v1', "
+        "api_key: env:WHISPER_KEY, timeout: 20}}\n",
+    )
+    settings = load_config(path, env={"WHISPER_KEY": "sk-whisper-0123456789abcdef"})
+    own = settings.media.transcription_config(settings.provider)
+    assert (own.model, own.base_url, own.api_key, own.timeout) == (
+        "whisper-large-v3", "https://api.openai.com/v1", "sk-whisper-0123456789abcdef", 20.0,
+    )  # fmt: skip
+    assert "sk-whisper-0123456789abcdef" in settings.secrets()
+    assert "sk-whisper" not in repr(own) and "sk-whisper" not in repr(settings.media)
+
+
+def test_transcription_key_mistakes_name_their_key(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.yaml", "media: {transcription: {api_key: 'sk-lonely-key-0123456789'}}\n")
+    assert "only used with transcription.base_url" in problems_of(load_error(path, env=BASE_ENV))[
+        "media.transcription.api_key"
+    ]
+    path = write(tmp_path / "c.yaml", "media: {transcription: {base_url: 'https://api.openai.com/v1', api_key: env:NOPE}}\n")
+    assert problems_of(load_error(path, env=BASE_ENV))["media.transcription.api_key"] == (
+        "environment variable NOPE is not set; https://api.openai.com/v1 requires an API key"
+    )
+    path = write(tmp_path / "c.yaml", "media: {max_images: 0, max_document_chars: 5}\n")
+    assert set(problems_of(load_error(path, env=BASE_ENV))) == {"media.max_images", "media.max_document_chars"}
+
+
 def test_an_unknown_transport_is_refused_with_the_choices(tmp_path: Path) -> None:
     exc = load_error(write(tmp_path / "t.yaml", "provider: {transport: requests}\n"), env=BASE_ENV)
     message = problems_of(exc)["provider.transport"]

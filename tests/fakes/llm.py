@@ -34,6 +34,19 @@ models tests configure); set it to other names to play a provider that does not 
 configured model, or to None to play one without a `/models` endpoint (404, as many local
 servers answer). Chat requests are answered whatever the model, as before.
 
+Images: user messages may carry image parts (Chat Completions `image_url`, Responses
+`input_image`); each request records their URLs (`record.images`, and `record.image_bytes()`
+decodes the `data:` ones). A `data:` URL must hold base64 of a PNG, JPEG, GIF or WEBP, else
+OpenAI's 400 "You uploaded an unsupported image". A model in `fake.blind_models` cannot see:
+any request with an image gets OpenAI's 400 "Invalid content type. image_url is only
+supported by certain models." (streaming or not).
+
+Transcription: `POST /v1/audio/transcriptions` (multipart `model`, `file`, optional
+`response_format`) answers the next `fake.script_transcripts(...)` entry -- a text, or a
+`TranscriptionFault(status)` -- else "(transcript of N bytes)". An empty file gets 400
+`audio_too_short`, a file name without a Whisper format extension 400 "Invalid file format".
+Each one is recorded in `fake.transcriptions` (`TranscriptionRecord`, with the bytes).
+
 Every request is recorded (`fake.requests`, `GET /_fake/requests`, `POST /_fake/reset`),
 with the read timeout the SDK announced (`x-stainless-read-timeout`) and how many other
 requests to the same path were still being answered when it arrived (`concurrent`;
@@ -46,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import binascii
 import itertools
 import json
 import random
@@ -68,7 +82,10 @@ __all__ = [
     "FakeLLM",
     "RequestRecord",
     "Reply",
+    "TranscriptionFault",
+    "TranscriptionRecord",
     "bench_text",
+    "image_urls",
 ]
 
 API_KEY = "sk-parley-fake-key-0123456789abcdef"
@@ -359,13 +376,81 @@ class RequestRecord:
     read_timeout: float | None = None  # the SDK's x-stainless-read-timeout (seconds)
     path: str = ""
     concurrent: int = 0  # other requests to the same path still being answered when this one arrived
+    images: list[str] = field(default_factory=list)  # image URLs in the messages, in order
 
     def to_dict(self, brief: bool = False) -> dict[str, Any]:
         data = asdict(self)
         if brief:
-            for key in ("messages", "tools", "body"):
+            for key in ("messages", "tools", "body", "images"):
                 data.pop(key)
         return data
+
+    def image_bytes(self) -> list[bytes]:
+        """The bytes of every `data:` image URL in the request, in order."""
+        return [decoded for url in self.images if (decoded := _data_url_bytes(url)) is not None]
+
+
+def image_urls(messages: list[Any]) -> list[str]:
+    """Image URLs in Chat Completions (`image_url`) or Responses (`input_image`) messages."""
+    urls: list[str] = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            if not isinstance(part, dict):
+                continue
+            if part.get("type") == "image_url":
+                image = part.get("image_url")
+                url = image.get("url") if isinstance(image, dict) else image
+                urls.append(str(url))
+            elif part.get("type") == "input_image":
+                urls.append(str(part.get("image_url")))
+    return urls
+
+
+def _data_url_bytes(url: str) -> bytes | None:
+    """The bytes of a `data:<mime>;base64,...` URL; None when it is not one or does not decode."""
+    head, sep, payload = url.partition(",")
+    if not sep or not head.startswith("data:") or not head.endswith(";base64"):
+        return None
+    try:
+        return binascii.a2b_base64(payload.encode("ascii"), strict_mode=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        return None
+
+
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")
+
+
+def _is_image(data: bytes) -> bool:
+    return data.startswith(_IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+@dataclass(slots=True)
+class TranscriptionFault:
+    """A scripted transcription failure: `status` with an OpenAI-shaped error body.
+
+    `hold`: answer only once it is set (never set: a transcription that never ends).
+    """
+
+    status: int = 500
+    message: str = "The server had an error while processing your request."
+    hold: asyncio.Event | None = None
+
+
+@dataclass
+class TranscriptionRecord:
+    """One `POST /v1/audio/transcriptions` as the fake saw it."""
+
+    model: str | None
+    filename: str | None
+    content_type: str | None
+    data: bytes
+    fields: dict[str, str]
+    status: int = 200
+    text: str | None = None
+    t_received: float = 0.0
 
 
 def _parse_kv(text: str) -> dict[str, float]:
@@ -389,7 +474,7 @@ def _last_user_text(messages: list[Any]) -> str:
         if isinstance(message, dict) and message.get("role") == "user":
             content = message.get("content")
             if isinstance(content, list):
-                return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+                return " ".join(str(p["text"]) for p in content if isinstance(p, dict) and "text" in p)
             return str(content or "")
     return ""
 
@@ -409,8 +494,15 @@ def _tool_outputs(messages: list[Any]) -> list[str] | None:
     return list(reversed(outputs)) if outputs else None
 
 
+IMAGE_PROMPT_TOKENS = 765
+"""What OpenAI bills for one 1024x1024 image at high detail: the fake's usage for an image part."""
+
+
 def _word_count(messages: list[Any]) -> int:
-    return max(1, len(json.dumps(messages)) // 20)
+    """Prompt tokens the fake reports: JSON characters / 20, an image part as a fixed count."""
+    images = image_urls(messages)
+    chars = len(json.dumps(messages)) - sum(map(len, images))
+    return max(1, chars // 20) + IMAGE_PROMPT_TOKENS * len(images)
 
 
 # ---------------------------------------------------------------------------
@@ -860,6 +952,7 @@ _ERRORS: dict[str, tuple[int, dict[str, Any]]] = {
     "nonstream_429": (429, {"error": {"message": "Rate limit reached for requests per min.",
                                       "type": "requests", "param": None, "code": "rate_limit_exceeded"}}),
 }
+_WHISPER_FORMATS = frozenset({"flac", "m4a", "mp3", "mp4", "mpeg", "mpga", "oga", "ogg", "wav", "webm"})
 _CONTEXT_ERROR = {"error": {"message": "the request exceeds the available context size, try increasing it",
                             "type": "exceed_context_size_error", "code": 400}}
 
@@ -884,6 +977,9 @@ class FakeLLM:
         self.in_flight: dict[str, int] = {}  # path -> requests being answered now
         self.max_in_flight: dict[str, int] = {}  # path -> the most at once since the last reset
         self._script: list[_Entry] = []
+        self.blind_models: set[str] = set()  # models that refuse any image input
+        self.transcriptions: list[TranscriptionRecord] = []
+        self._transcripts: list[str | TranscriptionFault] = []
         self._ids = _Ids()
         self._waiters: list[asyncio.Future[None]] = []
         self._runner: web.AppRunner | None = None
@@ -892,10 +988,13 @@ class FakeLLM:
     # -- lifecycle -----------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application()
+        # Requests with images carry megabytes of base64 (aiohttp's default cap is 1 MiB);
+        # OpenAI takes request bodies of tens of MB.
+        app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/responses", self._responses)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/audio/transcriptions", self._transcriptions)
         app.router.add_get("/_fake/requests", self._http_requests)
         app.router.add_post("/_fake/reset", self._http_reset)
         return app
@@ -944,6 +1043,10 @@ class FakeLLM:
         """Queue replies for the next requests (models not starting with fault:/bench:)."""
         self._script.extend(_Entry(r) for r in replies)
 
+    def script_transcripts(self, *items: str | TranscriptionFault) -> None:
+        """Queue answers for the next transcription requests: a text, or a failure."""
+        self._transcripts.extend(items)
+
     @property
     def pending(self) -> int:
         """Script entries not yet consumed."""
@@ -952,6 +1055,8 @@ class FakeLLM:
     def reset(self) -> None:
         self._script.clear()
         self.requests.clear()
+        self._transcripts.clear()
+        self.transcriptions.clear()
         self.max_in_flight = dict(self.in_flight)
         self._notify()
 
@@ -995,6 +1100,7 @@ class FakeLLM:
             body=body,
             t_received=time.monotonic(),
         )
+        record.images = image_urls(record.messages)
         self.requests.append(record)
         self._notify()
         return record
@@ -1104,13 +1210,16 @@ class FakeLLM:
             record.status = 401
             record.t_done = time.monotonic()
             return record, self._unauthorized(request)
+        raw = await request.read()
+        arrived = time.monotonic()  # the whole request is here (parsing it is the fake's own time)
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except ValueError:
             return None, _error(400, "We could not parse the JSON body of your request.")
         if not isinstance(body, dict):
             return None, _error(400, "The request body must be a JSON object.")
         record = self._record(api, body)
+        record.t_received = arrived
         try:
             record.sdk_retry = int(request.headers.get("x-stainless-retry-count", "0"))
         except ValueError:
@@ -1145,6 +1254,10 @@ class FakeLLM:
                     record.status = early.status
                 return early
             assert record is not None
+            refused = self._refuse_images(api, record)
+            if refused is not None:
+                record.status = refused.status
+                return refused
             plan = self._plan(api, record)
             if isinstance(plan, web.StreamResponse):
                 record.status = plan.status
@@ -1186,6 +1299,88 @@ class FakeLLM:
                 self.in_flight[path] -= 1
                 record.t_done = time.monotonic()
                 self._notify()
+
+    def _refuse_images(self, api: str, record: RequestRecord) -> web.Response | None:
+        """What OpenAI says to images a model cannot take, or to bytes that are no image."""
+        if not record.images:
+            return None
+        if record.model in self.blind_models:
+            kind = "image_url" if api == "chat" else "input_image"
+            return web.json_response(
+                {"error": {"message": f"Invalid content type. {kind} is only supported by certain models.",
+                           "type": "invalid_request_error", "param": "messages.[0].content.[1].type", "code": None}},
+                status=400,
+            )
+        for url in record.images:
+            if not url.startswith("data:"):
+                continue  # a remote URL: the real API would fetch it; the fake takes it on trust
+            data = _data_url_bytes(url)
+            if data is None or not _is_image(data):
+                return web.json_response(
+                    {"error": {"message": "You uploaded an unsupported image. Please make sure your image has of one "
+                                          "the following formats: ['png', 'jpeg', 'gif', 'webp'].",
+                               "type": "invalid_request_error", "param": None, "code": "invalid_image_format"}},
+                    status=400,
+                )
+        return None
+
+    async def _transcriptions(self, request: web.Request) -> web.Response:
+        """Whisper's endpoint: multipart `model` + `file` in, `{"text": ...}` out."""
+        if not self._authorized(request):
+            return self._unauthorized(request)
+        fields: dict[str, str] = {}
+        filename: str | None = None
+        content_type: str | None = None
+        data = b""
+        try:
+            reader = await request.multipart()
+            async for part in reader:
+                if part.name == "file":
+                    filename = part.filename
+                    content_type = part.headers.get("Content-Type")
+                    data = bytes(await part.read())
+                elif part.name:
+                    fields[part.name] = await part.text()
+        except (ValueError, AssertionError, KeyError):
+            return _error(400, "The request body must be multipart/form-data.")
+        record = TranscriptionRecord(
+            model=fields.get("model"), filename=filename, content_type=content_type, data=data, fields=fields,
+            t_received=time.monotonic(),
+        )
+        self.transcriptions.append(record)
+        try:
+            if not record.model:
+                record.status = 400
+                return _error(400, "you must provide a model parameter", param="model")
+            if filename is None:
+                record.status = 400
+                return _error(400, "1 validation error for Request\nbody -> file\n  field required", param="file")
+            extension = filename.rpartition(".")[2].lower() if "." in filename else ""
+            if extension not in _WHISPER_FORMATS:
+                record.status = 400
+                return _error(400, f"Invalid file format. Supported formats: {sorted(_WHISPER_FORMATS)}", param="file")
+            if not data:
+                record.status = 400
+                return web.json_response(
+                    {"error": {"message": "Audio file is too short. Minimum audio length is 0.1 seconds.",
+                               "type": "invalid_request_error", "param": "file", "code": "audio_too_short"}},
+                    status=400,
+                )
+            item = self._transcripts.pop(0) if self._transcripts else f"(transcript of {len(data)} bytes)"
+            if isinstance(item, TranscriptionFault):
+                if item.hold is not None:
+                    await item.hold.wait()
+                record.status = item.status
+                kind = "server_error" if item.status >= 500 else "invalid_request_error"
+                return web.json_response(
+                    {"error": {"message": item.message, "type": kind, "param": None, "code": None}}, status=item.status
+                )
+            record.text = item
+            if fields.get("response_format") == "text":
+                return web.Response(text=item)
+            return web.json_response({"text": item})
+        finally:
+            self._notify()
 
     @staticmethod
     async def _wait_hold(reply: Reply, sent: int) -> None:
