@@ -25,7 +25,7 @@ from .errors import (
 from .events import NullEvents, ToolCall, ToolResult, TurnEvents
 from .stream import ModelResponse, Usage
 from .tools import Tool, ToolRegistry, tool
-from .turn import MAX_STEPS_MESSAGE, Agent, TurnResult
+from .turn import MAX_STEPS_MESSAGE, Agent, TurnResult, UsageMeter
 
 __all__ = [
     "MAX_STEPS_MESSAGE",
@@ -50,5 +50,6 @@ __all__ = [
     "TurnEvents",
     "TurnResult",
     "Usage",
+    "UsageMeter",
     "tool",
 ]
