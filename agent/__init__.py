@@ -29,7 +29,7 @@ from .provider import ProbeResult
 from .media import TranscriptionConfig, UserContent, data_url, image_part, text_part
 from .stream import ModelResponse, Usage
 from .tools import Tool, ToolRegistry, tool
-from .turn import MAX_STEPS_MESSAGE, Agent, TurnResult
+from .turn import MAX_STEPS_MESSAGE, Agent, TurnResult, UsageMeter
 
 __all__ = [
     "MAX_STEPS_MESSAGE",
@@ -62,5 +62,6 @@ __all__ = [
     "data_url",
     "image_part",
     "text_part",
+    "UsageMeter",
     "tool",
 ]

@@ -33,6 +33,7 @@ from typing import Any
 
 from .errors import ProviderBadResponse
 from .events import ToolCall
+from .tokens import text_tokens
 
 __all__ = [
     "ChatAccumulator",
@@ -84,12 +85,18 @@ def _int(value: Any) -> int:
 
 @dataclass(slots=True)
 class Usage:
-    """Token counts. Within one stream the latest report wins; across calls they add up."""
+    """Token counts. Within one stream the latest report wins; across calls they add up.
+
+    `estimated_tokens`: how many of `prompt_tokens + completion_tokens` are parley's
+    estimate (`agent.tokens`) rather than the provider's report -- calls whose stream
+    was cut before the provider said what it used. 0: all reported.
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     total_tokens: int = 0
+    estimated_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -97,7 +104,27 @@ class Usage:
             self.completion_tokens + other.completion_tokens,
             self.reasoning_tokens + other.reasoning_tokens,
             self.total_tokens + other.total_tokens,
+            self.estimated_tokens + other.estimated_tokens,
         )
+
+    @property
+    def estimated(self) -> bool:
+        """Whether any of these numbers is an estimate."""
+        return self.estimated_tokens > 0
+
+    @classmethod
+    def estimate(cls, prompt: int, response: ModelResponse) -> Usage:
+        """What a call probably used: `prompt` (estimated) and what `response` holds so far.
+
+        Everything the model generated counts as completion -- text, reasoning, tool-call
+        names and arguments -- as providers count it; reasoning also as reasoning tokens.
+        """
+        reasoning = text_tokens(response.reasoning)
+        completion = text_tokens(response.content) + reasoning
+        for call in response.tool_calls:
+            completion += text_tokens(call.name) + text_tokens(call.arguments)
+        total = prompt + completion
+        return cls(prompt, completion, reasoning, total, total)
 
     @classmethod
     def from_provider(cls, obj: Any) -> Usage | None:

@@ -7,6 +7,13 @@ with the messages to persist. Interrupts (`interrupt.set()`, from /stop or the
 once, partial tool calls are discarded, running tools are cancelled — and the turn
 *returns* the partial text marked `interrupted`. Cancelling the task that runs the turn
 instead propagates `CancelledError` (after the stream is closed).
+
+Every model call's usage is counted, however the turn ends: what the provider reported,
+or -- for a call whose stream was cut before the report, or a provider that reports
+none -- an estimate of its prompt plus what it generated (`agent.tokens`), marked as
+estimated. A call that failed before generating anything counts nothing: providers do
+not bill a request they rejected or failed. The caller's `UsageMeter` holds the count,
+so a turn that raises or is cancelled still tells what it used.
 """
 
 from __future__ import annotations
@@ -22,10 +29,11 @@ from .config import ProviderConfig
 from .events import ToolCall, ToolResult, TurnEvents
 from .media import Transcriber, TranscriptionConfig, user_content
 from .provider import ProbeResult, Provider, RequestObserver, StepState, _guard
-from .stream import ModelResponse, Usage
+from .stream import ChatAccumulator, ModelResponse, ResponsesAccumulator, Usage
+from .tokens import prompt_tokens
 from .tools import ToolRegistry
 
-__all__ = ["Agent", "TurnResult", "MAX_STEPS_MESSAGE"]
+__all__ = ["Agent", "TurnResult", "UsageMeter", "MAX_STEPS_MESSAGE"]
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +60,76 @@ class TurnResult:
     first_token_latency: float | None = None
 
 
+@dataclass(slots=True)
+class UsageMeter:
+    """What a turn's model calls have used so far; the caller keeps it.
+
+    A turn that raises (the provider failed after a tool step, or mid-answer) or is
+    cancelled (shutdown) returns no `TurnResult`, yet the provider billed what it
+    generated. Hand `run_turn` a meter and read it however the turn ended: `usage` has
+    every finished model call and the one cut off, `model` the model that answered.
+    """
+
+    model: str = ""
+    usage: Usage = field(default_factory=Usage)
+
+
+def _attempt_usage(acc: ChatAccumulator | ResponsesAccumulator | None, prompt: Callable[[], int]) -> Usage:
+    """What one streamed attempt used: the provider's report if it sent one (Gemini sends
+    it on every chunk), else an estimate when it generated anything, else nothing."""
+    if acc is None:
+        return Usage()
+    partial = acc.result()
+    if partial.usage is not None:
+        return partial.usage
+    if not acc.started:
+        return Usage()
+    return Usage.estimate(prompt(), partial)
+
+
 class _Turn:
     """Mutable bookkeeping of a turn in flight (so an interrupt can return what exists)."""
 
-    def __init__(self, model: str) -> None:
-        self.model = model
+    def __init__(self, model: str, meter: UsageMeter) -> None:
+        self.meter = meter
+        meter.model = model
         self.messages: list[dict[str, Any]] = []
-        self.usage = Usage()
         self.causes: list[str] = []
         self.steps = 0
         self.started = asyncio.get_running_loop().time()
         self.first_token_latency: float | None = None
         self.step: StepState | None = None
+        self.step_prompt: Callable[[], int] = lambda: 0  # the estimate of the step's prompt, when needed
         self.visible_text = ""  # what the last completed model call showed before its tool calls
         # while tools run: the calls and their results so far (None = unfinished)
         self.calls: list[ToolCall] = []
         self.results: list[ToolResult | None] = []
+
+    @property
+    def model(self) -> str:
+        return self.meter.model
+
+    @model.setter
+    def model(self, value: str) -> None:
+        self.meter.model = value
+
+    @property
+    def usage(self) -> Usage:
+        return self.meter.usage
+
+    @usage.setter
+    def usage(self, value: Usage) -> None:
+        self.meter.usage = value
+
+    def count_cut_step(self) -> None:
+        """Count the model call in flight, cut off by an interrupt, an error or a cancellation.
+
+        Its stream (if one had begun) holds what the model generated, and a report if the
+        provider sends one per chunk; a fallback request still in flight counts nothing.
+        """
+        step, self.step = self.step, None
+        if step is not None:
+            self.usage = self.usage + _attempt_usage(step.acc, self.step_prompt)
 
     def result(self, text: str, *, interrupted: bool = False, hit_max_steps: bool = False) -> TurnResult:
         return TurnResult(
@@ -93,6 +155,7 @@ class _Turn:
             return self.result(text, interrupted=True)
         # A model call was in flight: keep what the user saw, drop partial tool calls.
         text = self.step.visible_text if self.step is not None else ""
+        self.count_cut_step()
         if text:
             self.messages.append({"role": "assistant", "content": text})
         return self.result(text, interrupted=True)
@@ -169,19 +232,23 @@ class Agent:
         model: str | None = None,
         system_prompt: str | None = None,
         interrupt: asyncio.Event | None = None,
+        meter: UsageMeter | None = None,
     ) -> TurnResult:
         """Run one turn to its final answer (or interrupt, or `max_steps`).
 
         `message` is the user's text, or Chat Completions content parts (text and
         `image_url` parts, see `agent.media`) -- converted for the Responses API when
         that is the provider's.
+
+        `meter`: where the turn's usage is counted as it goes, readable even when this
+        raises or is cancelled (see `UsageMeter`).
         """
         conversation: list[dict[str, Any]] = []
         if system_prompt:
             conversation.append({"role": "system", "content": system_prompt})
         conversation.extend(history)
         conversation.append({"role": "user", "content": user_content(message)})
-        turn = _Turn(model or self.cfg.model)
+        turn = _Turn(model or self.cfg.model, meter if meter is not None else UsageMeter())
 
         task = asyncio.current_task()
         assert task is not None, "run_turn must run inside a task"
@@ -208,6 +275,10 @@ class Agent:
                 if task.uncancel() <= baseline:  # our own interrupt, not an outside cancellation
                     log.info("turn interrupted after %d step(s)", turn.steps)
                     return turn.interrupted()
+            turn.count_cut_step()
+            raise
+        except Exception:
+            turn.count_cut_step()
             raise
         finally:
             closed = True
@@ -226,15 +297,15 @@ class Agent:
         schemas = self.tools.schemas(self.cfg.api) if len(self.tools) else None
         for _ in range(self.max_steps):
             step = turn.step = StepState()
-            response = await self._provider.complete(
-                conversation + turn.messages, schemas, model=model, events=events, step=step
-            )
+            sent = conversation + turn.messages
+            turn.step_prompt = lambda sent=sent: prompt_tokens(sent, schemas)
+            response = await self._provider.complete(sent, schemas, model=model, events=events, step=step)
+            turn.step = None
             self._account(turn, step, response)
             turn.visible_text = response.visible_text
             turn.messages.append(response.assistant_message())
             if not response.tool_calls:
                 return turn.result(response.content)
-            turn.step = None
             await self._run_tools(turn, response.tool_calls, events)
         text = MAX_STEPS_MESSAGE.format(steps=self.max_steps)
         log.info("turn stopped at max_steps=%d", self.max_steps)
@@ -246,8 +317,10 @@ class Agent:
     @staticmethod
     def _account(turn: _Turn, step: StepState, response: ModelResponse) -> None:
         turn.steps += 1
-        if response.usage is not None:
-            turn.usage = turn.usage + response.usage
+        used = response.usage if response.usage is not None else Usage.estimate(turn.step_prompt(), response)
+        if response.fell_back:
+            used = used + _attempt_usage(step.acc, turn.step_prompt)  # the broken stream ran too
+        turn.usage = turn.usage + used
         if response.fell_back and response.fallback_cause:
             turn.causes.append(response.fallback_cause)
         if response.model:

@@ -131,6 +131,23 @@ class CommandContext:
             )
         return found
 
+    async def who(self, user_key: str) -> str:
+        """A user as people know them, plus the key to act on them: "@alice (telegram:61)".
+
+        The bare key when parley never saw the user (they have not written yet). The key
+        stays in the answer because it is what an admin types next (/deny telegram:61).
+        """
+        known = await self.gateway.store.known_user(user_key)
+        username, display = known if known is not None else (None, None)
+        if username:
+            return f"@{username} ({user_key})"
+        name = " ".join("".join(ch if ch.isprintable() else " " for ch in display or "").split())
+        if not name:
+            return user_key
+        if len(name) > 32:
+            name = name[:31].rstrip() + "…"
+        return f"{name} ({user_key})"
+
     # ---- the role ladder: owner > admin > user > blocked --------------------------------
 
     async def may_change_user(self, target: str, thing: str, *, set_by: str | None) -> None:
@@ -148,10 +165,12 @@ class CommandContext:
             return
         theirs = await self.gateway.access.role_of(target)
         if theirs == Role.OWNER:
-            raise PermissionDenied(f"{target} is an owner; nobody else can change their {thing}.")
+            raise PermissionDenied(f"{await self.who(target)} is an owner; nobody else can change their {thing}.")
         if theirs >= self.role:
-            raise PermissionDenied(f"{target} is an {theirs.label} like you; only an owner can change their {thing}.")
-        await self._not_overruling(set_by, f"{target}'s {thing}")
+            raise PermissionDenied(
+                f"{await self.who(target)} is an {theirs.label} like you; only an owner can change their {thing}."
+            )
+        await self._not_overruling(set_by, f"{await self.who(target)}'s {thing}")
 
     async def may_change_setting(self, settings: ChatSettings, field: str, thing: str) -> None:
         """Refuse changing a chat setting that someone of a higher role made."""
@@ -295,14 +314,14 @@ async def _control(ctx: CommandContext) -> str:
     if not ctx.args:
         current = settings.control or gw.defaults.group_control
         suffix = "" if settings.control else " (default)"
-        return f"Who may stop others' replies and reset this group's conversation: {current}{suffix}."
+        return f"Who may stop others' replies and reset the group: {current}{suffix}."
     if ctx.args not in ("admins", "everyone"):
         raise ctx.bad_usage()
     await ctx.may_change_setting(settings, "control", "control setting")
     await gw.store.update_chat_settings(group, by=ctx.inbound.user_key, control=ctx.args)
     if ctx.args == "everyone":
-        return "Everyone here may now stop any reply and start a new conversation for the group."
-    return "Only admins may now stop someone else's reply or start a new conversation for the group."
+        return "Everyone here may now stop any reply and reset the group's conversation."
+    return "Only admins may now stop others' replies or reset the group's conversation."
 
 
 async def _retry(ctx: CommandContext) -> str:
@@ -312,8 +331,7 @@ async def _retry(ctx: CommandContext) -> str:
 async def _usage(ctx: CommandContext) -> str:
     gw = ctx.gateway
     scope = ctx.args
-    now = datetime.now(UTC)
-    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    day = _today()
     month = day.replace(day=1)
     kw: dict[str, str] = {}
     if not scope or scope == "me":
@@ -327,7 +345,7 @@ async def _usage(ctx: CommandContext) -> str:
     else:
         ctx.require(Role.ADMIN, "see another user's usage")
         user = await ctx.target_user(scope)
-        kw, title = {"user_key": user}, f"Usage of {user}"
+        kw, title = {"user_key": user}, f"Usage of {await ctx.who(user)}"
     lines = [title + ":"]
     for label, since in (("today", day), ("this month", month)):
         rows = await gw.store.usage(since=since, **kw)
@@ -335,13 +353,42 @@ async def _usage(ctx: CommandContext) -> str:
             lines.append(f"• {label}: nothing yet")
             continue
         total = sum(r.prompt + r.completion for r in rows)
+        estimated = sum(r.estimated for r in rows)
         cost = [r.cost for r in rows if r.cost is not None]
-        money = f", ${sum(cost):.4f}" if cost else ""
+        money = f", {_about(estimated)}{_dollars(sum(cost))}" if cost else ""
         turns = sum(r.turns for r in rows)
-        lines.append(f"• {label}: {total:,} tokens in {turns} turn{'' if turns == 1 else 's'}{money}")
+        lines.append(
+            f"• {label}: {_about(estimated)}{total:,} tokens in {turns} turn{'' if turns == 1 else 's'}{money}"
+            + _estimated_note(estimated, total)
+        )
         for r in rows:
-            lines.append(f"    {r.model}: {r.prompt:,} in / {r.completion:,} out ({r.reasoning:,} reasoning)")
+            about = _about(r.estimated)
+            reasoning = f" ({r.reasoning:,} reasoning)" if r.reasoning else ""
+            lines.append(f"    {r.model}: {about}{r.prompt:,} in / {about}{r.completion:,} out tokens{reasoning}")
     return "\n".join(lines)
+
+
+def _dollars(amount: float) -> str:
+    """"$0.0123"; an amount too small to show in 4 decimals is "under $0.0001", never "$0.0000"."""
+    if 0 < amount < 0.00005:
+        return "under $0.0001"
+    return f"${amount:.4f}"
+
+
+def _today() -> datetime:
+    """Midnight UTC: where the day's usage and budgets start."""
+    return datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _about(estimated: int) -> str:
+    """"~" before numbers that are (partly) estimates: turns cut off before the provider reported usage."""
+    return "~" if estimated else ""
+
+
+def _estimated_note(estimated: int, total: int) -> str:
+    if not estimated:
+        return ""
+    return " (estimated)" if estimated >= total else f" ({estimated:,} tokens estimated)"
 
 
 async def _model(ctx: CommandContext) -> str:
@@ -389,13 +436,17 @@ async def _mode(ctx: CommandContext) -> str:
     key = ctx.inbound.chat.key
     if not ctx.args:
         settings = await gw.store.chat_settings(key)
-        return f"Busy policy: {settings.busy_policy or gw.defaults.busy_policy}"
-    if ctx.args not in ("queue", "interrupt"):
+        policy = settings.busy_policy or gw.defaults.busy_policy
+        suffix = "" if settings.busy_policy else " (default)"
+        return f"Busy policy: {policy}{suffix} — new messages {_BUSY_POLICIES[policy]}."
+    if ctx.args not in _BUSY_POLICIES:
         raise ctx.bad_usage()
     await ctx.may_change_setting(await gw.store.chat_settings(key), "busy_policy", "busy policy")
     await gw.store.update_chat_settings(key, by=ctx.inbound.user_key, busy_policy=ctx.args)
-    what = "wait in a queue" if ctx.args == "queue" else "interrupt the running reply"
-    return f"Busy policy set to {ctx.args}: new messages {what}."
+    return f"Busy policy set to {ctx.args}: new messages {_BUSY_POLICIES[ctx.args]}."
+
+
+_BUSY_POLICIES = {"queue": "wait in a queue", "interrupt": "interrupt the running reply"}
 
 
 async def _stream(ctx: CommandContext) -> str:
@@ -404,7 +455,8 @@ async def _stream(ctx: CommandContext) -> str:
     if not ctx.args:
         settings = await gw.store.chat_settings(key)
         on = gw.defaults.streaming if settings.streaming is None else settings.streaming
-        return f"Streaming is {'on' if on else 'off'}."
+        suffix = " (default)" if settings.streaming is None else ""
+        return f"Streaming is {'on' if on else 'off'}{suffix}."
     if ctx.args not in ("on", "off"):
         raise ctx.bad_usage()
     await ctx.may_change_setting(await gw.store.chat_settings(key), "streaming", "streaming setting")
@@ -427,10 +479,14 @@ async def _allow(ctx: CommandContext) -> str:
     user = await ctx.target_user(ctx.args)
     current = await gw.access.role_of(user)
     if current >= Role.ADMIN:
-        return f"{user} is already an {current.label}."
+        return f"{await ctx.who(user)} is already an {current.label}."
     await ctx.may_change_user(user, "access", set_by=await gw.store.role_granted_by(user))
+    if current == Role.USER and await gw.store.role(user) == "user":
+        return f"{await ctx.who(user)} may use the bot already."
     await gw.store.set_role(user, "user", by=ctx.inbound.user_key)
-    return f"✅ {user} may now use the bot."
+    if current == Role.BLOCKED:
+        return f"✅ {await ctx.who(user)} is no longer blocked and may use the bot."
+    return f"✅ {await ctx.who(user)} may now use the bot."
 
 
 async def _deny(ctx: CommandContext) -> str:
@@ -440,7 +496,7 @@ async def _deny(ctx: CommandContext) -> str:
             raise CommandError("/deny chat is for groups.")
         await ctx.may_change_setting(await gw.store.chat_settings(_group(ctx)), "allowed", "access")
         await gw.store.update_chat_settings(_group(ctx), by=ctx.inbound.user_key, allowed=False)
-        return "This chat is no longer allowed as a whole; only allowed users may use the bot here."
+        return "🚫 This chat is no longer allowed as a whole.\nOnly allowed users may use the bot here."
     user = await ctx.target_user(ctx.args)
     current = await gw.access.role_of(user)
     if current == Role.OWNER:
@@ -448,44 +504,56 @@ async def _deny(ctx: CommandContext) -> str:
     if current == Role.ADMIN and user != ctx.inbound.user_key:
         ctx.require(Role.OWNER, "deny an admin")
     await ctx.may_change_user(user, "access", set_by=await gw.store.role_granted_by(user))
+    if current == Role.BLOCKED:
+        return f"{await ctx.who(user)} is blocked already."
     await gw.store.set_role(user, "blocked", by=ctx.inbound.user_key)
-    return f"🚫 {user} may no longer use the bot."
+    return f"🚫 {await ctx.who(user)} may no longer use the bot."
 
 
 async def _admins(ctx: CommandContext) -> str:
     gw = ctx.gateway
-    owners = sorted(gw.access.policy.owners)
-    admins = sorted(await gw.store.users_with_role("admin"))
-    return "Owners: " + (", ".join(owners) or "none") + "\nAdmins: " + (", ".join(admins) or "none")
+    lines = []
+    for title, keys in (
+        ("Owners (set in the configuration)", sorted(gw.access.policy.owners)),
+        ("Admins", await gw.store.users_with_role("admin")),
+    ):
+        if not keys:
+            lines.append(f"{title}: none")
+            continue
+        lines.append(f"{title}:")
+        lines += [f"  {await ctx.who(k)}" for k in keys]
+    return "\n".join(lines)
 
 
 async def _promote(ctx: CommandContext) -> str:
     gw = ctx.gateway
     user = await ctx.target_user(ctx.args)
     role = await gw.access.role_of(user)
+    who = await ctx.who(user)
     if role == Role.OWNER:
-        return f"{user} is an owner already."
+        return f"{who} is an owner already."
     if role == Role.ADMIN:
-        return f"{user} is an admin already."
+        return f"{who} is an admin already."
     if role == Role.BLOCKED:
         # Never lift a block as a side effect: unblocking is its own, deliberate step.
-        raise CommandError(f"{user} is blocked. Send /allow {user} first, then /promote.")
+        raise CommandError(f"{who} is blocked.\nSend /allow {user} first, then /promote.")
     await gw.store.set_role(user, "admin", by=ctx.inbound.user_key)
-    return f"⭐ {user} is now an admin."
+    return f"⭐ {who} is now an admin."
 
 
 async def _demote(ctx: CommandContext) -> str:
     gw = ctx.gateway
     user = await ctx.target_user(ctx.args)
     role = await gw.access.role_of(user)
+    who = await ctx.who(user)
     if role == Role.OWNER:
         raise PermissionDenied("Owners are set in the configuration and cannot be demoted from chat.")
     if role == Role.BLOCKED:
-        return f"{user} is blocked, not an admin (/allow lifts the block)."
+        return f"{who} is blocked, not an admin (/allow lifts the block)."
     if role != Role.ADMIN:
-        return f"{user} is not an admin."
+        return f"{who} is not an admin."
     await gw.store.set_role(user, "user", by=ctx.inbound.user_key)
-    return f"{user} is no longer an admin (still allowed as a user)."
+    return f"{who} is no longer an admin (still allowed as a user)."
 
 
 async def _budget(ctx: CommandContext) -> str:
@@ -503,16 +571,30 @@ async def _budget(ctx: CommandContext) -> str:
     if amount is not None and amount != "off" and (not re.fullmatch(r"\d{1,12}", amount) or int(amount) <= 0):
         raise ctx.bad_usage("the budget is a positive whole number of tokens per day, or 'off'")
     user = await ctx.target_user(who)
+    name = await ctx.who(user)
+    blocked = await gw.access.role_of(user) == Role.BLOCKED
     if amount is None:
         ctx.private = True
         budget = await gw.store.budget(user)
-        return f"{user}: " + (f"{budget:,} tokens per day." if budget else "no daily budget.")
+        rows = await gw.store.usage(since=_today(), user_key=user)
+        used = sum(r.prompt + r.completion for r in rows)
+        estimated = sum(r.estimated for r in rows)
+        lines = [
+            f"Budget of {name}: " + (f"{budget:,} tokens per day" if budget else "none"),
+            f"Used today: {_about(estimated)}{used:,} tokens{_estimated_note(estimated, used)}",
+        ]
+        if blocked:
+            lines.append("⛔ Blocked: /allow lifts the block.")
+        return "\n".join(lines)
     await ctx.may_change_user(user, "budget", set_by=await gw.store.budget_set_by(user))
     if amount == "off":
         await gw.store.set_budget(user, None)
-        return f"{user} has no daily budget now."
-    await gw.store.set_budget(user, int(amount), by=ctx.inbound.user_key)
-    return f"{user} may now use {int(amount):,} tokens per day."
+        text = f"{name} has no daily budget now."
+    else:
+        await gw.store.set_budget(user, int(amount), by=ctx.inbound.user_key)
+        text = f"{name} may now use {int(amount):,} tokens per day."
+    # A budget never lifts a block: say so, so nobody expects the user back.
+    return text + ("\nThey stay blocked until /allow lifts the block." if blocked else "")
 
 
 async def _status(ctx: CommandContext) -> str:
@@ -523,20 +605,22 @@ async def _status(ctx: CommandContext) -> str:
     """
     gw = ctx.gateway
     up = int(time.monotonic() - gw.started_at)
+    days = f"{up // 86400}d " if up >= 86400 else ""
     platforms = ", ".join(f"{name} {'✅' if c.connected else '❌'}" for name, c in gw.connectors.items()) or "none"
     depths = gw.lanes.queue_depths()
     queued = sum(depths.values())
     health = gw.agent.health()
     base_url = str(health.get("base_url") or "")
     lines = [
-        f"Uptime: {up // 3600}h {up % 3600 // 60}m {up % 60}s",
+        f"Uptime: {days}{up % 86400 // 3600}h {up % 3600 // 60}m {up % 60}s",
         f"Platforms: {platforms}",
-        f"Active turns: {gw.lanes.active}; queued messages: {queued} in {len(depths)} chats",
+        f"Running: {_plural(gw.lanes.active, 'turn')}; queued: {_plural(queued, 'message')} in "
+        f"{_plural(len(depths), 'chat')}",
         f"Provider: {urlsplit(base_url).hostname or 'unknown'}",
     ]
     models = health.get("models")
     for model, state in (models.items() if isinstance(models, dict) else ()):
-        lines.append(f"  {model}: {_streaming_state(state)}")
+        lines += _streaming_lines(str(model), state)
     if ctx.role >= Role.OWNER and ctx.inbound.chat.is_private:
         allowed = gw.defaults.allowed_models()
         lines += [
@@ -548,25 +632,35 @@ async def _status(ctx: CommandContext) -> str:
     return "\n".join(lines)
 
 
-def _streaming_state(state: object) -> str:
-    """One model's streaming health in words: "streaming ok", "streaming paused for 4m 10s ..."."""
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def _streaming_lines(model: str, state: object) -> list[str]:
+    """One model's streaming health in words, on at most two short lines:
+
+      fake-model: streaming paused for 4m 10s (answers come whole meanwhile)
+        3 failures in a row, 5 fallbacks so far; last: 'connection dropped'
+    """
     if not isinstance(state, dict):
-        return "no calls yet"
+        return [f"  {model}: no calls yet"]
     failures = int(state.get("consecutive_failures") or 0)
     fallbacks = int(state.get("fallbacks") or 0)
     cause = state.get("last_error")
     if state.get("streaming") == "cooldown":
         left = int(float(state.get("cooldown_remaining") or 0))
-        text = f"streaming paused for {left // 60}m {left % 60}s (answers come whole meanwhile)"
+        lines = [f"  {model}: streaming paused for {left // 60}m {left % 60}s (answers come whole meanwhile)"]
     else:
-        text = "streaming ok"
+        lines = [f"  {model}: streaming ok"]
+    details = []
     if failures:
-        text += f"; {failures} failure{'s' if failures != 1 else ''} in a row"
+        details.append(f"{_plural(failures, 'failure')} in a row")
     if fallbacks:
-        text += f"; {fallbacks} fallback{'s' if fallbacks != 1 else ''} so far"
-    if cause and (failures or fallbacks):
-        text += f" (last: {quote_input(str(cause), 30)})"
-    return text
+        details.append(f"{_plural(fallbacks, 'fallback')} so far")
+    if details:
+        last = f"; last: {quote_input(str(cause).replace('_', ' '), 30)}" if cause else ""
+        lines.append("    " + ", ".join(details) + last)
+    return lines
 
 
 def _group(ctx: CommandContext) -> str:
@@ -594,7 +688,7 @@ def builtin_commands() -> CommandRegistry:
                     args=(Arg("policy", "queue or interrupt", choices=("queue", "interrupt")),)),
             Command("stream", "streaming on or off in this chat", Role.ADMIN, _stream,
                     args=(Arg("state", "on or off", choices=("on", "off")),)),
-            Command("control", "who may stop others' replies and reset this group's conversation", Role.ADMIN,
+            Command("control", "who may stop others' replies and reset the group", Role.ADMIN,
                     _control, args=(Arg("who", "admins or everyone", choices=("admins", "everyone")),)),
             Command("allow", "let a user (or this whole group: 'chat') use the bot", Role.ADMIN, _allow,
                     args=(_USER_ARG,)),

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from agent import Agent
+from agent import Agent, UsageMeter
+from agent import Usage as TurnUsage
 from agent.errors import (
     AgentError,
     ProviderAuthError,
@@ -661,14 +662,18 @@ class Gateway:
         )
         if adopt:
             log.info("chat %s: continuing a reply cut off by a restart", inbound.chat.key)
+        # Counts every model call as it ends, so a turn that fails or is cancelled still
+        # books what the provider generated (and billed) before.
+        meter = UsageMeter(model)
         with turn_context(platform=inbound.platform, chat=inbound.chat.key, turn=turn_id):
             reply.start()
             try:
                 result = await self.agent.run_turn(
-                    history, prepared.content, reply, model=model, system_prompt=system_prompt, interrupt=interrupt
+                    history, prepared.content, reply, model=model, system_prompt=system_prompt, interrupt=interrupt,
+                    meter=meter,
                 )
             except asyncio.CancelledError:
-                await asyncio.shield(self._abandon(inbound, reply, turn_id))
+                await asyncio.shield(self._abandon(inbound, reply, turn_id, meter))
                 raise
             except Exception as exc:
                 if not isinstance(exc, (ProviderError, AgentError)):
@@ -677,9 +682,10 @@ class Gateway:
                     log.warning("turn failed: %s", type(exc).__name__)
                 delivery = await reply.finish(notice=self._error_line(inbound, exc))
                 await self._finish_turn(
-                    turn_id, [], status="error",
+                    turn_id, [], status="error", usage=self._usage(inbound, meter.model, meter.usage),
                     inbox_ids=inbound.inbox_ids, inbox_status="failed", reply=reply.state(),
                 )
+                self._count_usage(meter.model, meter.usage)
                 self.metrics.turns.labels(inbound.platform, "error").inc()
                 if not delivery.complete:
                     self.metrics.deliveries_failed.labels(inbound.platform).inc()
@@ -688,10 +694,10 @@ class Gateway:
             status = "interrupted" if result.interrupted else "ok"
             await self._finish_turn(
                 turn_id, result.messages, status=status,
-                usage=self._usage(inbound, result), inbox_ids=inbound.inbox_ids,
+                usage=self._usage(inbound, result.model, result.usage, always=True), inbox_ids=inbound.inbox_ids,
                 inbox_status="stopped" if result.interrupted else "answered", reply=reply.state(),
             )
-            self._count_usage(result)
+            self._count_usage(result.model, result.usage)
             outcome = "interrupted" if result.interrupted else "fell_back" if result.fell_back else "ok"
             self.metrics.turns.labels(inbound.platform, outcome).inc()
             for cause in result.fallback_causes:
@@ -701,8 +707,8 @@ class Gateway:
             if not delivery.complete:
                 self.metrics.deliveries_failed.labels(inbound.platform).inc()
             log.info(
-                "turn %s: %s, %d steps, %d tokens%s",
-                turn_id, outcome, result.steps, result.usage.total_tokens,
+                "turn %s: %s, %d steps, %s%d tokens%s",
+                turn_id, outcome, result.steps, "~" if result.usage.estimated else "", result.usage.total_tokens,
                 f", fell back ({', '.join(result.fallback_causes)})" if result.fell_back else "",
             )
 
@@ -875,19 +881,21 @@ class Gateway:
             return None
         return model, system_prompt, streaming, history, turn_id
 
-    async def _abandon(self, inbound: Inbound, reply: LiveReply, turn_id: int) -> None:
-        """The process is going down mid-turn: finalize what is visible, marked stopped."""
+    async def _abandon(self, inbound: Inbound, reply: LiveReply, turn_id: int, meter: UsageMeter) -> None:
+        """The process is going down mid-turn: finalize what is visible, marked stopped,
+        and book what the turn's model calls used up to the cut (the provider billed it)."""
         try:
             await asyncio.wait_for(reply.finish(interrupted=True), timeout=10)
         except (asyncio.TimeoutError, Exception):
             await reply.aclose()
         try:
             await self.store.finish_turn(
-                turn_id, [], status="interrupted",
+                turn_id, [], status="interrupted", usage=self._usage(inbound, meter.model, meter.usage),
                 inbox_ids=inbound.inbox_ids, inbox_status="stopped", reply=reply.state(),
             )
         except Exception:
             log.exception("could not record the interrupted turn")
+        self._count_usage(meter.model, meter.usage)
 
     def _budget_hold(self, sent: list[dict]) -> BudgetHold:
         """What a turn reserves against its user's daily budget before the model is called.
@@ -928,26 +936,34 @@ class Gateway:
         await self.reply(inbound, text)
         self._settle(inbound, "failed")
 
-    def _usage(self, inbound: Inbound, result) -> Usage:  # noqa: ANN001 - agent.TurnResult
-        usage = result.usage
-        price = self.defaults.prices.get(result.model)
+    def _usage(self, inbound: Inbound, model: str, usage: TurnUsage, *, always: bool = False) -> Usage | None:
+        """The usage row a finished turn books, priced when the model has a price.
+
+        A turn that failed or was abandoned books a row only when it used something (a
+        failure before the model generated anything is not billed, and is no turn of
+        usage); one that finished or was stopped always does (`always`).
+        """
+        if not always and not (usage.prompt_tokens or usage.completion_tokens):
+            return None
+        price = self.defaults.prices.get(model)
         cost = None
         if price is not None:
             cost = usage.prompt_tokens * price[0] / 1e6 + usage.completion_tokens * price[1] / 1e6
         return Usage(
             user_key=inbound.user_key,
             chat_key=inbound.chat.key,
-            model=result.model,
+            model=model,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             reasoning_tokens=usage.reasoning_tokens,
             cost=cost,
+            estimated_tokens=min(usage.estimated_tokens, usage.prompt_tokens + usage.completion_tokens),
         )
 
-    def _count_usage(self, result) -> None:  # noqa: ANN001 - agent.TurnResult
-        for kind, value in (("prompt", result.usage.prompt_tokens), ("completion", result.usage.completion_tokens)):
+    def _count_usage(self, model: str, usage: TurnUsage) -> None:
+        for kind, value in (("prompt", usage.prompt_tokens), ("completion", usage.completion_tokens)):
             if value:
-                self.metrics.tokens.labels(result.model, kind).inc(value)
+                self.metrics.tokens.labels(model, kind).inc(value)
 
     def _error_line(self, inbound: Inbound, exc: BaseException) -> str | None:
         """The friendly error line, at most once per cooldown in groups."""

@@ -23,13 +23,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-Message = dict[str, Any]
+from agent.tokens import CHARS_PER_TOKEN, IMAGE_PART_TOKENS, MESSAGE_OVERHEAD_TOKENS, message_tokens  # noqa: F401
 
-CHARS_PER_TOKEN = 4
-MESSAGE_OVERHEAD_TOKENS = 4
-"""Roughly what the role and message framing cost per message."""
-IMAGE_PART_TOKENS = 800
-"""A flat guess for one image part; real costs depend on size and detail."""
+Message = dict[str, Any]
 
 ATTACHMENTS = "attachments"
 """The key of a stored user message's files (never sent to a provider)."""
@@ -41,29 +37,10 @@ FAILED_NOTE = "[no reply: this turn failed]"
 def estimate_tokens(message: Message) -> int:
     """A rough token count of one message: characters / 4 plus a per-message overhead.
 
-    Counts text content (a string or text parts), tool call names and arguments, and
-    a flat amount per image part.
+    The same estimate the agent books for a model call the provider reported no usage
+    for (`agent.tokens`), so a budget hold and a booked estimate agree.
     """
-    chars = 0
-    content = message.get("content")
-    if isinstance(content, str):
-        chars += len(content)
-    elif isinstance(content, list):
-        images = 0
-        for part in content:
-            if not isinstance(part, dict):
-                continue
-            if isinstance(part.get("text"), str):
-                chars += len(part["text"])
-            elif part.get("type") in ("image_url", "input_image", "image"):
-                images += 1
-        chars += images * IMAGE_PART_TOKENS * CHARS_PER_TOKEN
-    for call in message.get("tool_calls") or ():
-        function = call.get("function") or {}
-        chars += len(str(function.get("name", ""))) + len(str(function.get("arguments", "")))
-    if isinstance(message.get("name"), str):
-        chars += len(message["name"])
-    return MESSAGE_OVERHEAD_TOKENS + -(-chars // CHARS_PER_TOKEN)  # ceiling division
+    return message_tokens(message)
 
 
 def trim_history(

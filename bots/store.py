@@ -169,11 +169,16 @@ class Usage:
     completion_tokens: int
     reasoning_tokens: int
     cost: float | None
+    estimated_tokens: int = 0  # how many of prompt + completion are parley's estimate, not the provider's report
 
 
 @dataclass(frozen=True, slots=True)
 class UsageRow:
-    """Token usage of one model summed over a period; `cost` is None when no price was known."""
+    """Token usage of one model summed over a period; `cost` is None when no price was known.
+
+    `estimated`: how many of `prompt + completion` are estimates (turns cut off before
+    the provider reported their usage), so /usage can say which numbers are approximate.
+    """
 
     model: str
     prompt: int
@@ -181,6 +186,7 @@ class UsageRow:
     reasoning: int
     cost: float | None
     turns: int
+    estimated: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,6 +354,8 @@ usage = sa.Table(
     sa.Column("completion_tokens", sa.Integer(), nullable=False),
     sa.Column("reasoning_tokens", sa.Integer(), nullable=False),
     sa.Column("cost", sa.Float(), nullable=True),
+    # Of prompt + completion, the tokens parley estimated (a stream cut before the provider's report).
+    sa.Column("estimated_tokens", sa.BigInteger(), nullable=False, server_default="0"),
     sa.PrimaryKeyConstraint("id", name="pk_usage"),
     sa.Index("ix_usage_user_key_created_at", "user_key", "created_at"),
     sa.Index("ix_usage_chat_key_created_at", "chat_key", "created_at"),
@@ -1187,10 +1195,14 @@ class Store:
         completion_tokens: int,
         reasoning_tokens: int,
         cost: float | None,
+        estimated_tokens: int = 0,
     ) -> None:
-        """Record one model call's (or one turn's) token usage; `cost` None when no price is configured."""
+        """Record one model call's (or one turn's) token usage; `cost` None when no price is configured.
+
+        `estimated_tokens`: how many of prompt + completion are estimates, not reported.
+        """
         stmt = self._usage_insert(
-            Usage(user_key, chat_key, model, prompt_tokens, completion_tokens, reasoning_tokens, cost)
+            Usage(user_key, chat_key, model, prompt_tokens, completion_tokens, reasoning_tokens, cost, estimated_tokens)
         )
         await self._run("add_usage", lambda conn: conn.execute(stmt), write=True)
 
@@ -1201,6 +1213,9 @@ class Store:
         _require_count("prompt_tokens", u.prompt_tokens)
         _require_count("completion_tokens", u.completion_tokens)
         _require_count("reasoning_tokens", u.reasoning_tokens)
+        _require_count("estimated_tokens", u.estimated_tokens)
+        if u.estimated_tokens > u.prompt_tokens + u.completion_tokens:
+            raise ValueError("estimated_tokens cannot exceed prompt_tokens + completion_tokens")
         return sa.insert(usage).values(
             created_at=self._now(),
             user_key=u.user_key,
@@ -1210,6 +1225,7 @@ class Store:
             completion_tokens=u.completion_tokens,
             reasoning_tokens=u.reasoning_tokens,
             cost=None if u.cost is None else float(u.cost),
+            estimated_tokens=u.estimated_tokens,
         )
 
     async def usage(
@@ -1217,7 +1233,8 @@ class Store:
     ) -> list[UsageRow]:
         """Usage recorded at or after `since`, one row per model (sorted by model name).
 
-        `cost` sums the known costs and is None only when no record had one.
+        `cost` sums the known costs and is None only when no record had one; `estimated`
+        sums the tokens that were estimated rather than reported.
         """
         _require_aware("since", since)
         query = (
@@ -1228,6 +1245,7 @@ class Store:
                 sa.func.sum(usage.c.reasoning_tokens),
                 sa.func.sum(usage.c.cost),
                 sa.func.count(),
+                sa.func.sum(usage.c.estimated_tokens),
             )
             .where(usage.c.created_at >= since)
             .group_by(usage.c.model)
@@ -1246,8 +1264,9 @@ class Store:
                 reasoning=int(reasoning),
                 cost=None if cost is None else float(cost),
                 turns=int(count),
+                estimated=int(estimated or 0),
             )
-            for model, prompt, completion, reasoning, cost, count in rows
+            for model, prompt, completion, reasoning, cost, count, estimated in rows
         ]
 
     async def tokens_used(self, user_key: str, since: datetime) -> int:
@@ -1409,6 +1428,15 @@ class Store:
             ),
         )
         await self._run("remember_user", lambda conn: conn.execute(stmt), write=True)
+
+    async def known_user(self, user_key: str) -> tuple[str | None, str | None] | None:
+        """(username, display name) of a user parley has seen, or None if it never has.
+
+        Command answers name people this way ("@alice (telegram:61)") instead of by a bare id.
+        """
+        query = sa.select(users.c.username, users.c.display_name).where(users.c.user_key == user_key)
+        row = await self._run("known_user", lambda conn: conn.execute(query).first(), write=False)
+        return None if row is None else (row[0], row[1])
 
     async def find_user(self, platform: str, username: str) -> str | None:
         """The user key behind "@alice" / "alice" on a platform (case-insensitive), or None.

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from agent import MAX_STEPS_MESSAGE, Agent, NullEvents, ToolRegistry, Usage, tool
+from agent import MAX_STEPS_MESSAGE, Agent, NullEvents, ProviderError, ToolRegistry, Usage, UsageMeter, tool
+from agent.tokens import prompt_tokens, text_tokens
 from tests.fakes.llm import FakeLLM, Reply
 from tests.fakes.llm_fixtures import RecordingEvents
 
@@ -397,3 +398,45 @@ async def test_agent_is_reusable_after_an_interrupt(fake_llm: FakeLLM) -> None:
         assert (await task).interrupted
         result = await agent.run_turn([], "b", RecordingEvents(), interrupt=asyncio.Event())
     assert result.text == "second" and not result.interrupted
+
+
+# ---- usage of model calls that did not finish (issue 13.4) -----------------------------
+
+
+async def test_a_broken_stream_counts_with_its_fallback(fake_llm: FakeLLM, api: str) -> None:
+    """The stream that broke after two pieces was generated (and billed) too: its estimate
+    is added to what the fallback request reported, and marked as estimated."""
+    fake_llm.script(Reply.text("Ten chars! And the rest.", chunk=5, usage={"prompt_tokens": 20, "completion_tokens": 9},
+                               fault="abort_midstream"))
+    async with make_agent(fake_llm, api) as agent:
+        result = await agent.run_turn([], "hi", RecordingEvents())
+    assert result.fell_back and result.text == "Ten chars! And the rest."
+    prompt, cut = prompt_tokens([{"role": "user", "content": "hi"}]), text_tokens("Ten chars!")
+    assert result.usage == Usage(20 + prompt, 9 + cut, 0, 29 + prompt + cut, prompt + cut)
+
+
+async def test_a_failing_turn_leaves_its_completed_steps_on_the_meter(fake_llm: FakeLLM, api: str) -> None:
+    fake_llm.script(
+        Reply.tool_calls([("get_time", {})], usage={"prompt_tokens": 30, "completion_tokens": 4}),
+        Reply.text("never", fault="200_error_json+nonstream_500"),  # fails before generating anything
+    )
+    meter = UsageMeter()
+    async with make_agent(fake_llm, api, tools=weather_tools()) as agent:
+        with pytest.raises(ProviderError):
+            await agent.run_turn([], "time?", RecordingEvents(), meter=meter)
+    assert meter.usage == Usage(30, 4, 0, 34) and meter.model == "fake-model"
+
+
+async def test_an_interrupted_step_counts_what_it_streamed(fake_llm: FakeLLM, api: str) -> None:
+    gate = asyncio.Event()
+    fake_llm.script(Reply.text("Partial answer, then stopped.", chunk=8, hold=gate, hold_at=2))
+    events, interrupt = RecordingEvents(), asyncio.Event()
+    async with make_agent(fake_llm, api) as agent:
+        task = asyncio.create_task(agent.run_turn([], "hi", events, interrupt=interrupt))
+        await events.wait_for(lambda: len(events.deltas) == 2)
+        interrupt.set()
+        result = await task
+        gate.set()
+    assert result.interrupted and result.text == "Partial answer, "
+    prompt, completion = prompt_tokens([{"role": "user", "content": "hi"}]), text_tokens("Partial answer, ")
+    assert result.usage == Usage(prompt, completion, 0, prompt + completion, prompt + completion)

@@ -75,12 +75,12 @@ async def test_a_long_answer_to_a_command_arrives_whole_in_several_messages(fast
 async def test_mode_switches_the_busy_policy(fast_telegram, fake_llm, parley) -> None:
     s = await start(parley, fast_telegram, fake_llm)
     chat = s.owner_chat()
-    assert await s.ask(chat, s.owner, "/mode") == "Busy policy: queue"
+    assert await s.ask(chat, s.owner, "/mode") == "Busy policy: queue (default) — new messages wait in a queue."
     assert await s.ask(chat, s.owner, "/mode interrupt") == (
         "Busy policy set to interrupt: new messages interrupt the running reply."
     )
     assert (await s.chat_settings(chat)).busy_policy == "interrupt"
-    assert await s.ask(chat, s.owner, "/mode") == "Busy policy: interrupt"
+    assert await s.ask(chat, s.owner, "/mode") == "Busy policy: interrupt — new messages interrupt the running reply."
     assert await s.ask(chat, s.owner, "/mode queue") == "Busy policy set to queue: new messages wait in a queue."
 
 
@@ -180,14 +180,14 @@ async def test_usage_own_and_for_admins_chat_and_all(fast_telegram, fake_llm, pa
     assert mine.splitlines()[:3] == [
         "Your usage:",
         "• today: 240 tokens in 2 turns, $0.0003",
-        "    fake-model: 200 in / 40 out (0 reasoning)",
+        "    fake-model: 200 in / 40 out tokens",
     ]
     chat_usage = await s.ask(group, s.owner, "/usage chat")
     assert chat_usage.splitlines()[:2] == ["This chat's usage:", "• today: 120 tokens in 1 turn, $0.0001"]
     everyone = await s.ask(s.owner_chat(), s.owner, "/usage all")
     assert everyone.splitlines()[:2] == ["Everyone's usage:", "• today: 360 tokens in 3 turns, $0.0004"]
     theirs = await s.ask(s.owner_chat(), s.owner, "/usage 61")
-    assert theirs.splitlines()[:2] == ["Usage of telegram:61:", "• today: 240 tokens in 2 turns, $0.0003"]
+    assert theirs.splitlines()[:2] == ["Usage of User61 (telegram:61):", "• today: 240 tokens in 2 turns, $0.0003"]
 
 
 async def test_budget_exhaustion_stops_the_next_turn_before_the_model_is_called(fast_telegram, fake_llm, parley) -> None:
@@ -196,8 +196,10 @@ async def test_budget_exhaustion_stops_the_next_turn_before_the_model_is_called(
     usage = {"prompt_tokens": 30, "completion_tokens": 20, "total_tokens": 50}
     fake_llm.script(Reply.text("First.", usage=usage))
     await s.turn(chat, user, "hello")
-    assert await s.ask(s.owner_chat(), s.owner, "/budget 61 40") == "telegram:61 may now use 40 tokens per day."
-    assert await s.ask(s.owner_chat(), s.owner, "/budget 61") == "telegram:61: 40 tokens per day."
+    assert await s.ask(s.owner_chat(), s.owner, "/budget 61 40") == "User61 (telegram:61) may now use 40 tokens per day."
+    assert await s.ask(s.owner_chat(), s.owner, "/budget 61") == (
+        "Budget of User61 (telegram:61): 40 tokens per day\nUsed today: 50 tokens"
+    )
     requests = len(fake_llm.requests)
     refusal = await s.ask(chat, user, "are you there?")
     assert refusal == "⏳ You've used your daily budget of 40 tokens. It resets at 00:00 UTC."
@@ -205,7 +207,7 @@ async def test_budget_exhaustion_stops_the_next_turn_before_the_model_is_called(
     assert len(fake_llm.requests) == requests, "the model was not called"
     assert s.bot_texts(chat) == ["First.", refusal]
     # Lifted again: the next turn runs.
-    assert await s.ask(s.owner_chat(), s.owner, "/budget 61 off") == "telegram:61 has no daily budget now."
+    assert await s.ask(s.owner_chat(), s.owner, "/budget 61 off") == "User61 (telegram:61) has no daily budget now."
     assert await s.turn(chat, user, "now?") == "You said: now?"
 
 
@@ -216,7 +218,7 @@ async def test_budget_by_reply_in_a_group(fast_telegram, fake_llm, parley) -> No
     await s.turn(group, user, "@parley_bot hi")
     (theirs,) = [m for m in fast_telegram.messages(group.id) if not m.from_bot]
     answer = await s.ask(group, s.owner, "/budget 1000", reply_to=theirs.message_id)
-    assert answer == "telegram:61 may now use 1,000 tokens per day."
+    assert answer == "Uma (telegram:61) may now use 1,000 tokens per day."
     assert await s.store.budget("telegram:61") == 1000
 
 
@@ -232,7 +234,7 @@ async def test_status_reports_uptime_platforms_turns_and_queues(fast_telegram, f
     status = (await s.ask(s.owner_chat(), s.owner, "/status")).splitlines()
     assert status[0].startswith("Uptime: 0h 0m ")
     assert status[1] == "Platforms: telegram ✅"
-    assert status[2] == "Active turns: 1; queued messages: 1 in 1 chats"
+    assert status[2] == "Running: 1 turn; queued: 1 message in 1 chat"
     assert status[3].startswith("Provider: ")
     gate.set()
     await s.settle(chat)

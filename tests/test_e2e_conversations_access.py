@@ -58,12 +58,12 @@ async def test_group_allowed_as_a_whole_by_an_admin_works_for_everyone(fast_tele
     assert s.bot_msgs(other_group) == []
     assert s.bot_texts(s.private(stranger))[0].startswith(ACCESS_REPLY_START)
     # And it can be taken back.
-    assert (await s.ask(group, s.owner, "/deny chat")).startswith("This chat is no longer allowed")
+    assert (await s.ask(group, s.owner, "/deny chat")).startswith("🚫 This chat is no longer allowed")
     requests = len(fake_llm.requests)
     s.say(group, stranger, "@parley_bot still there?")
     await s.barrier()
     assert len(fake_llm.requests) == requests
-    assert s.bot_texts(group)[-1].startswith("This chat is no longer allowed")
+    assert s.bot_texts(group)[-1].startswith("🚫 This chat is no longer allowed")
 
 
 async def test_allowed_chats_in_config_work_for_everyone(fast_telegram, fake_llm, parley) -> None:
@@ -77,7 +77,7 @@ async def test_allow_everyone_lets_strangers_in_but_not_blocked_users(fast_teleg
     s = await start(parley, fast_telegram, fake_llm, access={"allow_everyone": True})
     stranger = s.user(77, "Stranger")
     assert await s.turn(s.private(stranger), stranger, "hi") == "You said: hi"
-    assert (await s.ask(s.owner_chat(), s.owner, "/deny 77")) == "🚫 telegram:77 may no longer use the bot."
+    assert (await s.ask(s.owner_chat(), s.owner, "/deny 77")) == "🚫 Stranger (telegram:77) may no longer use the bot."
     requests = len(fake_llm.requests)
     s.say(s.private(stranger), stranger, "hi again")
     s.say(s.private(stranger), stranger, "/help")
@@ -115,7 +115,7 @@ async def test_allow_by_id_by_username_and_by_reply(fast_telegram, fake_llm, par
     answer = await s.ask(owner_chat, s.owner, "/allow @nell_72")
     assert answer.startswith("I don't know @nell_72 yet") and "\n" not in answer
     assert (await s.ask(s.private(by_name), by_name, "let me in")).startswith(ACCESS_REPLY_START)
-    assert await s.ask(owner_chat, s.owner, "/allow @nell_72") == "✅ telegram:72 may now use the bot."
+    assert await s.ask(owner_chat, s.owner, "/allow @nell_72") == "✅ @Nell_72 (telegram:72) may now use the bot."
     assert await s.turn(s.private(by_name), by_name, "thanks") == "You said: thanks"
     # By replying to their message in a group.
     group = fast_telegram.supergroup("Team")
@@ -123,7 +123,7 @@ async def test_allow_by_id_by_username_and_by_reply(fast_telegram, fake_llm, par
     await s.barrier()
     (theirs,) = [m for m in fast_telegram.messages(group.id) if not m.from_bot]
     assert s.bot_msgs(group) == []
-    assert await s.ask(group, s.owner, "/allow", reply_to=theirs.message_id) == "✅ telegram:73 may now use the bot."
+    assert await s.ask(group, s.owner, "/allow", reply_to=theirs.message_id) == "✅ Rey (telegram:73) may now use the bot."
     assert await s.turn(group, by_reply, "@parley_bot now?") == "You said: now?"
 
 
@@ -132,11 +132,10 @@ async def test_owner_promotes_and_demotes_admins(fast_telegram, fake_llm, parley
     owner_chat = s.owner_chat()
     ada = s.user(81, "Ada", username="ada")
     ada_chat = s.private(ada)
-    assert await s.ask(owner_chat, s.owner, "/admins") == f"Owners: discord:9001, telegram:{OWNER_TG}\nAdmins: none"
+    owners = f"Owners (set in the configuration):\n  discord:9001\n  @the_owner (telegram:{OWNER_TG})"
+    assert await s.ask(owner_chat, s.owner, "/admins") == f"{owners}\nAdmins: none"
     assert await s.ask(owner_chat, s.owner, "/promote 81") == "⭐ telegram:81 is now an admin."
-    assert await s.ask(owner_chat, s.owner, "/admins") == (
-        f"Owners: discord:9001, telegram:{OWNER_TG}\nAdmins: telegram:81"
-    )
+    assert await s.ask(owner_chat, s.owner, "/admins") == f"{owners}\nAdmins:\n  telegram:81"
     # An admin may now use the bot and run admin commands, but not owner ones.
     assert await s.turn(ada_chat, ada, "hi") == "You said: hi"
     assert await s.ask(ada_chat, ada, "/mode interrupt") == (
@@ -146,10 +145,10 @@ async def test_owner_promotes_and_demotes_admins(fast_telegram, fake_llm, parley
     assert await s.store.role("telegram:82") is None
     # Demoted: still allowed as a user, no admin powers.
     assert await s.ask(owner_chat, s.owner, "/demote 81") == (
-        "telegram:81 is no longer an admin (still allowed as a user)."
+        "@ada (telegram:81) is no longer an admin (still allowed as a user)."
     )
     assert await s.ask(ada_chat, ada, "/mode queue") == "⛔ /mode is for admins only."
-    assert await s.ask(owner_chat, s.owner, "/admins") == f"Owners: discord:9001, telegram:{OWNER_TG}\nAdmins: none"
+    assert await s.ask(owner_chat, s.owner, "/admins") == f"{owners}\nAdmins: none"
     # Owners come from the configuration only.
     assert await s.ask(owner_chat, s.owner, f"/demote {OWNER_TG}") == (
         "⛔ Owners are set in the configuration and cannot be demoted from chat."

@@ -34,7 +34,7 @@ async def test_an_admin_cannot_lift_a_budget_the_owner_set_on_them(fast_telegram
     # Nor through another admin: the owner's decision outranks them too.
     other = s.user(OTHER_ADMIN)
     assert await s.ask(s.private(other), other, f"/budget {ADMIN} off") == (
-        f"⛔ telegram:{ADMIN} is an admin like you; only an owner can change their budget."
+        f"⛔ User{ADMIN} (telegram:{ADMIN}) is an admin like you; only an owner can change their budget."
     )
     assert s.state() == before
     assert await s.store.budget(f"telegram:{ADMIN}") == 100
@@ -92,12 +92,33 @@ async def test_promote_and_demote_never_lift_a_block(fast_telegram, fake_llm, pa
     s = await ladder(parley, fast_telegram, fake_llm)
     assert (await s.ask(s.owner_chat(), s.owner, f"/deny {USER}")).startswith("🚫")
     assert await s.ask(s.owner_chat(), s.owner, f"/promote {USER}") == (
-        f"telegram:{USER} is blocked. Send /allow telegram:{USER} first, then /promote."
+        f"telegram:{USER} is blocked.\nSend /allow telegram:{USER} first, then /promote."
     )
     assert await s.ask(s.owner_chat(), s.owner, f"/demote {USER}") == (
         f"telegram:{USER} is blocked, not an admin (/allow lifts the block)."
     )
     assert await s.store.role(f"telegram:{USER}") == "blocked"
+
+
+async def test_other_commands_on_a_blocked_user_say_so_and_keep_the_block(fast_telegram, fake_llm, parley) -> None:
+    """Issue 13.5: a budget, a second /deny, /budget's view -- each says the user is blocked,
+    none lifts the block; only /allow does, and says it did."""
+    s = await ladder(parley, fast_telegram, fake_llm)
+    owner = s.owner_chat()
+    assert (await s.ask(owner, s.owner, f"/deny {USER}")).startswith("🚫")
+    assert await s.ask(owner, s.owner, f"/budget {USER} 100") == (
+        f"telegram:{USER} may now use 100 tokens per day.\nThey stay blocked until /allow lifts the block."
+    )
+    assert await s.ask(owner, s.owner, f"/budget {USER}") == (
+        f"Budget of telegram:{USER}: 100 tokens per day\nUsed today: 0 tokens\n⛔ Blocked: /allow lifts the block."
+    )
+    assert await s.ask(owner, s.owner, f"/deny {USER}") == f"telegram:{USER} is blocked already."
+    assert await s.store.role(f"telegram:{USER}") == "blocked"
+    assert await s.ask(owner, s.owner, f"/allow {USER}") == (
+        f"✅ telegram:{USER} is no longer blocked and may use the bot."
+    )
+    assert await s.store.role(f"telegram:{USER}") == "user"
+    assert await s.ask(owner, s.owner, f"/allow {USER}") == f"telegram:{USER} may use the bot already."
 
 
 BAD_IDS = [
@@ -228,7 +249,7 @@ async def test_in_a_group_a_member_stops_only_their_own_reply(fast_telegram, fak
     assert len(fake_llm.requests) == 1, "Bob's dropped message never reached the model"
     # An admin may let everyone do it.
     assert await s.ask(group, s.owner, "/control everyone") == (
-        "Everyone here may now stop any reply and start a new conversation for the group."
+        "Everyone here may now stop any reply and reset the group's conversation."
     )
     assert await s.ask(group, bob, "/new") == "🆕 Started a new conversation."
     assert await s.ask(group, bob, "/control admins") == "⛔ /control is for admins only."

@@ -621,6 +621,40 @@ async def test_usage_is_grouped_by_model_and_filtered(clocked_store: Store, cloc
     assert await store.tokens_used("telegram:3", today) == 0
 
 
+async def test_usage_rows_say_how_many_tokens_were_estimated(store: Store) -> None:
+    """A turn cut off before the provider reported usage is booked with an estimate (issue 13.4)."""
+    since = datetime.now(UTC) - timedelta(minutes=1)
+    common = {"user_key": "telegram:1", "chat_key": "telegram:1", "model": "m", "reasoning_tokens": 0, "cost": None}
+    await store.add_usage(**common, prompt_tokens=100, completion_tokens=20)  # reported
+    await store.add_usage(**common, prompt_tokens=30, completion_tokens=5, estimated_tokens=35)  # cut off
+    assert await store.usage(since=since) == [UsageRow("m", 130, 25, 0, None, 2, estimated=35)]
+    assert await store.tokens_used("telegram:1", since) == 155, "estimates count against budgets too"
+    with pytest.raises(ValueError):
+        await store.add_usage(**common, prompt_tokens=1, completion_tokens=1, estimated_tokens=3)
+
+
+async def test_usage_booked_before_migration_0005_counts_as_reported(store_url: str) -> None:
+    await asyncio.to_thread(command.upgrade, migrations.alembic_config(store_url), "0004")
+    engine = create_engine(store_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO usage (created_at, user_key, chat_key, model, prompt_tokens, completion_tokens,"
+                    " reasoning_tokens, cost) VALUES (:at, 'telegram:1', 'telegram:1', 'm', 7, 3, 0, NULL)"
+                ),
+                {"at": datetime.now(UTC)},
+            )
+    finally:
+        await engine.dispose()
+    store = await Store.open(store_url)
+    try:
+        rows = await store.usage(since=datetime.now(UTC) - timedelta(hours=1))
+        assert rows == [UsageRow("m", 7, 3, 0, None, 1, estimated=0)]
+    finally:
+        await store.close()
+
+
 async def test_usage_rejects_naive_times_and_negative_tokens(store: Store) -> None:
     with pytest.raises(ValueError):
         await store.usage(since=datetime(2026, 1, 1))
