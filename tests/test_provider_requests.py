@@ -112,7 +112,10 @@ async def test_a_hung_provider_is_asked_once_per_request_kind_and_never_twice_at
             await agent.run_turn([], "anyone there?", RecordingEvents())
     await all_answered(fake_llm)
     assert len(fake_llm.requests) <= 1 + max_retries
-    assert [(r.stream, r.sdk_retry) for r in fake_llm.requests] == [(True, 0), (False, 0)]
+    # On a loaded machine parley's 0.5 s clock may cut the stream before its request has
+    # reached the fake at all; what must never happen is a retry or a second request of a
+    # kind. The client side (`seen`, below) saw both leave, in this order.
+    assert [(r.stream, r.sdk_retry) for r in fake_llm.requests] in ([(True, 0), (False, 0)], [(False, 0)])
     assert fake_llm.max_in_flight == {PATHS["chat_completions"]: 1}
     assert all(r.disconnected for r in fake_llm.requests)  # each one abandoned, and closed
     assert seen.log == [("stream", "first"), ("request", "fallback")]
