@@ -28,6 +28,7 @@ from rich.text import Text
 
 from bots.health import PlatformHealth
 from bots.inbound import Inbound
+from bots.media import Attachment, MediaUnavailable
 from bots.outbox import ChatRef, MessageRef, PlatformLimits
 from bots.pacing import Budget, Pacing, PacingPolicy
 
@@ -140,6 +141,11 @@ class ConsoleConnector:
     async def stop(self) -> None:
         self._connected = False
         self.outbox.close_live()
+
+    async def download(self, attachment: Attachment, *, max_bytes: int, timeout: float) -> bytes:
+        """Never works: a terminal sends lines of text, so the console reports no attachments
+        (a message recovered from another platform's inbox is not the console's to fetch)."""
+        raise MediaUnavailable("the console cannot fetch files")
 
     async def run(self, gateway: "Gateway") -> None:
         """The read-eval-print loop; returns at end of input (Ctrl-D) or on /quit."""

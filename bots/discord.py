@@ -18,6 +18,10 @@ unknown outcome, so a retried send never posts a message twice. Only people's me
 are read: the bot's own messages (echoed back by the Gateway), other bots, webhooks
 and system messages never reach the gateway. `bots.discord_endpoints` points
 discord.py at the configured REST base and Gateway URL (proxies, the test fake).
+
+Media: a message's attachments (and stickers) reach the gateway as `Attachment`s whose
+`ref` is the attachment's signed CDN URL (see `message_attachments`); `download` fetches
+it through discord.py's HTTP client, bounded in bytes and time, in memory only.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ from bots.errors import (
 )
 from bots.health import PlatformHealth
 from bots.inbound import GroupTrigger, Inbound
+from bots.media import Attachment, MediaUnavailable
+from bots.media_kinds import bare_mime, classify, too_large
 from bots.orphans import send_key, without_key
 from bots.outbox import ChatRef, MessageRef, PlatformLimits
 from bots.pacing import Budget, Pacing, PacingPolicy
@@ -74,6 +80,7 @@ _INTERACTION = "interaction:"
 _INTERACTION_TTL = 15 * 60  # interaction tokens stay valid 15 minutes
 _THINKING, _PRIVATE, _PUBLIC = "thinking", "private", "public"  # what an interaction's @original is now
 _NONCE_TTL = 120.0  # Discord de-duplicates an enforced nonce for "a few minutes"
+_DOWNLOAD_ATTEMPTS = 2  # a network failure or 5xx from the CDN is retried once, within the time limit
 
 
 def translate_error(exc: BaseException) -> OutboxError:
@@ -598,7 +605,56 @@ class DiscordConnector:
             reply_to_bot=reply_to_bot,
             reply_to_user_id=reply_user,
             reply_to_username=reply_name,
+            attachments=message_attachments(message),
         )
+
+    # ---- media ---------------------------------------------------------------------------
+
+    async def download(self, attachment: Attachment, *, max_bytes: int, timeout: float) -> bytes:
+        """The bytes of a file a person attached (`attachment.ref` is its CDN URL).
+
+        Fetched through discord.py's own HTTP client (`HTTPClient.get_from_cdn`, what
+        `discord.Attachment.read()` uses, so a configured proxy applies). The size
+        Discord reported is checked before fetching; discord.py reads the body whole,
+        so its length is checked again after (Discord's CDN serves what it declared).
+        A network failure or 5xx is retried once; everything must finish within
+        `timeout` seconds.
+
+        Discord's attachment URLs are signed and expire (about a day after they were
+        issued). parley stores the URL it received with the message, so a message
+        answered after a restart uses that stored URL as is: while it is valid the file
+        downloads, once it expired (or the message was deleted) this raises
+        `MediaUnavailable` -- parley does not look the message up again for a fresh URL.
+        """
+        if not attachment.ref:
+            raise MediaUnavailable(f"a {attachment.what or 'message part'} has no file to fetch")
+        if attachment.size is not None and attachment.size > max_bytes:
+            raise too_large(attachment.size, max_bytes)
+        if self.client.is_closed() or self.client.user is None:
+            raise MediaUnavailable("parley is not connected to Discord")
+        try:
+            async with asyncio.timeout(timeout):
+                for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
+                    try:
+                        data = await self.client.http.get_from_cdn(attachment.ref)
+                        break
+                    except (discord.NotFound, discord.Forbidden):
+                        raise MediaUnavailable(
+                            "Discord no longer serves this file (its link expired or the message was deleted)"
+                        ) from None
+                    except discord.HTTPException as exc:
+                        if exc.status < 500 or attempt == _DOWNLOAD_ATTEMPTS:
+                            raise MediaUnavailable(f"Discord's file server answered {exc.status}") from None
+                        log.info("discord: fetching a file failed (%s); trying once more", exc.status)
+                    except (aiohttp.ClientError, OSError) as exc:
+                        if attempt == _DOWNLOAD_ATTEMPTS:
+                            raise MediaUnavailable("could not reach Discord's file server") from None
+                        log.info("discord: fetching a file failed (%s); trying once more", type(exc).__name__)
+        except TimeoutError:
+            raise MediaUnavailable(f"Discord did not deliver the file within {timeout:g}s") from None
+        if len(data) > max_bytes:
+            raise too_large(len(data), max_bytes)
+        return data
 
     def _slash_command(self, command: Command) -> app_commands.Command:
         async def callback(interaction: discord.Interaction, **options: Optional[str]) -> None:
@@ -655,6 +711,29 @@ class DiscordConnector:
                 expects_answer=True,
             )
         )
+
+
+def message_attachments(message: discord.Message) -> tuple[Attachment, ...]:
+    """A Discord message's files and stickers as parley attachments.
+
+    Kind by content type, or by file name when Discord gives none (`bots.media_kinds`);
+    a voice message (flag IS_VOICE_MESSAGE: `duration_secs` and `waveform` set) is
+    "audio" with its duration; a sticker is "other"/"sticker". `ref` is the URL to
+    fetch, `unique_id` the attachment's (or sticker's) id.
+    """
+    found: list[Attachment] = []
+    for item in message.attachments:
+        if item.is_voice_message() or message.flags.voice:
+            mime = bare_mime(item.content_type) or "audio/ogg"
+            found.append(Attachment("audio", item.url, mime=mime, size=item.size, name=item.filename,
+                                    duration=item.duration, unique_id=str(item.id)))
+            continue
+        kind, what, mime = classify(item.content_type, item.filename)
+        found.append(Attachment(kind, item.url, mime=mime, size=item.size, name=item.filename, what=what,
+                                duration=item.duration, unique_id=str(item.id)))
+    for sticker in message.stickers:
+        found.append(Attachment("other", sticker.url, what="sticker", unique_id=str(sticker.id)))
+    return tuple(found)
 
 
 def describe_gateway_end(exc: BaseException | None) -> str:

@@ -393,6 +393,13 @@ class Gateway:
     async def _route(self, inbound: Inbound) -> None:
         await self._note_user(inbound)
         self._maybe_prune()
+        if inbound.edit_of is not None:
+            # An edited message (Telegram's edited_message). Edits do not restart turns
+            # yet (issue 14: "an edit of the user's last message while its reply is still
+            # streaming restarts the turn"); until then an edit starts nothing -- without
+            # this it would be answered as if it were a new message.
+            self._settle(inbound, "ignored")
+            return
         role = await self.access.role(inbound)
         if role == Role.BLOCKED:
             if inbound.expects_answer:  # a slash command: Discord shows an error unless answered

@@ -11,6 +11,12 @@ to Telegram only after parley stored it: the next getUpdates offset, or the webh
 200, comes after `Gateway.receive` returned. Transient failures are retried forever with
 capped back-off and reported to `self.health`; a revoked token is reported as fatal. The
 API base is configurable (`telegram.api_base`) for local Bot API servers.
+
+Media: photos, files, voice notes, stickers... arrive as `Attachment`s holding the
+Telegram `file_id` (see `message_attachments`); the caption is the message's text.
+`download` fetches the bytes later, when the turn runs: getFile through PTB, then the
+file's URL (which carries the bot token: it never reaches a log line or an error
+message), bounded in bytes and time, in memory only.
 """
 
 from __future__ import annotations
@@ -21,11 +27,13 @@ import json
 import logging
 import re
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from aiohttp import web
 from telegram import (
     Bot,
@@ -35,6 +43,7 @@ from telegram import (
     LinkPreviewOptions,
     Message,
     MessageEntity,
+    PhotoSize,
     ReplyParameters,
     Update,
 )
@@ -68,6 +77,8 @@ from bots.errors import (
 )
 from bots.health import WARN_EVERY, PlatformHealth
 from bots.inbound import GroupTrigger, Inbound
+from bots.media import Attachment, MediaTooLarge, MediaUnavailable
+from bots.media_kinds import classify, megabytes, too_large
 from bots.orphans import SendLedger
 from bots.outbox import ChatRef, MessageRef, PlatformLimits
 from bots.pacing import Budget, Pacing, PacingPolicy
@@ -210,8 +221,17 @@ class WebhookOptions:
     secret_token: str | None = None
 
 
-ALLOWED_UPDATES = ["message"]
-"""The only update type parley reads: Telegram then drops other kinds instead of delivering them."""
+ALLOWED_UPDATES = ["message", "edited_message"]
+"""The update types parley reads: Telegram then drops other kinds instead of delivering them.
+An edited message becomes an `Inbound` with `edit_of` set (what the gateway does with it
+is the gateway's business)."""
+
+DOWNLOAD_LIMIT = 20 * 1024 * 1024
+"""Telegram's cap on what a bot can download ("files of up to 20MB in size", Bot API getFile);
+a larger file is refused by getFile ("file is too big"). A local Bot API server allows more."""
+
+_ALBUMS_REMEMBERED = 256
+_DOWNLOAD_ATTEMPTS = 2  # a network failure is retried once, within the download's time limit
 
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 
@@ -260,7 +280,10 @@ class TelegramConnector:
         poll_timeout: int = 10,
         backoff: Backoff = PLATFORM_BACKOFF,
         store_backoff: Backoff = STORE_BACKOFF,
+        max_photo_bytes: int = DOWNLOAD_LIMIT,
     ) -> None:
+        """`max_photo_bytes`: of the sizes Telegram offers for a photo, the largest one
+        within this many bytes is the one reported (and later downloaded)."""
         base = api_base.rstrip("/")
         # Calls to chats and the long poll use separate connection pools (as PTB's
         # Application does), so a waiting getUpdates never holds up a reply.
@@ -286,6 +309,9 @@ class TelegramConnector:
         self._running = False
         self._bot_id: int | None = None
         self._username = ""
+        self._max_photo_bytes = max_photo_bytes
+        self._addressed_albums: OrderedDict[tuple[str, str], None] = OrderedDict()  # (chat key, media group)
+        self._files: httpx.AsyncClient | None = None  # downloads, opened on first use
         # Receiving state.
         self._stopping = asyncio.Event()
         self._poller: asyncio.Task[None] | None = None
@@ -338,6 +364,9 @@ class TelegramConnector:
         await self.stop_receiving()
         self._running = False
         self._gateway = None
+        files, self._files = self._files, None
+        if files is not None:
+            await files.aclose()
         await self._bot.shutdown()
 
     async def _register_commands(self, commands: list[Command]) -> None:
@@ -437,7 +466,7 @@ class TelegramConnector:
             return False
         inbounds = self._inbounds(updates)
         if not inbounds:
-            return True  # nothing for parley in it (e.g. no text): acknowledged as read
+            return True  # nothing for parley in it (e.g. service messages): acknowledged as read
         delays = self._store_backoff.delays()
         warned_at: float | None = None
         while True:
@@ -557,24 +586,45 @@ class TelegramConnector:
     # ---- incoming ------------------------------------------------------------------------
 
     def to_inbound(self, update: Update) -> Inbound | None:
-        """A Telegram update as a platform-neutral message (None: not for the gateway)."""
-        msg = update.message
-        if msg is None or msg.text is None or msg.from_user is None or msg.from_user.is_bot:
+        """A Telegram update as a platform-neutral message (None: not for the gateway).
+
+        A message with media (photo, file, voice note, sticker, location...) carries it
+        as `attachments`, its caption as `text`. A caption is never a command: as in
+        python-telegram-bot's `CommandHandler` (which reads `text` only) and in
+        Telegram's apps (whose command menu sends text), "/summarize" under a photo is
+        words for the model, not a command -- though `/cmd@this_bot` in a caption still
+        counts as addressing the bot in a group. An edited message (`edited_message`)
+        comes back with `edit_of` set to its own message id.
+        """
+        msg, edit_of = update.message, None
+        if msg is None and update.edited_message is not None:
+            msg = update.edited_message
+            edit_of = str(msg.message_id)
+        if msg is None or msg.from_user is None or msg.from_user.is_bot:
             return None
+        attachments = message_attachments(msg, max_photo_bytes=self._max_photo_bytes)
+        if msg.text is not None:
+            text, entities, parse, commands = msg.text, msg.entities, msg.parse_entity, True
+        elif msg.caption is not None or attachments:
+            text, entities, parse, commands = msg.caption or "", msg.caption_entities, msg.parse_caption_entity, False
+        else:
+            return None  # a service message (someone joined, a pin...): nothing a person said
         chat = msg.chat
         thread = str(msg.message_thread_id) if msg.is_topic_message and msg.message_thread_id else None
         ref = ChatRef("telegram", str(chat.id), thread_id=thread, is_private=chat.type == "private")
-        text = msg.text
         command, args = None, ""
         mentions = False
-        for entity in msg.entities:
-            fragment = msg.parse_entity(entity)
+        for entity in entities:
+            fragment = parse(entity)
             if entity.type == MessageEntity.BOT_COMMAND and entity.offset == 0:
                 name, _, target = fragment[1:].partition("@")
                 if target and target.lower() != self._username.lower():
-                    return None  # a command for another bot in this group
-                command = name.lower()
-                args = text[entity.offset + entity.length :].strip()
+                    if commands:
+                        return None  # a command for another bot in this group
+                    continue
+                if commands:
+                    command = name.lower()
+                    args = text[entity.offset + entity.length :].strip()
                 mentions = mentions or bool(target)
             elif entity.type == MessageEntity.MENTION and fragment[1:].lower() == self._username.lower():
                 mentions = True
@@ -590,6 +640,11 @@ class TelegramConnector:
                 reply_to_bot = replied.from_user.id == self._bot_id
                 reply_user = str(replied.from_user.id)
                 reply_name = replied.from_user.username
+        listening = not ref.is_private and self._trigger.listens(ref.chat_id)
+        if msg.media_group_id and edit_of is None and not ref.is_private and not listening:
+            addressed = mentions or reply_to_bot
+            if self._album_addressed(ref.key, msg.media_group_id, addressed) and not addressed:
+                mentions = True  # an album is one message: its later items follow the captioned first one
         user = msg.from_user
         return Inbound(
             chat=ref,
@@ -602,11 +657,196 @@ class TelegramConnector:
             command=command,
             args=args,
             mentions_bot=mentions,
-            listening=not ref.is_private and self._trigger.listens(ref.chat_id),
+            listening=listening,
             reply_to_bot=reply_to_bot,
             reply_to_user_id=reply_user,
             reply_to_username=reply_name,
+            attachments=attachments,
+            media_group_id=msg.media_group_id,
+            edit_of=edit_of,
         )
+
+    def _album_addressed(self, chat_key: str, group: str, addressed: bool) -> bool:
+        """Whether an album item in a group is for the bot.
+
+        An album is one message to the person who sent it, but only its first item
+        carries the caption that mentions the bot; the gateway would not even store the
+        others. Telegram delivers an album's items one after the other, so an item
+        whose album was addressed earlier is addressed too (the last few hundred albums
+        are remembered).
+        """
+        key = (chat_key, group)
+        if addressed:
+            self._addressed_albums[key] = None
+            self._addressed_albums.move_to_end(key)
+            while len(self._addressed_albums) > _ALBUMS_REMEMBERED:
+                self._addressed_albums.popitem(last=False)
+            return True
+        return key in self._addressed_albums
+
+    # ---- media ---------------------------------------------------------------------------
+
+    async def download(self, attachment: Attachment, *, max_bytes: int, timeout: float) -> bytes:
+        """The bytes of a file a person sent (`attachment.ref` is its `file_id`).
+
+        getFile through PTB (which honours `telegram.api_base`), then a streamed GET of
+        the file URL it returns, kept in memory. `max_bytes` is checked before anything
+        is fetched (the size in the message, then the size getFile reports) and while
+        reading (a server may send more than it said). A file_id stays valid across
+        restarts, so a message answered after one still downloads. Network failures are
+        retried once; everything must finish within `timeout` seconds.
+
+        Raises `MediaTooLarge` (over `max_bytes`, or over Telegram's 20 MB for bots) or
+        `MediaUnavailable` (gone, unreachable, too slow); their messages are short, say
+        what happened, and never contain the file URL (it carries the bot token).
+        """
+        if not attachment.ref:
+            raise MediaUnavailable(f"a {attachment.what or 'message part'} has no file to fetch")
+        if attachment.size is not None and attachment.size > max_bytes:
+            raise too_large(attachment.size, max_bytes)
+        if not self._running:
+            raise MediaUnavailable("parley is not connected to Telegram")
+        try:
+            async with asyncio.timeout(timeout):
+                for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
+                    try:
+                        return await self._download_once(attachment.ref, max_bytes)
+                    except _RetryableDownload as exc:
+                        if attempt == _DOWNLOAD_ATTEMPTS:
+                            raise MediaUnavailable(str(exc)) from None
+                        log.info("telegram: fetching a file failed (%s); trying once more", exc)
+        except TimeoutError:
+            raise MediaUnavailable(f"Telegram did not deliver the file within {timeout:g}s") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _download_once(self, file_id: str, max_bytes: int) -> bytes:
+        try:
+            file = await self._bot.get_file(file_id)
+        except BadRequest as exc:
+            reason = exc.message.lower()
+            if "too big" in reason:
+                raise MediaTooLarge(
+                    f"the file is larger than the {megabytes(DOWNLOAD_LIMIT)} Telegram lets bots download"
+                ) from None
+            if "file_id" in reason or "unavailable" in reason:
+                raise MediaUnavailable("Telegram no longer has this file") from None
+            raise MediaUnavailable(f"Telegram refused the file ({exc.message})") from None
+        except RetryAfter:
+            raise _RetryableDownload("Telegram asked the bot to slow down") from None
+        except (TimedOut, NetworkError):  # NetworkError includes 5xx answers
+            raise _RetryableDownload("could not reach Telegram") from None
+        except TelegramError as exc:
+            raise MediaUnavailable(f"Telegram refused the file ({type(exc).__name__})") from None
+        if file.file_size is not None and file.file_size > max_bytes:
+            raise too_large(file.file_size, max_bytes)
+        if not file.file_path:
+            raise MediaUnavailable("Telegram gave no way to fetch the file")
+        return await self._read_file(file.file_path, max_bytes)
+
+    async def _read_file(self, url: str, max_bytes: int) -> bytes:
+        """GET the file URL, stopping as soon as it exceeds `max_bytes` (nothing is written to disk)."""
+        if self._files is None:
+            # PTB's own HTTP library; no timeout of its own: `download` bounds the whole fetch.
+            self._files = httpx.AsyncClient(timeout=None, follow_redirects=False)
+        try:
+            async with self._files.stream("GET", url) as response:
+                if response.status_code == 404:
+                    raise MediaUnavailable("Telegram no longer has this file")
+                if response.status_code >= 500 or response.status_code == 429:
+                    raise _RetryableDownload(f"Telegram's file server answered {response.status_code}")
+                if response.status_code != 200:
+                    raise MediaUnavailable(f"Telegram's file server answered {response.status_code}")
+                declared = response.headers.get("content-length")
+                if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                    raise too_large(int(declared), max_bytes)
+                data = bytearray()
+                async for chunk in response.aiter_bytes():
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise too_large(None, max_bytes)
+                return bytes(data)
+        except httpx.HTTPError as exc:  # never str(exc): httpx may name the URL, and the URL holds the token
+            raise _RetryableDownload(f"could not fetch the file from Telegram ({type(exc).__name__})") from None
+
+
+class _RetryableDownload(Exception):
+    """A download failure worth one more try (network, 5xx, flood control); the text is for people."""
+
+
+def _seconds(media: Any) -> float | None:
+    """A PTB media object's `duration` in seconds (PTB 22 warns that it will become a timedelta)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        value = getattr(media, "duration", None)
+    if value is None:
+        return None
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def _best_photo(sizes: Sequence[PhotoSize], max_bytes: int) -> PhotoSize:
+    """The largest size within `max_bytes` (or the smallest, when none is)."""
+    fitting = [p for p in sizes if p.file_size is None or p.file_size <= max_bytes]
+    if not fitting:
+        return min(sizes, key=lambda p: p.width * p.height)
+    return max(fitting, key=lambda p: (p.width * p.height, p.file_size or 0))
+
+
+# Message contents that are no file: one line tells the person what parley can read.
+_NOT_FILES = (
+    ("location", "location"), ("venue", "place"), ("contact", "contact"), ("poll", "poll"), ("dice", "dice roll"),
+    ("game", "game"), ("story", "story"), ("invoice", "invoice"), ("paid_media", "paid media"),
+)  # fmt: skip
+
+
+def message_attachments(msg: Message, *, max_photo_bytes: int = DOWNLOAD_LIMIT) -> tuple[Attachment, ...]:
+    """What a Telegram message carries besides text, as parley attachments (kind by content).
+
+    photo → "image" (the largest size within `max_photo_bytes`, JPEG); a document →
+    "image", "audio", "document" or "other" by its MIME type or name (`bots.media_kinds`);
+    voice, audio and video notes → "audio" with their duration; stickers, videos, GIFs →
+    "other" naming what it is; a location, poll, contact... → "other" with no file (an
+    empty `ref`), so the person hears what parley can read instead of silence.
+    """
+    if msg.photo:
+        photo = _best_photo(msg.photo, max_photo_bytes)
+        return (Attachment("image", photo.file_id, mime="image/jpeg", size=photo.file_size,
+                           unique_id=photo.file_unique_id),)
+    if msg.sticker is not None:
+        sticker = msg.sticker
+        mime = "video/webm" if sticker.is_video else "application/x-tgsticker" if sticker.is_animated else "image/webp"
+        return (Attachment("other", sticker.file_id, mime=mime, size=sticker.file_size, what="sticker",
+                           unique_id=sticker.file_unique_id),)
+    if msg.animation is not None:  # before `document`: an animation carries both
+        animation = msg.animation
+        return (Attachment("other", animation.file_id, mime=animation.mime_type, size=animation.file_size,
+                           name=animation.file_name, what="animation", duration=_seconds(animation),
+                           unique_id=animation.file_unique_id),)
+    if msg.voice is not None:
+        voice = msg.voice
+        return (Attachment("audio", voice.file_id, mime=voice.mime_type or "audio/ogg", size=voice.file_size,
+                           duration=_seconds(voice), unique_id=voice.file_unique_id),)
+    if msg.audio is not None:
+        audio = msg.audio
+        _, _, mime = classify(audio.mime_type, audio.file_name)
+        return (Attachment("audio", audio.file_id, mime=mime, size=audio.file_size, name=audio.file_name,
+                           duration=_seconds(audio), unique_id=audio.file_unique_id),)
+    if msg.video_note is not None:
+        note = msg.video_note
+        return (Attachment("audio", note.file_id, mime="video/mp4", size=note.file_size, duration=_seconds(note),
+                           what="video note", unique_id=note.file_unique_id),)
+    if msg.video is not None:
+        video = msg.video
+        return (Attachment("other", video.file_id, mime=video.mime_type, size=video.file_size, name=video.file_name,
+                           what="video", duration=_seconds(video), unique_id=video.file_unique_id),)
+    if msg.document is not None:
+        document = msg.document
+        kind, what, mime = classify(document.mime_type, document.file_name)
+        return (Attachment(kind, document.file_id, mime=mime, size=document.file_size, name=document.file_name,
+                           what=what, unique_id=document.file_unique_id),)
+    for field_name, what in _NOT_FILES:
+        if getattr(msg, field_name, None):
+            return (Attachment("other", "", what=what),)
+    return ()
 
 
 def describe_poll_error(exc: BaseException) -> str:

@@ -20,6 +20,7 @@ from bots.access import Access, AccessPolicy, Role
 from bots.commands import Command, CommandRegistry, builtin_commands
 from bots.gateway import ChatDefaults, Gateway
 from bots.inbound import Inbound
+from bots.media import Attachment, MediaUnavailable
 from bots.outbox import ChatRef
 from bots.pacing import Budget, Pacing, PacingPolicy
 from bots.store import Store, StoreError
@@ -54,6 +55,9 @@ class MemoryConnector:
 
     async def stop(self) -> None:
         pass
+
+    async def download(self, attachment: Attachment, *, max_bytes: int, timeout: float) -> bytes:
+        raise MediaUnavailable("the in-memory platform keeps no files")
 
 
 class GatedStore(Store):
@@ -278,3 +282,26 @@ def test_friendly_error_spots_a_context_overflow() -> None:
 
     line = friendly_error(ProviderBadRequest("This model's maximum context length is 8192 tokens"))
     assert "/new" in line
+
+
+async def test_an_edited_message_starts_no_turn_until_edits_are_handled(stack: Any, fake_llm: FakeLLM) -> None:
+    gateway, connector, store = stack
+    await gateway.handle(message("helo"))
+    await gateway.settle(CHAT.key)
+    edit = Inbound(CHAT, "1", "hello", message_id="1", update_id="edit-1", edit_of="1")
+    await gateway.handle(edit)
+    await gateway.settle(CHAT.key)
+    assert connector.texts() == ["You said: helo"]
+    assert len(fake_llm.requests) == 1
+    assert await store.unfinished_messages() == [], "the edit is settled (ignored), not left waiting"
+
+
+async def test_the_console_reports_no_attachments_and_fetches_none() -> None:
+    import io
+
+    from bots.console import ConsoleConnector
+
+    console = ConsoleConnector(stdin=io.StringIO(""))
+    assert console.to_inbound("a line").attachments == ()
+    with pytest.raises(MediaUnavailable):
+        await console.download(Attachment("image", "anything"), max_bytes=1000, timeout=1)

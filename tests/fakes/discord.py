@@ -25,8 +25,21 @@ What a test gets:
   every 20 ms, for predicates over a bot's own state); `await wait_ready()` returns once
   a connected bot got READY and its GUILD_CREATEs.
 
+* **Files people attach**: `user_says(..., attachments=[Upload(data, "a.pdf")])`,
+  `user_sends_voice()` (a voice message: flag IS_VOICE_MESSAGE, `duration_secs`,
+  `waveform`) and `user_sends_sticker()`. Attachment URLs are signed CDN URLs on the
+  fake itself (`/attachments/{channel}/{attachment}/{name}?ex=..&is=..&hm=..&`, the
+  shape of Discord's [dc-doc reference.mdx "Signed Attachment CDN URLs"]), served by
+  `GET` so `Attachment.read()` / `HTTPClient.get_from_cdn()` work. A URL past its `ex`
+  (`attachment_url_ttl`, 24 h by default [3p: ~24 h widely observed]), with a wrong
+  signature, of a deleted message, or `expire_attachment()`-ed answers 404 with
+  "This content is no longer available." [3p], which discord.py raises as `NotFound`.
+  `cdn_requests` records every fetch; `fail_cdn()` makes the next ones fail,
+  `cdn_latency` holds them (until `release_cdn()`).
+
 Not modelled: TYPING_START dispatches, presences, voice, member add/remove events, the
-CDN (attachment URLs point at the fake but are not served), zstd-stream compression.
+CDN for files the bot uploads (listed on its messages, not served), refreshing expired
+attachment URLs (`POST /attachments/refresh-urls`), zstd-stream compression.
 * **Other processes**: JSON endpoints under `/_fake/` and
   `python -m tests.fakes.discord --port 8082 --latency 0.05`.
 
@@ -39,10 +52,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -77,6 +92,7 @@ __all__ = [
     "Injection",
     "SeenMessage",
     "Intents",
+    "Upload",
     "snowflake_time",
 ]
 
@@ -97,6 +113,8 @@ FOLLOWUP = "POST /webhooks/{application_id}/{interaction_token}"
 # Message flags and channel types used here (dc-doc message.mdx / channel.mdx).
 FLAG_EPHEMERAL = 1 << 6
 FLAG_LOADING = 1 << 7
+FLAG_IS_VOICE_MESSAGE = 1 << 13
+CDN_GONE = "This content is no longer available."
 CH_TEXT, CH_DM, CH_PUBLIC_THREAD = 0, 1, 11
 ALL_PERMISSIONS = str((1 << 51) - 1)
 
@@ -501,6 +519,7 @@ class SeenMessage:
     interaction_id: str | None = None
     webhook_id: str | None = None
     edited_wall: float | None = None
+    sticker_items: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ephemeral(self) -> bool:
@@ -517,6 +536,43 @@ class SeenMessage:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class Upload:
+    """A file a person attaches to a message (`user_says(..., attachments=[...])`).
+
+    `data` None serves `size` filler bytes; `size` given with `data` is what Discord
+    *reports* (to play a CDN that sends more than the message said). `duration_secs`
+    and `waveform` (base64) are set on voice messages only.
+    """
+
+    data: bytes | None
+    filename: str
+    content_type: str | None = None
+    size: int | None = None
+    width: int | None = None
+    height: int | None = None
+    duration_secs: float | None = None
+    waveform: str | None = None
+
+
+@dataclass
+class _CdnFile:
+    attachment_id: str
+    channel_id: str
+    message_id: str | None
+    filename: str
+    content_type: str | None
+    data: bytes | None
+    size: int
+    expires: int  # unix seconds, the `ex` of its URL
+    signature: str
+    available: bool = True
+
+    @property
+    def length(self) -> int:
+        return len(self.data) if self.data is not None else self.size
 
 
 @dataclass
@@ -789,6 +845,13 @@ class FakeDiscord:
         self._commands: dict[str | None, dict[str, dict[str, Any]]] = {}
         self._sessions: dict[str, GatewaySession] = {}
         self._connections: set[_Connection] = set()
+        self._cdn: dict[str, _CdnFile] = {}  # attachment id -> what the CDN serves
+        self._cdn_secret = secrets.token_bytes(16)
+        self.attachment_url_ttl = 24 * 3600.0  # seconds a signed attachment URL stays valid
+        self.cdn_requests: list[tuple[float, str, int]] = []  # (monotonic, attachment id, status)
+        self._cdn_failures: deque[int] = deque()  # statuses the next CDN fetches answer with
+        self.cdn_latency = 0.0  # seconds the CDN holds each answer (on top of `latency`)
+        self._cdn_release = asyncio.Event()  # set: held CDN answers go out now
         self.gateway_log: list[tuple[float, str, Any]] = []  # (monotonic, "op2"/"close 4004"/..., detail)
 
         self.bot_user = FakeUser(self._snowflake(), bot_name, bot=True)
@@ -1105,6 +1168,8 @@ class FakeDiscord:
             "flags": m.flags,
             "components": m.components,
         }
+        if m.sticker_items:
+            data["sticker_items"] = m.sticker_items
         if m.nonce is not None:
             data["nonce"] = m.nonce
         if m.webhook_id:
@@ -1190,7 +1255,8 @@ class FakeDiscord:
         return seen
 
     def user_says(self, channel: Any, user: Any, content: str, *, reply_to: Any = None,
-                  mentions_bot: bool = False, reply_ping: bool = True) -> dict[str, Any]:
+                  mentions_bot: bool = False, reply_ping: bool = True, attachments: Iterable[Upload] = (),
+                  flags: int = 0, sticker_items: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
         """A person posts `content`; MESSAGE_CREATE goes to every connected bot.
 
         `mentions_bot=True` prefixes `<@BOTID>` unless the content already mentions the
@@ -1198,7 +1264,8 @@ class FakeDiscord:
         `referenced_message`, and by default pings the replied-to author (so a reply to
         the bot counts as mentioning it); `reply_ping=False` is a reply with the client's
         "@ mention" toggle turned off: the author is not added to `mentions`. Returns the
-        full Gateway payload (before any MESSAGE_CONTENT stripping).
+        full Gateway payload (before any MESSAGE_CONTENT stripping). `attachments` are
+        files served by the fake's CDN (see `Upload`); `content` may then be empty.
         """
         ch = self._channel(channel)
         u = self._user(user)
@@ -1216,12 +1283,113 @@ class FakeDiscord:
             g = self._guilds[ch.guild_id]
             if u.id not in g.member_ids:
                 g.member_ids.append(u.id)
-        m = self._new_message(ch, u, content, reference=ref_id, mentions=mentions, type=19 if ref_id else 0)
+        m = self._new_message(ch, u, content, reference=ref_id, mentions=mentions, type=19 if ref_id else 0,
+                              flags=flags, sticker_items=[dict(item) for item in sticker_items])
+        m.attachments = [self._cdn_attachment(m, upload) for upload in attachments]
         payload = self._message_payload(m, gateway=True)
         self._user_payloads[m.id] = payload
         self._dispatch_message("MESSAGE_CREATE", m, payload)
         self._changed()
         return payload
+
+    def user_sends_voice(self, channel: Any, user: Any, data: bytes | None = None, *, duration: float = 3.0,
+                         size: int | None = None, waveform: str | None = None) -> dict[str, Any]:
+        """A person records a voice message: no content, the IS_VOICE_MESSAGE flag, one
+        `voice-message.ogg` attachment (audio/ogg) with `duration_secs` and a base64
+        `waveform` [dc-doc message.mdx: message flags, attachment object]."""
+        if waveform is None:
+            waveform = base64.b64encode(bytes((i * 37) % 256 for i in range(64))).decode()
+        upload = Upload(data, "voice-message.ogg", "audio/ogg", size=size, duration_secs=duration, waveform=waveform)
+        return self.user_says(channel, user, "", attachments=[upload], flags=FLAG_IS_VOICE_MESSAGE)
+
+    def user_sends_sticker(self, channel: Any, user: Any, name: str = "Wave", *,
+                           format_type: int = 1) -> dict[str, Any]:
+        """A person sends a sticker: no content, one `sticker_items` entry (format 1 PNG,
+        2 APNG, 3 Lottie, 4 GIF) [dc-doc sticker.mdx]."""
+        item = {"id": self._snowflake(), "name": name, "format_type": format_type}
+        return self.user_says(channel, user, "", sticker_items=[item])
+
+    def _cdn_attachment(self, m: SeenMessage, upload: Upload) -> dict[str, Any]:
+        """Keep `upload` on the CDN; its attachment object, with a signed URL to the fake."""
+        aid = self._snowflake()
+        issued = int(time.time())
+        expires = issued + int(self.attachment_url_ttl)
+        signature = self._sign(m.channel_id, aid, upload.filename, expires, issued)
+        size = upload.size if upload.size is not None else len(upload.data or b"")
+        self._cdn[aid] = _CdnFile(aid, m.channel_id, m.id, upload.filename, upload.content_type, upload.data, size,
+                                  expires, signature)
+        path = f"/attachments/{m.channel_id}/{aid}/{upload.filename}?ex={expires:x}&is={issued:x}&hm={signature}&"
+        data: dict[str, Any] = {"id": aid, "filename": upload.filename, "size": size, "url": self.base_url + path,
+                                "proxy_url": f"{self.base_url}/media{path}", "flags": 0}
+        if upload.content_type is not None:
+            data["content_type"] = upload.content_type
+        if upload.width is not None and upload.height is not None:
+            data["width"], data["height"] = upload.width, upload.height
+        if upload.duration_secs is not None:
+            data["duration_secs"] = upload.duration_secs
+        if upload.waveform is not None:
+            data["waveform"] = upload.waveform
+        return data
+
+    def _sign(self, channel_id: str, attachment_id: str, filename: str, expires: int, issued: int) -> str:
+        message = f"{channel_id}/{attachment_id}/{filename}:{expires:x}:{issued:x}".encode()
+        return hmac.new(self._cdn_secret, message, hashlib.sha256).hexdigest()
+
+    def expire_attachment(self, attachment_id: Any) -> None:
+        """The attachment's signed URL has expired: the CDN answers 404 from now on."""
+        self._cdn[_id(attachment_id)].expires = 0
+
+    def fail_cdn(self, status: int = 502, times: int = 1) -> None:
+        """The next `times` CDN fetches answer `status` (a bad gateway in front of the CDN)."""
+        self._cdn_failures.extend([status] * times)
+
+    def release_cdn(self) -> None:
+        """Answer the CDN fetches being held by `cdn_latency` now, and stop holding new ones."""
+        self.cdn_latency = 0.0
+        self._cdn_release.set()
+        self._cdn_release = asyncio.Event()
+
+    def cdn_file(self, attachment_id: Any) -> _CdnFile:
+        """What the CDN keeps for an attachment (its data, size, availability)."""
+        return self._cdn[_id(attachment_id)]
+
+    async def _serve_cdn(self, request: web.Request) -> web.StreamResponse:
+        """`GET /attachments/{channel}/{attachment}/{filename}` (and `/media/...`, the proxy)."""
+        aid = request.match_info["attachment_id"]
+        file = self._cdn.get(aid)
+        status = 200
+        try:
+            ex, issued = int(request.query.get("ex", ""), 16), int(request.query.get("is", ""), 16)
+        except ValueError:
+            ex = issued = -1
+        if (
+            file is None or not file.available or file.channel_id != request.match_info["channel_id"]
+            or file.filename != request.match_info["filename"] or ex != file.expires or time.time() >= ex
+            or not hmac.compare_digest(request.query.get("hm", ""), self._sign(file.channel_id, aid, file.filename,
+                                                                               ex, issued))
+        ):
+            status = 404
+        if status == 200 and self._cdn_failures:
+            status = self._cdn_failures.popleft()
+        self.cdn_requests.append((time.monotonic(), aid, status))
+        self._changed()
+        if self.latency + self.cdn_latency > 0:
+            release = self._cdn_release
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(release.wait(), self.latency + self.cdn_latency)
+        if status == 404 or file is None:
+            return web.Response(status=404, text=CDN_GONE)
+        if status != 200:
+            return web.Response(status=status, text=f"{status} error")
+        response = web.StreamResponse(headers={"Content-Type": file.content_type or "application/octet-stream"})
+        response.content_length = file.length
+        await response.prepare(request)
+        chunk = 64 * 1024
+        for start in range(0, file.length, chunk):
+            end = min(file.length, start + chunk)
+            await response.write(file.data[start:end] if file.data is not None else bytes(end - start))
+        await response.write_eof()
+        return response
 
     def redeliver(self, message_id: Any) -> dict[str, Any]:
         """Dispatch a person's MESSAGE_CREATE again, same id (to test de-duplication)."""
@@ -1261,6 +1429,9 @@ class FakeDiscord:
     def _delete(self, m: SeenMessage) -> None:
         m.deleted = True
         m.deleted_at = self.clock()
+        for attachment in m.attachments:  # a deleted message's files leave the CDN with it
+            if attachment["id"] in self._cdn:
+                self._cdn[attachment["id"]].available = False
         data: dict[str, Any] = {"id": m.id, "channel_id": m.channel_id}
         if m.guild_id:
             data["guild_id"] = m.guild_id
@@ -1434,7 +1605,7 @@ class FakeDiscord:
         }
 
     def reset(self) -> None:
-        """Forget messages, calls, typing, interactions, injections and limiter state.
+        """Forget messages (and their files), calls, typing, interactions, injections and limiter state.
 
         The world (users, guilds, channels), registered commands and Gateway sessions stay.
         """
@@ -1449,6 +1620,8 @@ class FakeDiscord:
         self._nonces.clear()
         self._interactions.clear()
         self._by_token.clear()
+        self._cdn.clear()
+        self.cdn_requests.clear()
         self._limiter.reset()
         self._changed()
 
@@ -1592,6 +1765,8 @@ class FakeDiscord:
         app.router.add_route("*", API_PREFIX + "/{tail:.*}", self._h_unknown)
 
         app.router.add_get("/gateway", self._gateway)
+        app.router.add_get("/attachments/{channel_id}/{attachment_id}/{filename}", self._serve_cdn)
+        app.router.add_get("/media/attachments/{channel_id}/{attachment_id}/{filename}", self._serve_cdn)
         app.router.add_get("/_fake/world", self._c_world)
         app.router.add_post("/_fake/user_says", self._c_user_says)
         app.router.add_post("/_fake/user_deletes", self._c_user_deletes)

@@ -15,10 +15,24 @@ Pointing PTB at it needs no monkeypatching::
     await fake.start()                      # 127.0.0.1, free port
     bot = telegram.Bot(fake.token, base_url=fake.base_url, base_file_url=fake.base_file_url)
 
-The test plays the user (``user_says``, ``user_edits``, ``user_deletes``, ``user_clicks``)
-and inspects the chat as a person sees it (``messages``, ``bot_texts``,
-``current_draft``) and every API call (``calls``, ``count_429``). ``wait_for`` re-checks
-a predicate on every state change, so tests never sleep and hope.
+The test plays the user (``user_says``, ``user_edits``, ``user_deletes``, ``user_clicks``,
+and for media ``user_sends_photo``, ``user_sends_document``, ``user_sends_voice``,
+``user_sends_audio``, ``user_sends_video_note``, ``user_sends_video``,
+``user_sends_animation``, ``user_sends_sticker``, ``user_sends_album``) and inspects the
+chat as a person sees it (``messages``, ``bot_texts``, ``current_draft``) and every API
+call (``calls``, ``count_429``). ``wait_for`` re-checks a predicate on every state
+change, so tests never sleep and hope.
+
+Files people send are kept as ``FakeFile``s: ``getFile`` answers with ``file_path`` and
+``file_size`` and the bytes are served at ``/file/bot<token>/<file_path>``, streamed.
+Limits follow the Bot API documentation ("bots can download files of up to 20MB in
+size"; the file_path link is valid "for at least 1 hour"; [doc getFile]): ``getFile`` on
+a larger file answers 400 ``Bad Request: file is too big``; a file_id the fake never
+issued answers 400 ``Bad Request: invalid file_id`` when it is not even shaped like one,
+else ``Bad Request: wrong file_id or the file is temporarily unavailable`` -- the
+wording bots meet for expired or foreign ids ([3p]: many bot libraries' tests and logs
+quote these three strings; the reference server's own list is not in the shared notes).
+``expire_file`` makes a file unavailable (getFile as above, downloads 404).
 
 Decisions where Telegram's behaviour is not documented (all overridable):
 
@@ -41,6 +55,12 @@ Decisions where Telegram's behaviour is not documented (all overridable):
   off by default (``busy_loop_guard``) because it only slows PTB's shutdown.
 * A draft disappears when it expires (30 s after its last update) or when the bot
   sends a message into the same chat and thread.
+* Media: a photo comes in three sizes (each its own file), the given bytes being the
+  largest; file ids are shaped like Telegram's (a type prefix plus base64url) and file
+  paths like ``photos/file_3.jpg``; captions carry generated ``caption_entities`` as
+  text does. A media group is several messages with one ``media_group_id``, the
+  caption on the first, queued together (Telegram delivers an album's updates back to
+  back). An animation also carries ``document``, as the Bot API does for compatibility.
 
 Run standalone (benchmarks drive it from another process through ``/_fake/``)::
 
@@ -51,8 +71,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
@@ -75,6 +97,7 @@ __all__ = [
     "DraftRecord",
     "Fault",
     "FakeChat",
+    "FakeFile",
     "FakeTelegram",
     "FakeUser",
     "FloodControl",
@@ -144,6 +167,8 @@ class TelegramLimits:
     count_chat_actions: bool = False
     strict_utf16: bool = False
     max_text_length: int = 4096
+    max_caption_length: int = 1024  # "0-1024 characters after entities parsing" [doc sendPhoto]
+    max_download_size: int = 20 * 1024 * 1024  # "bots can download files of up to 20MB" [doc getFile]
     draft_ttl: float = 30.0
     enabled: bool = True
 
@@ -291,6 +316,8 @@ class SeenMessage:
     deleted_at: float | None = None
     deleted_by: str | None = None
     service: dict[str, Any] | None = None
+    media: dict[str, Any] | None = None  # e.g. {"photo": [...]}: ``text``/``entities`` are then the caption
+    media_group_id: str | None = None
 
     @property
     def edit_count(self) -> int:
@@ -302,6 +329,31 @@ class SeenMessage:
         data = dataclasses.asdict(self)
         data["edits"] = [list(e) for e in self.edits]
         return data
+
+
+@dataclass(eq=False)
+class FakeFile:
+    """A file a person sent, as Telegram keeps it for the bot.
+
+    ``size`` is what Telegram reports (``file_size`` in the message and in getFile);
+    ``data`` is what a download serves -- None serves ``size`` filler bytes without
+    holding them in memory (a 25 MB file costs nothing). A test may make the two differ
+    to play a server that reports less than it sends. ``downloads`` counts the requests
+    for the bytes; ``available`` False plays an expired or deleted file.
+    """
+
+    file_id: str
+    file_unique_id: str
+    file_path: str
+    size: int
+    data: bytes | None = None
+    available: bool = True
+    downloads: int = 0
+
+    @property
+    def length(self) -> int:
+        """How many bytes a download serves."""
+        return len(self.data) if self.data is not None else self.size
 
 
 @dataclass(eq=False)
@@ -565,7 +617,7 @@ class FakeTelegram:
     _METHODS = (
         "getMe", "getUpdates", "setWebhook", "deleteWebhook", "getWebhookInfo", "sendMessage", "editMessageText",
         "deleteMessage", "sendChatAction", "sendMessageDraft", "setMyCommands", "getMyCommands", "deleteMyCommands",
-        "answerCallbackQuery", "getChat", "logOut", "close",
+        "answerCallbackQuery", "getChat", "getFile", "logOut", "close",
     )  # fmt: skip
 
     def __init__(
@@ -629,6 +681,7 @@ class FakeTelegram:
             "deletemycommands": self._delete_my_commands,
             "answercallbackquery": self._answer_callback_query,
             "getchat": self._get_chat,
+            "getfile": self._get_file,
             "logout": self._log_out,
             "close": self._log_out,
         }
@@ -641,6 +694,8 @@ class FakeTelegram:
         self._closing = asyncio.Event()
         self._webhook_task: asyncio.Task[None] | None = None
         self._update_ids = itertools.count(1)  # survives reset(): a polling bot's offset stays valid
+        self._file_numbers = itertools.count(1)  # survive reset() too: a file id is never reused
+        self._media_group_numbers = itertools.count(13_579_246_801_357_924)
         self._init_state()
 
     def _init_state(self) -> None:
@@ -649,6 +704,8 @@ class FakeTelegram:
         self.webhook_deliveries: list[WebhookDelivery] = []
         self.callback_answers: dict[str, dict[str, Any]] = {}
         self.files: dict[str, bytes] = getattr(self, "files", {})
+        self.media_files: dict[str, FakeFile] = {}  # by file_id: what people sent
+        self._media_paths: dict[str, FakeFile] = {}  # the same, by file_path
         self._users: dict[int, FakeUser] = {}
         self._chats: dict[int, FakeChat] = {}
         self._next_group_id = itertools.count(1)
@@ -929,6 +986,20 @@ class FakeTelegram:
         generated like Telegram does (``bot_command``, ``mention``, ``url``, ``hashtag``,
         ...). ``reply_to`` is the id of any message in the chat; ``thread`` a forum topic.
         """
+        return self._user_message(chat, user, text, reply_to=reply_to, thread=thread)
+
+    def _user_message(
+        self,
+        chat: FakeChat | int,
+        user: FakeUser | int | Mapping[str, Any] | None,
+        text: str,
+        *,
+        reply_to: int | None = None,
+        thread: int | None = None,
+        media: dict[str, Any] | None = None,
+        media_group_id: str | None = None,
+    ) -> dict[str, Any]:
+        """A person's message: text, or media with ``text`` as its caption."""
         chat = self._as_chat(chat)
         sender = self._as_user(user) if user is not None else (chat.user if chat.type == "private" else None)
         if chat.type == "private" and sender is not None and sender.id != chat.id:
@@ -937,6 +1008,8 @@ class FakeTelegram:
             raise ValueError(f"chat {chat.id} has no topics; use supergroup(forum=True) and topic()")
         if thread is not None and thread not in chat.topics:
             raise ValueError(f"chat {chat.id} has no topic {thread}")
+        if media is not None and len(text) > self._limits.max_caption_length:
+            raise ValueError(f"a caption holds at most {self._limits.max_caption_length} characters")
         target = None
         if reply_to is not None:
             target = chat.messages.get(reply_to)
@@ -955,6 +1028,8 @@ class FakeTelegram:
             reply_to,
             self.clock(),
             int(time.time()),
+            media=media,
+            media_group_id=media_group_id,
         )
         message.edits.append((message.created_at, text, message.entities))
         chat.messages[message.message_id] = message
@@ -965,8 +1040,297 @@ class FakeTelegram:
             self._notify()
         return payload
 
+    # ------------------------------------------------------------------ the user's media
+
+    # Telegram's file ids start with a type marker; these are the ones bots see [obs in the wild].
+    _FILE_ID_PREFIX = {
+        "photo": "AgACAgIAAxkBAAI", "document": "BQACAgIAAxkBAAI", "voice": "AwACAgIAAxkBAAI",
+        "audio": "CQACAgIAAxkBAAI", "video": "BAACAgIAAxkBAAI", "video_note": "DQACAgIAAxkBAAI",
+        "sticker": "CAACAgIAAxkBAAI", "animation": "CgACAgIAAxkBAAI",
+    }  # fmt: skip
+    _FILE_DIR = {
+        "photo": "photos", "document": "documents", "voice": "voice", "audio": "music", "video": "videos",
+        "video_note": "video_notes", "sticker": "stickers", "animation": "animations",
+    }  # fmt: skip
+    _FILE_ID_SHAPE = re.compile(r"[A-Za-z0-9_\-]{20,}")
+
+    def add_media_file(
+        self, kind: str, data: bytes | None = None, *, size: int | None = None, suffix: str = ""
+    ) -> FakeFile:
+        """Keep a file as Telegram would for something a person sent; returns it.
+
+        ``kind`` is the message field it belongs to ("photo", "document", ...; it shapes
+        the file id and path). ``data`` None serves ``size`` filler bytes; a ``size``
+        given with ``data`` is what Telegram *reports* (to play a lying server).
+        """
+        if data is None and size is None:
+            raise ValueError("give the file's data, or its size")
+        number = next(self._file_numbers)
+        token = base64.urlsafe_b64encode(hashlib.sha256(f"{kind}:{number}".encode()).digest()).decode().rstrip("=")
+        file = FakeFile(
+            file_id=self._FILE_ID_PREFIX.get(kind, "BQACAgIAAxkBAAI") + token[:32],
+            file_unique_id="AQAD" + token[32:44],
+            file_path=f"{self._FILE_DIR.get(kind, 'documents')}/file_{number}{suffix}",
+            size=size if size is not None else len(data or b""),
+            data=data,
+        )
+        self.media_files[file.file_id] = file
+        self._media_paths[file.file_path] = file
+        return file
+
+    def file(self, file_id: str) -> FakeFile:
+        """The file a ``file_id`` (from a message the fake made) stands for."""
+        return self.media_files[file_id]
+
+    def expire_file(self, file_id: str) -> None:
+        """The file is gone (deleted, or too old): getFile refuses it, its path answers 404."""
+        self.media_files[file_id].available = False
+
+    def new_media_group_id(self) -> str:
+        """A fresh ``media_group_id`` (a numeric string, as Telegram's are)."""
+        return str(next(self._media_group_numbers))
+
+    @staticmethod
+    def _file_json(file: FakeFile) -> dict[str, Any]:
+        return {"file_id": file.file_id, "file_unique_id": file.file_unique_id, "file_size": file.size}
+
+    def _send_media(
+        self,
+        chat: FakeChat | int,
+        user: FakeUser | int | Mapping[str, Any] | None,
+        field_name: str,
+        value: Any,
+        caption: str | None,
+        *,
+        reply_to: int | None,
+        thread: int | None,
+        media_group_id: str | None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        media = {field_name: value, **(extra or {})}
+        return self._user_message(
+            chat, user, caption or "", reply_to=reply_to, thread=thread, media=media, media_group_id=media_group_id
+        )
+
+    def user_sends_photo(
+        self,
+        chat: FakeChat | int,
+        user: FakeUser | int | Mapping[str, Any] | None,
+        data: bytes | None = None,
+        *,
+        size: int | None = None,
+        caption: str | None = None,
+        width: int = 1280,
+        height: int = 960,
+        media_group_id: str | None = None,
+        reply_to: int | None = None,
+        thread: int | None = None,
+    ) -> dict[str, Any]:
+        """A person sends a photo: ``photo`` lists three sizes, ``data`` being the largest.
+
+        The smaller sizes (90 and 320 px wide, as Telegram's "s" and "m" thumbnails) are
+        files of their own with filler bytes. Returns the Message dict.
+        """
+        sizes = []
+        largest = size if size is not None else len(data or b"")
+        for scale, ratio in ((90, 40), (320, 8)):
+            thumb = self.add_media_file("photo", None, size=max(1, largest // ratio), suffix=".jpg")
+            sizes.append({**self._file_json(thumb), "width": scale, "height": max(1, height * scale // width)})
+        main = self.add_media_file("photo", data, size=size, suffix=".jpg")
+        sizes.append({**self._file_json(main), "width": width, "height": height})
+        return self._send_media(chat, user, "photo", sizes, caption, reply_to=reply_to, thread=thread,
+                                media_group_id=media_group_id)
+
+    def user_sends_document(
+        self,
+        chat: FakeChat | int,
+        user: FakeUser | int | Mapping[str, Any] | None,
+        data: bytes | None = None,
+        *,
+        file_name: str | None = "file.bin",
+        mime_type: str | None = None,
+        size: int | None = None,
+        caption: str | None = None,
+        media_group_id: str | None = None,
+        reply_to: int | None = None,
+        thread: int | None = None,
+    ) -> dict[str, Any]:
+        """A person sends a file (``document``: any type, with its name and MIME type)."""
+        suffix = file_name[file_name.rfind(".") :] if file_name and "." in file_name else ""
+        file = self.add_media_file("document", data, size=size, suffix=suffix)
+        document = self._file_json(file)
+        if file_name is not None:
+            document["file_name"] = file_name
+        if mime_type is not None:
+            document["mime_type"] = mime_type
+        return self._send_media(chat, user, "document", document, caption, reply_to=reply_to, thread=thread,
+                                media_group_id=media_group_id)
+
+    def user_sends_voice(
+        self,
+        chat: FakeChat | int,
+        user: FakeUser | int | Mapping[str, Any] | None,
+        data: bytes | None = None,
+        *,
+        duration: int = 3,
+        mime_type: str = "audio/ogg",
+        size: int | None = None,
+        caption: str | None = None,
+        reply_to: int | None = None,
+        thread: int | None = None,
+    ) -> dict[str, Any]:
+        """A person records a voice note (``voice``: OGG/Opus, with its duration in seconds)."""
+        file = self.add_media_file("voice", data, size=size, suffix=".oga")
+        voice = {**self._file_json(file), "duration": duration, "mime_type": mime_type}
+        return self._send_media(chat, user, "voice", voice, caption, reply_to=reply_to, thread=thread,
+                                media_group_id=None)
+
+    def user_sends_audio(
+        self,
+        chat: FakeChat | int,
+        user: FakeUser | int | Mapping[str, Any] | None,
+        data: bytes | None = None,
+        *,
+        duration: int = 180,
+        file_name: str | None = "song.mp3",
+        mime_type: str | None = "audio/mpeg",
+        performer: str | None = None,
+        title: str | None = None,
+        size: int | None = None,
+        caption: str | None = None,
+        media_group_id: str | None = None,
+        reply_to: int | None = None,
+        thread: int | None = None,
+    ) -> dict[str, Any]:
+        """A person sends a music file (``audio``: shown in the player, with its duration)."""
+        file = self.add_media_file("audio", data, size=size, suffix=".mp3")
+        audio: dict[str, Any] = {**self._file_json(file), "duration": duration}
+        for key, value in (("file_name", file_name), ("mime_type", mime_type), ("performer", performer),
+                           ("title", title)):
+            if value is not None:
+                audio[key] = value
+        return self._send_media(chat, user, "audio", audio, caption, reply_to=reply_to, thread=thread,
+                                media_group_id=media_group_id)
+
+    def user_sends_video_note(
+        self,
+        chat: FakeChat | int,
+        user: FakeUser | int | Mapping[str, Any] | None,
+        data: bytes | None = None,
+        *,
+        duration: int = 5,
+        length: int = 384,
+        size: int | None = None,
+        reply_to: int | None = None,
+        thread: int | None = None,
+    ) -> dict[str, Any]:
+        """A person records a round video message (``video_note``; it has no caption)."""
+        file = self.add_media_file("video_note", data, size=size, suffix=".mp4")
+        note = {**self._file_json(file), "length": length, "duration": duration}
+        return self._send_media(chat, user, "video_note", note, None, reply_to=reply_to, thread=thread,
+                                media_group_id=None)
+
+    def user_sends_video(
+        self,
+        chat: FakeChat | int,
+        user: FakeUser | int | Mapping[str, Any] | None,
+        data: bytes | None = None,
+        *,
+        duration: int = 10,
+        width: int = 1280,
+        height: int = 720,
+        file_name: str | None = None,
+        mime_type: str = "video/mp4",
+        size: int | None = None,
+        caption: str | None = None,
+        media_group_id: str | None = None,
+        reply_to: int | None = None,
+        thread: int | None = None,
+    ) -> dict[str, Any]:
+        """A person sends a video (``video``)."""
+        file = self.add_media_file("video", data, size=size, suffix=".mp4")
+        video: dict[str, Any] = {**self._file_json(file), "width": width, "height": height, "duration": duration,
+                                 "mime_type": mime_type}
+        if file_name is not None:
+            video["file_name"] = file_name
+        return self._send_media(chat, user, "video", video, caption, reply_to=reply_to, thread=thread,
+                                media_group_id=media_group_id)
+
+    def user_sends_animation(
+        self,
+        chat: FakeChat | int,
+        user: FakeUser | int | Mapping[str, Any] | None,
+        data: bytes | None = None,
+        *,
+        duration: int = 2,
+        size: int | None = None,
+        caption: str | None = None,
+        reply_to: int | None = None,
+        thread: int | None = None,
+    ) -> dict[str, Any]:
+        """A person sends a GIF: ``animation``, and -- "for backward compatibility, when
+        this field is set, the document field will also be set" [doc Message] -- ``document``."""
+        file = self.add_media_file("animation", data, size=size, suffix=".mp4")
+        described = {**self._file_json(file), "file_name": "animation.gif.mp4", "mime_type": "video/mp4"}
+        animation = {**described, "width": 320, "height": 240, "duration": duration}
+        return self._send_media(chat, user, "animation", animation, caption, reply_to=reply_to, thread=thread,
+                                media_group_id=None, extra={"document": described})
+
+    def user_sends_sticker(
+        self,
+        chat: FakeChat | int,
+        user: FakeUser | int | Mapping[str, Any] | None,
+        data: bytes | None = None,
+        *,
+        emoji: str | None = "👍",
+        set_name: str | None = "FakeStickers",
+        sticker_format: str = "static",
+        size: int | None = None,
+        reply_to: int | None = None,
+        thread: int | None = None,
+    ) -> dict[str, Any]:
+        """A person sends a sticker (``sticker``; ``sticker_format`` "static" (WEBP),
+        "animated" (TGS) or "video" (WEBM); stickers have no caption)."""
+        suffix = {"static": ".webp", "animated": ".tgs", "video": ".webm"}[sticker_format]
+        file = self.add_media_file("sticker", data, size=size if size is not None else (None if data else 2048),
+                                   suffix=suffix)
+        sticker: dict[str, Any] = {
+            **self._file_json(file), "type": "regular", "width": 512, "height": 512,
+            "is_animated": sticker_format == "animated", "is_video": sticker_format == "video",
+        }  # fmt: skip
+        if emoji is not None:
+            sticker["emoji"] = emoji
+        if set_name is not None:
+            sticker["set_name"] = set_name
+        return self._send_media(chat, user, "sticker", sticker, None, reply_to=reply_to, thread=thread,
+                                media_group_id=None)
+
+    def user_sends_album(
+        self,
+        chat: FakeChat | int,
+        user: FakeUser | int | Mapping[str, Any] | None,
+        photos: Iterable[bytes],
+        *,
+        caption: str | None = None,
+        reply_to: int | None = None,
+        thread: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """A person sends several photos at once: one message per photo sharing a
+        ``media_group_id``, the caption on the first (as Telegram's apps send albums)."""
+        group = self.new_media_group_id()
+        messages = []
+        for i, data in enumerate(photos):
+            messages.append(
+                self.user_sends_photo(chat, user, data, caption=caption if i == 0 else None, media_group_id=group,
+                                      reply_to=reply_to, thread=thread)
+            )
+        if len(messages) < 2:
+            raise ValueError("an album holds 2 to 10 items")
+        return messages
+
     def user_edits(self, chat: FakeChat | int, message_id: int, text: str) -> dict[str, Any]:
-        """The author edits their message; queues an ``edited_message`` update."""
+        """The author edits their message (or a media message's caption); queues an
+        ``edited_message`` update."""
         chat = self._as_chat(chat)
         message = chat.messages.get(message_id)
         if message is None or message.deleted or message.from_bot:
@@ -1235,7 +1599,7 @@ class FakeTelegram:
             return await self._handle_bot(request, match.group(1), match.group(2))
         match = re.fullmatch(r"/file/bot([^/]*)/(.+)", path)
         if match is not None:
-            return self._handle_file(match.group(1), match.group(2))
+            return await self._handle_file(request, match.group(1), match.group(2))
         if path.startswith("/_fake/"):
             return await self._handle_control(request, path[len("/_fake/") :])
         return self._envelope(BotApiError(404, "Not Found").envelope(), 404)
@@ -1348,10 +1712,26 @@ class FakeTelegram:
         self._status_by_method[(record.method, record.status)] += 1
         self._notify()
 
-    def _handle_file(self, token: str, file_path: str) -> web.Response:
-        if token != self.token or file_path not in self.files:
+    async def _handle_file(self, request: web.Request, token: str, file_path: str) -> web.StreamResponse:
+        """``/file/bot<token>/<file_path>``: the bytes, streamed (404 for a wrong token or path)."""
+        if token == self.token and file_path in self.files:
+            return web.Response(body=self.files[file_path], content_type="application/octet-stream")
+        file = self._media_paths.get(file_path)
+        if token != self.token or file is None or not file.available:
             return self._envelope(BotApiError(404, "Not Found").envelope(), 404)
-        return web.Response(body=self.files[file_path], content_type="application/octet-stream")
+        file.downloads += 1
+        self._notify()
+        if self.latency > 0:
+            await self._pause(self.latency)
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = file.length
+        await response.prepare(request)
+        chunk = 64 * 1024
+        for start in range(0, file.length, chunk):
+            end = min(file.length, start + chunk)
+            await response.write(file.data[start:end] if file.data is not None else bytes(end - start))
+        await response.write_eof()
+        return response
 
     # ------------------------------------------------------------------ message helpers
 
@@ -1473,6 +1853,14 @@ class FakeTelegram:
             data["edit_date"] = message.edit_date
         if message.service is not None:
             data.update(message.service)
+        elif message.media is not None:
+            if message.media_group_id is not None:
+                data["media_group_id"] = message.media_group_id
+            data.update(message.media)
+            if message.text:  # a caption: "0-1024 characters", absent when empty [doc Message]
+                data["caption"] = message.text
+                if message.entities:
+                    data["caption_entities"] = message.entities
         else:
             data["text"] = message.text
             if message.entities:
@@ -1497,6 +1885,20 @@ class FakeTelegram:
 
     def _log_out(self, params: dict[str, Any], record: CallRecord) -> bool:
         return True
+
+    def _get_file(self, params: dict[str, Any], record: CallRecord) -> dict[str, Any]:
+        """getFile: the file's ``file_path`` for downloading, within the 20 MB bot limit."""
+        file_id = str(params.get("file_id") or "").strip()
+        if not file_id:
+            raise _bad("file_id not specified")
+        file = self.media_files.get(file_id)
+        if file is None and not self._FILE_ID_SHAPE.fullmatch(file_id):
+            raise _bad("invalid file_id")
+        if file is None or not file.available:
+            raise _bad("wrong file_id or the file is temporarily unavailable")
+        if file.size > self._limits.max_download_size:
+            raise _bad("file is too big")
+        return {**self._file_json(file), "file_path": file.file_path}
 
     def _get_chat(self, params: dict[str, Any], record: CallRecord) -> dict[str, Any]:
         chat = self._resolve_chat(params)
@@ -1880,6 +2282,19 @@ class FakeTelegram:
                 result: Any = self.user_says(
                     chat, user, str(body["text"]), reply_to=body.get("reply_to"), thread=body.get("thread")
                 )
+            elif action == "user_sends" and request.method == "POST":
+                # {"chat_id", "user", "kind": "photo"|"document"|..., "data_b64" or "size", "caption", ...}
+                chat_id = int(body.get("chat_id", body.get("chat", 0)))
+                chat = self.ensure_chat(chat_id, type=body.get("chat_type"), title=body.get("title"))
+                user = body.get("user") or body.get("user_id")
+                kind = str(body["kind"])
+                sender = getattr(self, f"user_sends_{kind}", None)
+                if sender is None or kind == "album":
+                    raise ValueError(f"unknown media kind {kind!r}")
+                data = base64.b64decode(body["data_b64"]) if "data_b64" in body else None
+                options = {k: v for k, v in body.items()
+                           if k in ("caption", "size", "file_name", "mime_type", "duration", "reply_to")}
+                result = sender(chat, user, data, **options)
             elif action == "messages":
                 result = [m.to_dict() for m in self.messages(int(query["chat_id"]))]
             elif action == "calls":

@@ -15,6 +15,13 @@ Typical use::
         await telegram_bot.send_message(chat.id, "hi")
         assert fake_telegram.bot_texts(chat.id) == ["hi"]
 
+Media a person sends (``user_sends_photo``, ``user_sends_document``, ``user_sends_voice``,
+``user_sends_album``, ...) is kept by the fake; ``telegram_bot.get_file(file_id)`` and the
+returned ``File.download_as_bytearray()`` fetch it back::
+
+    sent = fake_telegram.user_sends_photo(chat, chat.user, b"...", caption="what is this?")
+    file = await telegram_bot.get_file(sent["photo"][-1]["file_id"])
+
 For an ``Application``::
 
     app = (ApplicationBuilder().token(fake.token).base_url(fake.base_url)
