@@ -55,10 +55,13 @@ import contextvars
 import json
 import logging
 import re
+import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx2
@@ -72,6 +75,7 @@ from .errors import (
     ProviderError,
     ProviderNoVision,
     ProviderRateLimited,
+    ProviderServerError,
     ProviderTimeout,
     ProviderUnavailable,
 )
@@ -94,6 +98,7 @@ __all__ = [
     "RequestObserver",
     "StepState",
     "StreamHealth",
+    "provider_host",
     "to_provider_error",
     "to_responses_input",
 ]
@@ -406,8 +411,92 @@ def _refuses_images(exc: BaseException) -> bool:
     return bool(_VISION_RE.search(message)) and not _BAD_IMAGE_RE.search(message)
 
 
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what it was raised from (`__cause__`, else `__context__`), down to the root.
+
+    `__context__` is followed even when suppressed (`raise ... from None`): httpcore hides
+    the `ConnectionRefusedError` under "All connection attempts failed" that way.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception under the SDK's and the transport's wrappers.
+
+    "Request timed out." (the SDK's `APITimeoutError`) over `httpx2.ConnectTimeout` over
+    aiohttp's `ClientConnectorError` over `ConnectionRefusedError`: only the last one is
+    true, and the one an operator can act on.
+    """
+    *_, root = _chain(exc)
+    return root
+
+
+# What a root cause means, in the words a person would use (checked in order: subclasses first).
+_ROOT_WORDS: tuple[tuple[type[BaseException], str], ...] = (
+    (ConnectionRefusedError, "connection refused"),
+    (ConnectionResetError, "connection reset"),
+    (ConnectionAbortedError, "connection aborted"),
+    (socket.gaierror, "host name not found"),
+    (ssl.SSLCertVerificationError, "TLS certificate not trusted"),
+    (ssl.SSLError, "TLS error"),
+    (TimeoutError, "timed out"),
+)
+
+
+def _root_text(root: BaseException) -> str:
+    text = str(root).strip()
+    return f"{type(root).__name__}: {text}" if text else type(root).__name__
+
+
+def _connect_failed(exc: BaseException) -> bool:
+    """True when no connection was made at all (refused, unknown host, TLS handshake)."""
+    for link in _chain(exc):
+        if isinstance(link, (aiohttp.ClientConnectorError, httpx2.ConnectError)):
+            return True
+        if isinstance(link, (ConnectionRefusedError, socket.gaierror, ssl.SSLError)):
+            return True
+    return False
+
+
+def _transport_failure(exc: BaseException, api_key: str) -> tuple[str, str]:
+    """(what happened, root cause class) for a connection-level failure, key scrubbed.
+
+    `couldn't connect to the provider: connection refused (ConnectionRefusedError: [Errno
+    111] Connect call failed ('127.0.0.1', 9))`, or `the connection to the provider broke:
+    ...` when it failed after connecting.
+    """
+    root = _root_cause(exc)
+    words = next((w for kind, w in _ROOT_WORDS if isinstance(root, kind)), None)
+    detail = _scrub(_root_text(root), api_key)
+    what = "couldn't connect to the provider" if _connect_failed(exc) else "the connection to the provider broke"
+    return (f"{what}: {words} ({detail})" if words else f"{what} ({detail})"), type(root).__name__
+
+
+def provider_host(base_url: str) -> str:
+    """`host[:port]` of a provider URL: how logs name the provider (no userinfo, path or query)."""
+    parts = urlsplit(base_url)
+    host = parts.hostname or base_url
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return f"{host}:{port}" if port else host
+
+
 def to_provider_error(exc: BaseException, api_key: str = "", *, images: bool = False) -> ProviderError:
     """Map an SDK (or watchdog) exception to the agent's typed hierarchy, scrubbing the key.
+
+    Transport failures are classified and described by their root cause, not by the
+    SDK's wrapper: the aiohttp transport reports a refused connection as
+    `APITimeoutError("Request timed out.")`, which is a `ProviderUnavailable` ("couldn't
+    connect ... connection refused"), never a `ProviderTimeout`.
 
     `images`: the request carried image parts, so a 4xx naming images means the model
     cannot see (`ProviderNoVision`) rather than a generic bad request.
@@ -430,21 +519,30 @@ def to_provider_error(exc: BaseException, api_key: str = "", *, images: bool = F
         if status in (408, 504):
             return ProviderTimeout(text, **kwargs)
         if status >= 500:
-            return ProviderUnavailable(text, **kwargs)
+            return ProviderServerError(text, **kwargs)
         if images and _refuses_images(exc):
             return ProviderNoVision(text, **kwargs)
         return ProviderBadRequest(text, **kwargs)
     if isinstance(exc, openai.APITimeoutError) and not _disguised_disconnect(exc):
-        return ProviderTimeout("provider request timed out", provider_message=message)
-    if isinstance(exc, openai.APIConnectionError):
-        cause = exc.__cause__
-        if cause is not None and cause.__cause__ is not None and _disguised_disconnect(cause):
-            cause = cause.__cause__  # name aiohttp's own error, not the transport's disguise
-        detail = f"{type(cause).__name__}: {cause}" if cause is not None else message
-        return ProviderUnavailable(f"could not reach the provider ({_scrub(detail, api_key)})", provider_message=message)
+        detail = _scrub(_root_text(_root_cause(exc)), api_key)
+        return ProviderTimeout(f"provider request timed out ({detail})", provider_message=detail,
+                               cause=type(_root_cause(exc)).__name__)
+    if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ClientConnectionError):
+        return ProviderTimeout(f"provider request timed out ({_scrub(_root_text(exc), api_key)})", cause=type(exc).__name__)
+    if isinstance(exc, (openai.APIConnectionError, httpx2.TransportError, aiohttp.ClientConnectionError, OSError)):
+        what, root = _transport_failure(exc, api_key)
+        return ProviderUnavailable(what, provider_message=what, cause=root)
     if isinstance(exc, openai.APIError):  # an error the provider reported inside a 200 response
-        return ProviderUnavailable(f"provider reported an error: {message}", code=code, provider_message=message)
+        return ProviderServerError(f"provider reported an error: {message}", code=code, provider_message=message)
     return ProviderBadResponse(f"unusable provider response ({type(exc).__name__}: {message})", provider_message=message)
+
+
+def _failure_detail(exc: BaseException) -> str:
+    """What broke a stream, for the INFO line: transport failures by their root cause (the
+    SDK's wrapper may be `APITimeoutError` "Request timed out." over a refused connection)."""
+    if isinstance(exc, (openai.APIConnectionError, httpx2.TransportError)):
+        return _root_text(_root_cause(exc))
+    return f"{type(exc).__name__}: {_provider_message(exc)}"
 
 
 def _is_terminal_status(exc: BaseException, *, images: bool = False) -> bool:
@@ -473,6 +571,8 @@ def _stream_cause(exc: BaseException, acc: Any) -> str:
         if param == "stream" or _STREAM_RE.search(message):
             return "stream_rejected"
         return f"http_{exc.status_code}"
+    if isinstance(exc, (openai.APIConnectionError, httpx2.TransportError)) and _connect_failed(exc):
+        return "connect_failed"
     if isinstance(exc, (openai.APIConnectionError, httpx2.TransportError)) and _disguised_disconnect(exc):
         return "connection_dropped"
     if isinstance(exc, openai.APITimeoutError):
@@ -742,6 +842,7 @@ class Provider:
             http_client=http_client,
         )
         self.health = StreamHealth(cfg.stream_failure_threshold, cfg.stream_cooldown, clock)
+        self.host = provider_host(cfg.base_url)
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -774,7 +875,33 @@ class Provider:
         events: TurnEvents | None,
         step: StepState,
     ) -> ModelResponse:
-        """Run one model call; stream when `events.wants_deltas`, fall back when streaming breaks."""
+        """Run one model call; stream when `events.wants_deltas`, fall back when streaming breaks.
+
+        A `ProviderError` leaving here names the provider's host and the model, so the
+        line that reports it says where it failed.
+        """
+        try:
+            return await self._complete(messages, tools, model=model, events=events, step=step)
+        except ProviderError as exc:
+            raise self._located(exc, model)
+
+    def _located(self, exc: ProviderError, model: str) -> ProviderError:
+        """Fill in which provider and model a failed request was for (if not already)."""
+        if exc.provider is None:
+            exc.provider = self.host
+        if exc.model is None:
+            exc.model = model
+        return exc
+
+    async def _complete(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        *,
+        model: str,
+        events: TurnEvents | None,
+        step: StepState,
+    ) -> ModelResponse:
         step.started_at = asyncio.get_running_loop().time()
         images = has_images(messages)
         if events is None or not events.wants_deltas or not self.cfg.stream:
@@ -933,7 +1060,7 @@ class Provider:
         except Exception as exc:
             if _is_terminal_status(exc, images=images):
                 raise to_provider_error(exc, self.cfg.api_key, images=images) from exc
-            raise StreamBroken(_stream_cause(exc, acc), f"{type(exc).__name__}: {_provider_message(exc)}") from exc
+            raise StreamBroken(_stream_cause(exc, acc), _failure_detail(exc)) from exc
         if not acc.chunks:
             if reader.cut:
                 raise StreamBroken("truncated", "the body ended inside an event, before any chunk")
@@ -960,6 +1087,7 @@ class Provider:
         refuses the key, or refuses the model.
         """
         wanted = tuple(dict.fromkeys(models or (self.cfg.model,)))
+        model = wanted[0]
         try:
             with _calling("probe"), _Watchdog(None, first_token=None, idle=None, total=self.cfg.timeouts.total):
                 try:
@@ -976,7 +1104,6 @@ class Provider:
                     # Many OpenAI-compatible servers have no /models: try the model itself.
                     log.info("GET /models failed (%s); probing with a 1-token request", exc.status_code)
                     status = exc.status_code
-                model = wanted[0]
                 if self.cfg.api == "responses":
                     await self._client.responses.create(model=model, input="ping", max_output_tokens=16)
                 else:
@@ -984,10 +1111,10 @@ class Provider:
                         model=model, messages=[{"role": "user", "content": "ping"}], max_tokens=1
                     )
                 return ProbeResult(wanted, None, (), models_status=status)
-        except ProviderError:
-            raise
+        except ProviderError as exc:
+            raise self._located(exc, model)
         except Exception as exc:
-            raise to_provider_error(exc, self.cfg.api_key) from exc
+            raise self._located(to_provider_error(exc, self.cfg.api_key), model) from exc
 
     def health_snapshot(self) -> dict[str, Any]:
         return {

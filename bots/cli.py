@@ -8,9 +8,18 @@ operator reads the cause rather than the call stack. A platform that fails for g
 while `run` serves (a token revoked, an intent withdrawn) logs one ERROR line naming the
 cause and the fix; parley then shuts down gracefully and exits with status 3.
 
-Signals (`run` and `chat`): the first SIGTERM or SIGINT stops taking new messages and
-lets running turns finish for up to `shutdown_timeout`; a second one interrupts them at
-once (their live messages are finalized, marked stopped); a third exits immediately.
+Signals (`run`, and SIGTERM for `chat`): the first SIGTERM or SIGINT stops taking new
+messages and lets running turns finish for up to `shutdown_timeout`; a second one
+interrupts them at once (their live messages are finalized, marked stopped); a third
+exits immediately.
+
+SIGINT in `parley chat` is Ctrl-C of a person at a keyboard (`ConsoleConnector.interrupt`):
+at a terminal it stops the running reply at once and returns to the prompt, and at the
+prompt it ends the session (status 0); off a terminal it stops the reply and exits with
+status 130. Off a terminal, a reply that fails for good (the provider failed the fallback
+request too) ends the session with status 4, the rest of the input unread -- so
+`parley chat < questions.txt > answers.md` can be checked by a script. Once the session
+is ending, further SIGINTs escalate as above.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from bots.config import Settings, load_config, report_config_error
 from bots.errors import ConfigError, ParleyError, PlatformFailed
@@ -36,6 +45,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # could not start, or `parley check` found a problem
 EXIT_CONFIG = 2  # invalid configuration (nothing was contacted)
 EXIT_PLATFORM = 3  # a platform failed for good while running (token revoked...): restart, and alert someone
+EXIT_REPLY_FAILED = 4  # `parley chat` off a terminal: a reply failed for good; the rest of the input was not read
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # `parley chat` off a terminal: stopped by Ctrl-C (130, as shells report it)
 
 CHECK_TIMEOUT = 30.0  # seconds for each `parley check` probe
 
@@ -93,9 +104,13 @@ def _load(args: argparse.Namespace, *, quiet_libraries: dict[str, str] | None = 
 
 
 class Signals:
-    """Counts SIGTERM/SIGINT: the first sets `stop`, the second `hurry`, the third aborts."""
+    """SIGTERM/SIGINT escalate: the first sets `stop`, the next `hurry`, the one after aborts.
 
-    def __init__(self, main_task: asyncio.Task[None]) -> None:
+    Each signal moves one step further than what is already under way: once `stop` is set
+    (by a signal, or because `parley chat`'s session ended), the next one hurries.
+    """
+
+    def __init__(self, main_task: asyncio.Task[Any]) -> None:
         self.stop = asyncio.Event()
         self.hurry = asyncio.Event()
         self.count = 0
@@ -106,14 +121,14 @@ class Signals:
         self.count += 1
         self.last = sig
         name = signal.Signals(sig).name
-        if self.count == 1:
+        if not self.stop.is_set():
             log.info("%s received: stopping (send it again to stop running turns at once)", name)
             self.stop.set()
-        elif self.count == 2:
-            log.warning("%s received again: interrupting running turns now (a third one exits at once)", name)
+        elif not self.hurry.is_set():
+            log.warning("%s received again: interrupting running turns now (another one exits at once)", name)
             self.hurry.set()
         else:
-            log.error("%s received a third time: exiting now", name)
+            log.error("%s received again: exiting now", name)
             self._main.cancel()
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -121,24 +136,25 @@ class Signals:
             loop.add_signal_handler(sig, self.received, sig)
 
 
-def _serve(main: Callable[[Signals], Awaitable[None]]) -> int:
-    """Run `main` until it returns, with SIGTERM/SIGINT handled as described in the module doc."""
+def _serve(main: Callable[[Signals], Awaitable[int | None]]) -> int:
+    """Run `main` until it returns (its exit status; None is 0), with SIGTERM/SIGINT
+    handled as described in the module doc."""
     signals: Signals | None = None
 
-    async def runner() -> None:
+    async def runner() -> int | None:
         nonlocal signals
         task = asyncio.current_task()
         assert task is not None
         signals = Signals(task)
         signals.install(asyncio.get_running_loop())
-        await main(signals)
+        return await main(signals)
 
     try:
-        asyncio.run(runner())
-    except asyncio.CancelledError:  # the third signal
+        status = asyncio.run(runner())
+    except asyncio.CancelledError:  # the last signal
         last = signals.last if signals is not None and signals.last is not None else signal.SIGTERM
         return 128 + int(last)
-    return EXIT_OK
+    return EXIT_OK if status is None else status
 
 
 # --------------------------------------------------------------------------- commands
@@ -161,18 +177,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from bots.app import App
-    from bots.console import CONSOLE_USER, ConsoleConnector
+    from bots.console import CONSOLE_USER, ConsoleConnector, SessionEnd
 
     # Log lines would interleave with the conversation in the terminal: warnings only,
     # unless --log-level asks for more.
     settings = _load(args, default_level="WARNING")
+    statuses = {SessionEnd.DONE: EXIT_OK, SessionEnd.REPLY_FAILED: EXIT_REPLY_FAILED,
+                SessionEnd.INTERRUPTED: EXIT_INTERRUPTED}
 
-    async def main(signals: Signals) -> None:
+    async def main(signals: Signals) -> int:
         # The store may be shared with a running `parley run`: its running turns are not stale.
         app = await App.create(settings, extra_owners=frozenset({CONSOLE_USER}), recover=False)
         console = ConsoleConnector()
+        status = EXIT_OK
         try:
             await app.start([console], serve_health=False)
+            # Ctrl-C is the console's (stop the reply, or end the session); once the
+            # session is ending, further ones escalate like any shutdown signal.
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGINT, lambda: console.interrupt() or signals.received(signal.SIGINT)
+            )
             repl = asyncio.create_task(console.run(app.gateway))
             stopper = asyncio.create_task(signals.stop.wait())
             await asyncio.wait({repl, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -182,8 +206,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
             ended, _ = await asyncio.gather(repl, stopper, return_exceptions=True)
             if isinstance(ended, Exception):
                 raise ended
+            if isinstance(ended, SessionEnd):
+                status = statuses[ended]
         finally:
+            signals.stop.set()  # the session is over: a signal from here on hurries the shutdown
             await app.stop(hurry=signals.hurry)
+        return status
 
     return _serve(main)
 
@@ -387,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed
         return 128 + signal.SIGINT
-    except Exception:  # a bug: the traceback goes through the log (one line, redacted)
+    except Exception:  # a bug: the traceback goes through the log (redacted)
         log.exception("parley %s: unexpected error", args.command)
         return EXIT_FAILED
 

@@ -1,19 +1,30 @@
 """The console connector: `parley chat`, the whole gateway in a terminal.
 
 The same Gateway, lanes, commands and LiveReply as Telegram and Discord, with a terminal
-as the "platform": the live message is re-rendered in place (rich's `Live`, refreshed
+as the "platform": the messages of one exchange (the reply, and any notice or command
+answer that comes while it is written) are re-rendered in place (rich's `Live`, refreshed
 only when LiveReply edits -- no refresh thread), and the final edit renders Markdown.
 Useful for trying an agent, a provider or a system prompt without any platform token.
 The local user is an owner, so every command works.
 
+In a terminal, input is read while a reply is written, so `/stop` (or any command) typed
+meanwhile acts at once, and Ctrl-C behaves as in a shell: the first one stops the running
+reply (it is kept, marked stopped) and the prompt returns; Ctrl-C at the prompt, Ctrl-D or
+/quit ends the session.
+
 Not a terminal (`echo "question" | parley chat > answer.md`): no banner, no prompt, no
 re-rendering -- each reply is printed once, as its final text, followed by a newline.
-Input may be a terminal, a pipe or a regular file.
+Lines are answered one after the other; a reply that fails for good (the provider failed
+even the fallback request) ends the session with `SessionEnd.REPLY_FAILED` and the rest
+of the input unread, and Ctrl-C with `SessionEnd.INTERRUPTED`, so a script sees a
+non-zero exit status. Input may be a terminal, a pipe or a regular file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import itertools
 import os
 import stat
@@ -21,7 +32,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, TextIO
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.markdown import Markdown
 from rich.text import Text
@@ -37,11 +48,28 @@ if TYPE_CHECKING:
 
 CONSOLE_USER = "console:local"
 CONSOLE_CHAT = ChatRef("console", "local", is_private=True)
+BANNER = "[bold]parley chat[/bold] — type a message, /help for commands; Ctrl-C stops a reply, Ctrl-D quits."
+PROMPT = "[bold cyan]you>[/bold cyan] "
+QUIT_COMMANDS = ("/quit", "/exit")
 _PACING = PacingPolicy(private=Budget(20.0, 20), group=Budget(20.0, 20), platform=Budget(50.0, 50))
 
 
+class SessionEnd(enum.Enum):
+    """How a `parley chat` session ended (the CLI turns it into the exit status)."""
+
+    DONE = "done"  # end of input, /quit, or Ctrl-C at a terminal's prompt
+    REPLY_FAILED = "reply_failed"  # off a terminal: a reply failed for good; the rest of the input was not read
+    INTERRUPTED = "interrupted"  # off a terminal: Ctrl-C (SIGINT)
+
+
 class ConsoleOutbox:
-    """Prints replies; on a terminal the newest message is live and re-rendered in place."""
+    """Prints replies; on a terminal the current exchange is live and re-rendered in place.
+
+    An exchange is everything sent between two prompts: usually one reply, but a command
+    typed while a reply is written ("/stop"), or a notice, adds its own message. All of
+    them stay live -- edits to the reply after a notice was sent still show -- until
+    `close_live` prints them for good.
+    """
 
     platform = "console"
     limits = PlatformLimits(max_message_len=100_000, utf16=False, typing_interval=3600.0)
@@ -50,53 +78,54 @@ class ConsoleOutbox:
         self._console = console
         self._ids = itertools.count(1)
         self._live: Live | None = None
-        self._live_id: str | None = None
-        self._pending: tuple[str, str, bool] | None = None  # not a terminal: (id, text, markdown)
+        self._messages: dict[str, tuple[str, bool]] = {}  # this exchange, in send order: id -> (text, markdown)
 
     @property
     def interactive(self) -> bool:
         return self._console.is_terminal
 
-    def _render(self, text: str, markdown: bool) -> Markdown | Text:
-        return Markdown(text) if markdown else Text(text)
+    def _render(self) -> Group:
+        return Group(*(Markdown(text) if markdown else Text(text) for text, markdown in self._messages.values() if text))
+
+    def _show(self) -> None:
+        if not self.interactive:
+            return  # printed once, final, by close_live
+        if self._live is None:
+            self._live = Live(self._render(), console=self._console, auto_refresh=False, transient=False)
+            self._live.start(refresh=True)
+        else:
+            self._live.update(self._render(), refresh=True)
 
     def close_live(self) -> None:
-        """The current message is done: stop re-rendering it (or, off a terminal, print it)."""
+        """The exchange is done: stop re-rendering it (or, off a terminal, print it)."""
         if self._live is not None:
             self._live.stop()
-            self._live, self._live_id = None, None
-        if self._pending is not None:
-            _, text, _ = self._pending
-            self._pending = None
-            if text:
-                # The source text as is: Markdown is what a file or a pipe wants, and rich
-                # would pad every rendered line to the console's width.
-                self._console.print(Text(text), soft_wrap=True)
+            self._live = None
+        elif not self.interactive:
+            for text, _ in self._messages.values():
+                if text:
+                    # The source text as is: Markdown is what a file or a pipe wants, and rich
+                    # would pad every rendered line to the console's width.
+                    self._console.print(Text(text), soft_wrap=True)
+        self._messages.clear()
 
     async def send(
         self, chat: ChatRef, text: str, *, markdown: bool = False, reply_to: str | None = None, private: bool = False
     ) -> MessageRef:
-        self.close_live()
         mid = str(next(self._ids))
-        if not self.interactive:
-            self._pending = (mid, text, markdown)
-            return MessageRef(chat, mid)
-        self._live = Live(self._render(text, markdown), console=self._console, auto_refresh=False, transient=False)
-        self._live.start(refresh=True)
-        self._live_id = mid
+        self._messages[mid] = (text, markdown)
+        self._show()
         return MessageRef(chat, mid)
 
     async def edit(self, ref: MessageRef, text: str, *, markdown: bool = False) -> None:
-        if self._pending is not None and ref.message_id == self._pending[0]:
-            self._pending = (ref.message_id, text, markdown)
-        elif self._live is not None and ref.message_id == self._live_id:
-            self._live.update(self._render(text, markdown), refresh=True)
+        if ref.message_id in self._messages:
+            self._messages[ref.message_id] = (text, markdown)
+            self._show()
 
     async def delete(self, ref: MessageRef) -> None:
-        if self._pending is not None and ref.message_id == self._pending[0]:
-            self._pending = (ref.message_id, "", False)
-        elif self._live is not None and ref.message_id == self._live_id:
-            self._live.update(Text(""), refresh=True)
+        if ref.message_id in self._messages:
+            self._messages[ref.message_id] = ("", False)
+            self._show()
 
     async def typing(self, chat: ChatRef) -> None:
         pass
@@ -114,7 +143,10 @@ class ConsoleOutbox:
 
 
 class ConsoleConnector:
-    """Reads lines from a terminal (or a pipe) and hands them to the gateway one by one."""
+    """Reads lines from a terminal (or a pipe) and hands them to the gateway.
+
+    `interrupt()` is what Ctrl-C (SIGINT) does; the CLI installs it as the signal handler.
+    """
 
     platform = "console"
 
@@ -127,10 +159,21 @@ class ConsoleConnector:
         self.health = PlatformHealth(self.platform)  # a terminal never fails the way a platform does
         self._connected = False
         self._seq = itertools.count(1)
+        self._gateway: Gateway | None = None
+        self._quit = asyncio.Event()
+        self._end = SessionEnd.DONE
+        self._busy = False  # a line was handed over and its chat has not settled yet
+        self._stopping = False  # Ctrl-C asked the running reply to stop
+        self._failed = False  # a turn of this session ended in an error
 
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def interactive(self) -> bool:
+        """A person at a terminal: prompts, live rendering, input read while replies run."""
+        return self.outbox.interactive and self._stdin.isatty()
 
     async def start(self, gateway: "Gateway") -> None:
         self._connected = True
@@ -147,26 +190,137 @@ class ConsoleConnector:
         (a message recovered from another platform's inbox is not the console's to fetch)."""
         raise MediaUnavailable("the console cannot fetch files")
 
-    async def run(self, gateway: "Gateway") -> None:
-        """The read-eval-print loop; returns at end of input (Ctrl-D) or on /quit."""
-        interactive = self.outbox.interactive and self._stdin.isatty()
-        if interactive:
-            self.console.print("[bold]parley chat[/bold] — type a message, /help for commands, Ctrl-D to quit.")
-        async with _LineReader(self._stdin) as lines:
-            while True:
-                if interactive:
-                    self.console.print("[bold cyan]you>[/bold cyan] ", end="")
-                raw = await lines.readline()
-                if raw is None:
-                    break
-                line = raw.strip()
-                if not line:
-                    continue
-                if line in ("/quit", "/exit"):
-                    break
-                await gateway.handle(self.to_inbound(line))
-                await gateway.settle(CONSOLE_CHAT.key)
+    def interrupt(self) -> bool:
+        """Ctrl-C: stop the running reply, or end the session. False if it is ending already.
+
+        At a terminal, while a reply is written, the first Ctrl-C stops it (kept, marked
+        stopped) and the prompt returns; at the prompt -- or a second time while the
+        stopped reply winds down -- it ends the session. Off a terminal it stops the reply
+        and ends the session (`SessionEnd.INTERRUPTED`). Either way a reply still running
+        is stopped at once, so shutting down never waits `shutdown_timeout` for it.
+        """
+        if self._quit.is_set():
+            return False
+        if self._gateway is not None:
+            self._gateway.lanes.stop(CONSOLE_CHAT.key)
+        if self.interactive and self._busy and not self._stopping:
+            self._stopping = True
+            return True
+        if not self.interactive:
+            self._end = SessionEnd.INTERRUPTED
+        self._quit.set()
+        return True
+
+    async def run(self, gateway: "Gateway") -> SessionEnd:
+        """The read-eval-print loop; returns at end of input (Ctrl-D), on /quit or on Ctrl-C."""
+        self._gateway = gateway
+        gateway.turn_listeners.append(self._turn_ended)
+        quitting = asyncio.create_task(self._quit.wait(), name="console-quit")
+        try:
+            async with _LineReader(self._stdin) as lines:
+                source = _Input(lines)
+                try:
+                    if self.interactive:
+                        return await self._conversation(gateway, source, quitting)
+                    return await self._batch(gateway, source, quitting)
+                finally:
+                    await source.aclose()
+        finally:
+            quitting.cancel()
+            gateway.turn_listeners.remove(self._turn_ended)
+            self.outbox.close_live()
+
+    def _turn_ended(self, inbound: Inbound, outcome: str) -> None:
+        if inbound.chat.key == CONSOLE_CHAT.key and outcome == "error":
+            self._failed = True
+
+    async def _conversation(self, gateway: "Gateway", source: _Input, quitting: asyncio.Task[bool]) -> SessionEnd:
+        """A person at a terminal: prompt, answer (reading what they type meanwhile), repeat."""
+        self.console.print(BANNER)
+        while not source.ended:
+            self.console.print(PROMPT, end="")
+            await asyncio.wait({source.pending(), quitting}, return_when=asyncio.FIRST_COMPLETED)
+            if quitting.done():
+                self.console.print()  # off the prompt's line
+                break
+            raw = source.take()
+            if raw is None:
+                self.console.print()
+                break
+            line = raw.strip()
+            if not line:
+                continue
+            if line in QUIT_COMMANDS:
+                break
+            self._busy, self._stopping = True, False
+            try:
+                await self._exchange(gateway, line, source, quitting)
+            finally:
+                self._busy = False
                 self.outbox.close_live()
+            if quitting.done():
+                break
+        return self._end
+
+    async def _batch(self, gateway: "Gateway", source: _Input, quitting: asyncio.Task[bool]) -> SessionEnd:
+        """Input from a pipe or a file: one line after the other, each answered before the next is read."""
+        while True:
+            await asyncio.wait({source.pending(), quitting}, return_when=asyncio.FIRST_COMPLETED)
+            if quitting.done():
+                return self._end
+            raw = source.take()
+            if raw is None:
+                return self._end
+            line = raw.strip()
+            if not line:
+                continue
+            if line in QUIT_COMMANDS:
+                return self._end
+            self._busy = True
+            try:
+                await self._exchange(gateway, line, None, quitting)
+            finally:
+                self._busy = False
+                self.outbox.close_live()
+            if quitting.done():
+                return self._end
+            if self._failed:
+                return SessionEnd.REPLY_FAILED
+
+    async def _exchange(
+        self, gateway: "Gateway", line: str, source: _Input | None, quitting: asyncio.Task[bool]
+    ) -> None:
+        """Hand `line` over and wait until the chat has settled (or the session ends).
+
+        With a `source` (a terminal), lines typed meanwhile are handed over at once:
+        commands bypass the chat's lane, so `/stop` stops the reply being written; other
+        messages queue behind it, as on any platform.
+        """
+        await gateway.handle(self.to_inbound(line))
+        while True:
+            settled = asyncio.create_task(gateway.settle(CONSOLE_CHAT.key))
+            waiting: set[asyncio.Future[object]] = {settled, quitting}
+            if source is not None and not source.ended:
+                waiting.add(source.pending())
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if settled.done():
+                settled.result()
+                return
+            settled.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await settled
+            if quitting.done() or source is None:
+                return
+            raw = source.take()
+            if raw is None:
+                continue  # Ctrl-D while a reply is written: let it finish, then end
+            typed = raw.strip()
+            if typed in QUIT_COMMANDS:
+                gateway.lanes.stop(CONSOLE_CHAT.key)
+                self._quit.set()
+                return
+            if typed:
+                await gateway.handle(self.to_inbound(typed))
 
     def to_inbound(self, line: str) -> Inbound:
         n = next(self._seq)
@@ -185,6 +339,36 @@ class ConsoleConnector:
             command=command,
             args=args,
         )
+
+
+class _Input:
+    """One read of the next line at a time, kept across waits (a read is never lost to a timeout)."""
+
+    def __init__(self, lines: _LineReader) -> None:
+        self._lines = lines
+        self._task: asyncio.Task[str | None] | None = None
+        self.ended = False
+
+    def pending(self) -> asyncio.Task[str | None]:
+        """The read of the next line (started if none is under way)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._lines.readline(), name="console-read")
+        return self._task
+
+    def take(self) -> str | None:
+        """The line the finished read got; None at the end of input."""
+        assert self._task is not None and self._task.done()
+        raw, self._task = self._task.result(), None
+        if raw is None:
+            self.ended = True
+        return raw
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
 
 
 class _LineReader:

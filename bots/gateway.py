@@ -5,7 +5,9 @@ updates, checks access (deny by default), runs commands (which bypass the chat's
 and submits everything else to the chat's lane, where `_run_turn` loads the
 conversation, runs the agent with a `LiveReply` as its events, finishes the reply and
 persists the turn. Provider failures end as one short, friendly line -- rate-limited in
-groups -- never as a stack trace or a raw exception.
+groups -- never as a stack trace or a raw exception; the log gets the line an operator
+acts on (the root cause, HTTP status, provider host and model). `turn_listeners` hear how
+each turn ended (`parley chat` turns a failure into its exit status).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from agent.errors import (
     ProviderError,
     ProviderNoVision,
     ProviderRateLimited,
+    ProviderServerError,
     ProviderTimeout,
     ProviderUnavailable,
     TranscriptionFailed,
@@ -167,6 +170,8 @@ def friendly_error(exc: BaseException) -> str:
         return "⚠️ The model provider is rate-limiting requests right now. Please try again in a minute."
     if isinstance(exc, ProviderTimeout):
         return "⚠️ The model took too long to answer. Please try again."
+    if isinstance(exc, ProviderServerError):  # it answered: the network and base_url are fine
+        return "⚠️ The model provider had an internal error. Please try again."
     if isinstance(exc, ProviderUnavailable):
         return "⚠️ The model provider isn't reachable right now. Please try again shortly."
     if isinstance(exc, ProviderBadResponse):
@@ -179,6 +184,28 @@ def friendly_error(exc: BaseException) -> str:
             return "⚠️ The model couldn't read this image. Please try a smaller JPEG or PNG."
         return "⚠️ The model provider refused the request. An admin may need to check the model settings."
     return "⚠️ Something went wrong while generating the reply. Please try again."
+
+
+def _log_failed_turn(exc: BaseException) -> None:
+    """One WARNING line an operator can act on: what failed, why, where.
+
+    `turn failed: ProviderUnavailable: couldn't connect to the provider: connection
+    refused (ConnectionRefusedError: ...) provider=api.example.com model=gpt-x` -- the root
+    cause, the HTTP status, the provider's host and the model, as text and (JSON logs) as
+    fields. The traceback of the library error underneath follows at DEBUG. A failure
+    that is not the provider's is a bug: logged at ERROR with its traceback.
+    """
+    if isinstance(exc, ProviderError):
+        log.warning("turn failed: %s", exc.describe(), extra=exc.log_fields())
+        log.debug("the failed turn's provider error, with the library errors under it", exc_info=exc)
+    elif isinstance(exc, AgentError):
+        log.warning("turn failed: %s: %s", type(exc).__name__, exc)
+    else:
+        log.error("turn failed unexpectedly", exc_info=exc)
+
+
+TurnListener = Callable[[Inbound, str], None]
+"""Told how each turn ended: (the message, "ok" | "fell_back" | "interrupted" | "error")."""
 
 
 class Gateway:
@@ -213,6 +240,8 @@ class Gateway:
         self.inbound_rate = inbound_rate  # access.user_rate; None: no limit
         self.media = media or MediaOptions()  # config media.*
         self.connectors: dict[str, Connector] = {}
+        # Who wants to know how turns end (`parley chat` off a terminal: its exit status).
+        self.turn_listeners: list[TurnListener] = []
         self.started_at = time.monotonic()
         self._chat_locks: dict[str, asyncio.Lock] = {}  # routing, per chat
         self._accept_locks: dict[str, asyncio.Lock] = {}  # storing (connectors that deliver concurrently)
@@ -683,10 +712,7 @@ class Gateway:
                 await asyncio.shield(self._abandon(inbound, reply, turn_id, meter))
                 raise
             except Exception as exc:
-                if not isinstance(exc, (ProviderError, AgentError)):
-                    log.exception("turn failed unexpectedly")
-                else:
-                    log.warning("turn failed: %s", type(exc).__name__)
+                _log_failed_turn(exc)
                 delivery = await reply.finish(notice=self._error_line(inbound, exc))
                 await self._finish_turn(
                     turn_id, [], status="error", usage=self._usage(inbound, meter.model, meter.usage),
@@ -694,6 +720,7 @@ class Gateway:
                 )
                 self._count_usage(meter.model, meter.usage)
                 self.metrics.turns.labels(inbound.platform, "error").inc()
+                self._turn_ended(inbound, "error")
                 if not delivery.complete:
                     self.metrics.deliveries_failed.labels(inbound.platform).inc()
                 return
@@ -707,6 +734,7 @@ class Gateway:
             self._count_usage(result.model, result.usage)
             outcome = "interrupted" if result.interrupted else "fell_back" if result.fell_back else "ok"
             self.metrics.turns.labels(inbound.platform, outcome).inc()
+            self._turn_ended(inbound, outcome)
             for cause in result.fallback_causes:
                 self.metrics.fallbacks.labels(cause).inc()
             if result.first_token_latency is not None:
@@ -971,6 +999,13 @@ class Gateway:
         for kind, value in (("prompt", usage.prompt_tokens), ("completion", usage.completion_tokens)):
             if value:
                 self.metrics.tokens.labels(model, kind).inc(value)
+
+    def _turn_ended(self, inbound: Inbound, outcome: str) -> None:
+        for listener in self.turn_listeners:
+            try:
+                listener(inbound, outcome)
+            except Exception:
+                log.exception("a turn listener raised; ignored")
 
     def _error_line(self, inbound: Inbound, exc: BaseException) -> str | None:
         """The friendly error line, at most once per cooldown in groups."""

@@ -1,4 +1,4 @@
-"""Logging for a gateway that holds other people's tokens: contextual, one line, redacted.
+"""Logging for a gateway that holds other people's tokens: contextual, readable, redacted.
 
 Three jobs, all done on the root handler so they also cover third-party libraries:
 
@@ -6,9 +6,11 @@ Three jobs, all done on the root handler so they also cover third-party librarie
   the current task (a `ContextVar`, so tasks spawned inside inherit it); every record
   logged inside -- by parley, the agent or a library -- carries `platform`, `chat` and
   `turn`. Text lines render them as `[telegram chat=123 turn=45]`.
-- **Format.** Human-readable text by default, JSON lines with `format="json"`. Either way
-  one record is one line (tracebacks included), so journald, `docker logs` and log
-  shippers never split or interleave a record.
+- **Format.** Human-readable text by default, JSON lines with `format="json"`. In text,
+  a record's first line starts with its timestamp and any further lines (a traceback, a
+  multi-line message) start with `  | `, so tracebacks read as Python prints them and log
+  shippers join them by the usual "indented line continues the record" rule. In JSON,
+  one record is one line and a traceback is one field, `exc` (with `exc_type`).
 - **Redaction.** Every configured secret value, and anything shaped like a token
   (Telegram bot tokens, `Bot`/`Bearer` credentials, Discord tokens, `sk-` keys,
   `token=`/`"api_key": ...` pairs, URL passwords), is replaced with `***` in the message,
@@ -241,14 +243,35 @@ class RedactingFilter(logging.Filter):
 # --------------------------------------------------------------------------- formatters
 
 
-def _one_line(text: str) -> str:
-    return text.replace("\r\n", "\n").replace("\r", "\\r").replace("\n", "\\n")
+CONTINUATION = "  | "
+"""Starts every line of a text record after its first (message lines, traceback lines)."""
+
+
+def _lines(text: str) -> list[str]:
+    """Physical lines of `text`; a bare CR is shown as `\\r` (it would overwrite the line on a terminal)."""
+    return text.replace("\r\n", "\n").replace("\r", "\\r").split("\n")
+
+
+def _escaped(text: str) -> str:
+    return "\\n".join(_lines(text))
 
 
 class TextFormatter(logging.Formatter):
     """`2025-01-31 12:00:00.123 INFO  bots.gateway [telegram chat=123 turn=45] message key=value`.
 
-    Newlines (multi-line messages, tracebacks) are escaped as `\\n`: one record, one line.
+    A record that has more to say -- a multi-line message, a traceback, a stack -- goes on
+    over *continuation lines*, each starting with `  | `:
+
+        2025-01-31 12:00:00.123 ERROR   bots.gateway [telegram chat=123 turn=45] turn failed unexpectedly
+          | Traceback (most recent call last):
+          |   File "/app/bots/gateway.py", line 612, in _answer_message
+          | RuntimeError: went wrong
+
+    A record starts with its timestamp in the first column and nothing else does, so a
+    person reads a traceback as Python printed it, and a log shipper joins the lines by
+    the usual rule (a line that starts with whitespace continues the previous one:
+    Fluent Bit, Vector, Loki, Logstash). Text from outside (a user's message quoted in a
+    log line) cannot forge a record: its line breaks become continuation lines too.
     """
 
     def format(self, record: logging.LogRecord) -> str:
@@ -257,17 +280,17 @@ class TextFormatter(logging.Formatter):
         context = _context_label(record)
         if context:
             parts.append(context)
-        parts.append(record.getMessage())
+        first, *more = _lines(record.getMessage())
+        parts.append(first)
         for key, value in _extras(record).items():
-            parts.append(f"{key}={value}")
-        line = " ".join(parts)
+            parts.append(f"{key}={_escaped(str(value))}")  # a field stays one `key=value`
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
-            line += " | " + record.exc_text
+            more.extend(_lines(record.exc_text.rstrip("\n")))
         if record.stack_info:
-            line += " | " + record.stack_info
-        return _one_line(line)
+            more.extend(_lines(record.stack_info.rstrip("\n")))
+        return "\n".join([" ".join(parts), *((CONTINUATION + line).rstrip(" ") for line in more)])
 
 
 def _context_label(record: logging.LogRecord) -> str:
@@ -284,7 +307,8 @@ def _context_label(record: logging.LogRecord) -> str:
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg, platform/chat/turn when bound,
-    `exc` for tracebacks, and any `extra=` fields."""
+    any `extra=` fields, and for an exception `exc` (the whole traceback, one string with
+    its line breaks) and `exc_type` (the exception's class, to filter on)."""
 
     def format(self, record: logging.LogRecord) -> str:
         created = datetime.fromtimestamp(record.created, tz=timezone.utc)
@@ -304,6 +328,8 @@ class JsonFormatter(logging.Formatter):
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
             entry["exc"] = record.exc_text
+            if record.exc_info and record.exc_info[0] is not None:
+                entry["exc_type"] = record.exc_info[0].__name__
         if record.stack_info:
             entry["stack"] = record.stack_info
         return json.dumps(entry, default=str, ensure_ascii=False)

@@ -402,13 +402,13 @@ async def test_an_unreachable_provider_is_unavailable_not_a_timeout(transport: s
     cfg = fake.config(timeouts=Timeouts(connect=1, first_token=1, idle=1, total=3), transport=transport)
     await fake.stop()  # nothing listens on that port any more
     async with Agent(cfg, tools=ToolRegistry()) as agent:
-        with pytest.raises(ProviderUnavailable, match="could not reach the provider") as info:
+        with pytest.raises(ProviderUnavailable, match="couldn't connect to the provider: connection refused") as info:
             await agent.probe()
         with pytest.raises(ProviderUnavailable):  # streaming: one fallback, whose error propagates
             await agent.run_turn([], "hi", RecordingEvents())
         health = agent.health()["models"]["fake-model"]
     assert not isinstance(info.value, ProviderTimeout)
-    assert health["last_error"] == "connection_dropped"
+    assert health["last_error"] == "connect_failed"  # refused: never connected, so nothing was dropped
 
 
 async def test_health_reports_no_secrets(fake_llm: FakeLLM) -> None:

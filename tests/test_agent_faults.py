@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 from typing import Any
 
 import pytest
 
-from agent import Agent, ProviderRateLimited, Timeouts, ToolRegistry, tool
+from agent import (
+    Agent,
+    ProviderRateLimited,
+    ProviderServerError,
+    ProviderTimeout,
+    ProviderUnavailable,
+    Timeouts,
+    ToolRegistry,
+    tool,
+)
 from tests.fakes.llm import CHAT_FAULTS, FAULT_REASONING, FAULT_TEXT, RESPONSES_FAULTS, FakeLLM
 from tests.fakes.llm_fixtures import RecordingEvents
 
@@ -211,3 +221,49 @@ async def test_chat_completions_fault_mode(fake_llm: FakeLLM, mode: str, transpo
 @pytest.mark.parametrize("mode", sorted(RESPONSES_FAULTS))
 async def test_responses_fault_mode(fake_llm: FakeLLM, mode: str, transport: str) -> None:
     await run_mode(fake_llm, "responses", mode, RESPONSES_EXPECTED[mode], transport)
+
+
+# --------------------------------------------------------------------------- the errors that propagate, named by their cause
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_refused_connection_is_unavailable_and_named_by_its_root_cause(
+    fake_llm: FakeLLM, transport: str, stream: bool
+) -> None:
+    """The aiohttp transport reports a refused connect as `APITimeoutError("Request timed
+    out.")`, httpx as "All connection attempts failed": both are a refused connection."""
+    port = closed_port()
+    cfg = fake_llm.config(base_url=f"http://127.0.0.1:{port}/v1", transport=transport, stream=stream, max_retries=1,
+                          timeouts=TIMEOUTS)
+    async with Agent(cfg) as agent:
+        with pytest.raises(ProviderUnavailable) as info:
+            await agent.run_turn([], "hi", RecordingEvents())
+    error = info.value
+    assert not isinstance(error, (ProviderTimeout, ProviderServerError))
+    assert error.describe().startswith(
+        "ProviderUnavailable: couldn't connect to the provider: connection refused "
+        f"(ConnectionRefusedError: [Errno 111] Connect call failed ('127.0.0.1', {port}))"
+    ), error.describe()
+    assert "timed out" not in error.describe().lower() and "timed out" not in error.provider_message.lower()
+    assert error.log_fields() == {"provider": f"127.0.0.1:{port}", "model": "fake-model", "cause": "ConnectionRefusedError"}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_an_http_500_is_a_server_error_with_its_status_provider_and_model(fake_llm: FakeLLM, transport: str) -> None:
+    """The provider answered -- with an error of its own: not "unreachable"."""
+    async with Agent(fake_llm.config(transport=transport, max_retries=0, timeouts=TIMEOUTS)) as agent:
+        with pytest.raises(ProviderServerError) as info:
+            await agent.run_turn([], "hi", RecordingEvents(), model="fault:abort_midstream+nonstream_500")
+    error = info.value
+    assert error.describe() == (
+        "ProviderServerError: provider returned HTTP 500: The server had an error while processing your request."
+    )
+    host = fake_llm.base_url.split("//")[1].split("/")[0]
+    assert error.log_fields() == {"provider": host, "model": "fault:abort_midstream+nonstream_500", "status": 500}

@@ -112,7 +112,7 @@ async def test_check_names_each_failure_and_exits_1(tmp_path: Path, fake_llm, fa
         ),
         "unreachable-provider": (
             {"provider": {"base_url": "http://127.0.0.1:1/v1"}},
-            "provider", "could not reach the provider",
+            "provider", "couldn't connect to the provider: connection refused (ConnectionRefusedError",
         ),
         "wrong-api-key": (
             {"provider": {"api_key": "sk-not-the-right-key-0000"}},

@@ -1,4 +1,9 @@
-"""Logging: turn context on every line, one line per record, and no secret ever written."""
+"""Logging: turn context on every record, tracebacks kept readable, and no secret ever written.
+
+Text records start with a timestamp in the first column; a traceback or a multi-line
+message continues over lines starting with `  | `. JSON records are one line each, with a
+traceback as one field.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,11 @@ import asyncio
 import io
 import json
 import logging
+import re
+import socket
 from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import pytest
 import telegram
 from aiohttp import web
@@ -73,10 +81,10 @@ def test_json_lines_include_extra_fields_and_tracebacks(out: io.StringIO) -> Non
         log.exception("turn failed", extra={"cause": "timeout", "step": 2})
     (record,) = [json.loads(line) for line in lines(out)]
     assert record["level"] == "ERROR" and record["cause"] == "timeout" and record["step"] == 2
-    assert "ValueError: bad value" in record["exc"]
+    assert "ValueError: bad value" in record["exc"] and record["exc_type"] == "ValueError"
 
 
-def test_text_format_is_one_line_per_record_with_a_context_label(out: io.StringIO) -> None:
+def test_text_records_start_with_a_timestamp_and_continue_over_indented_lines(out: io.StringIO) -> None:
     setup_logging("INFO", "text", stream=out)
     with turn_context(platform="telegram", chat=123, turn=45):
         log.info("first line\nsecond line")
@@ -87,11 +95,71 @@ def test_text_format_is_one_line_per_record_with_a_context_label(out: io.StringI
     log.info("no context", extra={"cause": "idle"})
 
     text = lines(out)
-    assert len(text) == 3
-    assert text[0].endswith(" INFO    bots.test_logs [telegram chat=123 turn=45] first line\\nsecond line")
-    assert "[telegram chat=123 turn=45] turn failed | Traceback (most recent call last):\\n" in text[1]
-    assert text[1].endswith("RuntimeError: went wrong")
-    assert text[2].endswith(" INFO    bots.test_logs no context cause=idle")
+    assert text[0].endswith(" INFO    bots.test_logs [telegram chat=123 turn=45] first line")
+    assert text[1] == "  | second line"
+    assert text[2].endswith(" ERROR   bots.test_logs [telegram chat=123 turn=45] turn failed")
+    assert text[3] == "  | Traceback (most recent call last):"
+    assert text[4].startswith('  |   File "') and "test_logs.py" in text[4]
+    assert text[-2] == "  | RuntimeError: went wrong"
+    assert text[-1].endswith(" INFO    bots.test_logs no context cause=idle")
+    assert "\\n" not in out.getvalue()
+    records = [line for line in text if not line.startswith("  | ")]
+    assert len(records) == 3 and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} ", r) for r in records)
+
+
+def test_text_from_outside_cannot_forge_a_record(out: io.StringIO) -> None:
+    setup_logging("INFO", "text", stream=out)
+    log.info("user wrote %r", "hi\n2025-01-01 00:00:00.000 ERROR   bots.gateway owner removed")
+    log.info("user wrote %s", "hi\r\n2025-01-01 00:00:00.000 ERROR   bots.gateway owner removed\rover")
+    first, second = [line for line in lines(out) if not line.startswith("  | ")]
+    assert first.endswith("user wrote 'hi\\n2025-01-01 00:00:00.000 ERROR   bots.gateway owner removed'")  # repr: one line
+    assert second.endswith("user wrote hi")
+    assert lines(out)[-1] == "  | 2025-01-01 00:00:00.000 ERROR   bots.gateway owner removed\\rover"
+
+
+async def test_a_library_errors_traceback_is_multi_line_in_text_and_one_field_in_json(out: io.StringIO) -> None:
+    """aiohttp refusing a connection to a closed port on 127.0.0.1: the chained traceback
+    as Python prints it (text) or as one JSON field -- secrets redacted in both."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def fail() -> None:
+        try:
+            async with aiohttp.ClientSession() as session:
+                await session.get(f"http://127.0.0.1:{port}/v1/models")
+        except aiohttp.ClientConnectorError as exc:
+            raise RuntimeError(f"provider unreachable with key {PLAIN_SECRET}") from exc
+
+    for fmt in ("text", "json"):
+        out.seek(0)
+        out.truncate()
+        setup_logging("INFO", fmt, stream=out, secrets=[PLAIN_SECRET])
+        try:
+            await fail()
+        except RuntimeError:
+            log.exception("probe failed")
+        written = out.getvalue()
+        assert PLAIN_SECRET not in written
+        if fmt == "text":
+            header, *more = lines(out)
+            assert header.endswith(" ERROR   bots.test_logs probe failed")
+            assert more and all(line.startswith("  |") for line in more)
+            body = [line.removeprefix("  | ").removeprefix("  |") for line in more]
+            assert "ConnectionRefusedError: [Errno 111] Connect call failed ('127.0.0.1', %d)" % port in body
+            assert any(line.startswith("aiohttp.client_exceptions.ClientConnectorError: Cannot connect to host")
+                       for line in body)
+            assert "The above exception was the direct cause of the following exception:" in body
+            assert body[-1] == "RuntimeError: provider unreachable with key ***"
+            assert "\\n" not in written
+        else:
+            (line,) = written.splitlines()
+            record = json.loads(line)
+            assert record["msg"] == "probe failed" and record["exc_type"] == "RuntimeError"
+            exc = record["exc"]
+            assert exc.startswith("Traceback (most recent call last):\n")
+            assert "\nConnectionRefusedError: [Errno 111]" in exc
+            assert exc.endswith("\nRuntimeError: provider unreachable with key ***")
 
 
 # --------------------------------------------------------------------------- redaction

@@ -52,7 +52,7 @@ def free_port() -> int:
 
 
 def parse(line: str, fmt: str) -> dict[str, Any]:
-    """One log line as {logger, msg, platform, chat, turn}."""
+    """One log record (a JSON line, or a text record's first line) as {logger, msg, platform, chat, turn}."""
     if fmt == "json":
         record = json.loads(line)
         assert isinstance(record, dict) and {"ts", "level", "logger", "msg"} <= record.keys(), line
@@ -60,6 +60,20 @@ def parse(line: str, fmt: str) -> dict[str, Any]:
     match = TEXT_LINE.match(line)
     assert match is not None, f"not a parley text log line: {line!r}"
     return {k: v for k, v in match.groupdict().items() if v is not None}
+
+
+def records_of(lines: list[str], fmt: str) -> list[dict[str, Any]]:
+    """Every record of a log; in text, lines starting with `  |` continue the record before them."""
+    if fmt == "json":
+        return [parse(line, fmt) for line in lines]
+    records: list[dict[str, Any]] = []
+    for line in lines:
+        if line.startswith("  |"):
+            assert records, f"a continuation line with no record before it: {line!r}"
+            records[-1].setdefault("more", []).append(line)
+        else:
+            records.append(parse(line, fmt))
+    return records
 
 
 def about_a_turn(record: dict[str, Any]) -> bool:
@@ -107,7 +121,8 @@ async def test_a_full_run_never_logs_a_secret_and_turn_lines_carry_context(
 
             llm.script(Reply.text("Partial answer that never finishes", chunk=8, fault="abort_midstream+nonstream_500"))
             telegram.user_says(chat, tg_owner, "and now?")
-            await proc.wait_for_line("turn failed: ProviderUnavailable")
+            # The provider answered the fallback with HTTP 500: the line says so, and where.
+            failed = await proc.wait_for_line("turn failed: ProviderServerError")
             await telegram.wait_for(lambda: any("⚠️" in t for t in telegram.bot_texts(chat.id)), timeout=15)
 
             proc.signal(signal.SIGTERM)
@@ -120,7 +135,20 @@ async def test_a_full_run_never_logs_a_secret_and_turn_lines_carry_context(
     # setWebhook's parameters (the secret token) at DEBUG -- redacted.
     assert "/bot***/getMe" in output and "'secret_token': '***'" in output
 
-    records = [parse(line, fmt) for line in proc.stderr]
+    records = records_of(proc.stderr, fmt)
+    host = llm.base_url.split("//")[1].split("/")[0]
+    (failed_record,) = [r for r in records if r["msg"].startswith("turn failed")]
+    assert failed_record["msg"].startswith(
+        "turn failed: ProviderServerError: provider returned HTTP 500: The server had an error"
+    ), failed
+    if fmt == "json":
+        assert (failed_record["provider"], failed_record["model"], failed_record["status"]) == (host, "fake-model", 500)
+    else:
+        assert failed.endswith(f" provider={host} model=fake-model status=500"), failed
+    # At DEBUG the traceback of the SDK's error follows: multi-line in text, one field in JSON.
+    (chain,) = [r for r in records if r["msg"].startswith("the failed turn's provider error")]
+    trace = chain["exc"] if fmt == "json" else "\n".join(line[4:] for line in chain["more"])
+    assert trace.startswith("Traceback (most recent call last):\n") and "openai.InternalServerError: Error code: 500" in trace
     assert proc.stdout == [], "`parley run` writes its log to stderr only"
     turn_records = [r for r in records if about_a_turn(r)]
     missing = [r for r in turn_records if not (r.get("platform") and r.get("chat") and r.get("turn"))]
