@@ -340,7 +340,7 @@ async def test_when_the_model_fails_after_a_voice_note_the_quote_stays_above_the
     fake_llm.script(Reply.text("unused", fault="nonstream_500"))
     await send(gateway, message("", connector.add("audio", b"OggS-w", mime="audio/ogg")))
     assert connector.texts() == [
-        "🎤 “what's the weather”\n\n⚠️ The model provider isn't reachable right now. Please try again shortly."
+        "🎤 “what's the weather”\n\n⚠️ The model provider had an internal error. Please try again."
     ]
     (turn,) = await stored_turns(store)
     assert turn.status == "error" and turn.messages[0]["attachments"][0]["transcript"] == "what's the weather"
