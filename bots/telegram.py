@@ -22,7 +22,7 @@ import logging
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -210,8 +210,9 @@ class WebhookOptions:
     secret_token: str | None = None
 
 
-ALLOWED_UPDATES = ["message"]
-"""The only update type parley reads: Telegram then drops other kinds instead of delivering them."""
+ALLOWED_UPDATES = ["message", "edited_message"]
+"""The update types parley reads (an edit can restart its turn: `Gateway._edit`); Telegram
+drops other kinds instead of delivering them."""
 
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 
@@ -558,6 +559,8 @@ class TelegramConnector:
 
     def to_inbound(self, update: Update) -> Inbound | None:
         """A Telegram update as a platform-neutral message (None: not for the gateway)."""
+        if update.message is None and update.edited_message is not None:
+            return self._edit_to_inbound(update)
         msg = update.message
         if msg is None or msg.text is None or msg.from_user is None or msg.from_user.is_bot:
             return None
@@ -607,6 +610,19 @@ class TelegramConnector:
             reply_to_user_id=reply_user,
             reply_to_username=reply_name,
         )
+
+
+    def _edit_to_inbound(self, update: Update) -> Inbound | None:
+        """An `edited_message` update: the message as it reads now, marked as an edit of itself.
+
+        Its own update_id keeps it apart in the inbox (Telegram numbers every update).
+        """
+        edited = update.edited_message
+        assert edited is not None
+        inbound = self.to_inbound(Update(update.update_id, message=edited))
+        if inbound is None:
+            return None
+        return replace(inbound, edit_of=inbound.message_id)
 
 
 def describe_poll_error(exc: BaseException) -> str:

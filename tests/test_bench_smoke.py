@@ -225,3 +225,17 @@ async def test_soak_benchmark_runs() -> None:
     has_fields(result["restart_to_recovered_reply_s"], "p50", "p99", "max", "n")
     assert result["messages_sent"] == 9
     assert result["kills"] <= 2
+
+
+async def test_coalesce_benchmark_runs() -> None:
+    result = await run_script("bench/coalesce.py", "--runs", "1", "--rounds", "1", "--window", "0.2")
+    has_fields(result, "bench", "params", "targets", "short", "long", "machine")
+    has_fields(result["machine"], *MACHINE)
+    for kind in ("short", "long"):
+        has_fields(
+            result[kind], "chars", "added_ms", "added_ms_max", "e2e_ms_window_on", "e2e_ms_window_off", "e2e_added_ms"
+        )
+        assert is_number(result[kind]["added_ms"]["median"]), kind
+    # The seam measures the hold itself: a long message is held at least the window (a clock
+    # lower bound, not a judgement of speed).
+    assert result["long"]["added_ms"]["median"] >= 200
