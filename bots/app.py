@@ -63,6 +63,7 @@ def chat_defaults(settings: Settings) -> ChatDefaults:
         reserve_completion_tokens=chat.reserve_completion_tokens,
         budget_hold_ttl=chat.budget_hold_ttl,
         still_working_after=chat.still_working_after,
+        coalesce_window=chat.coalesce_window.windows(),
         history_max_messages=settings.agent.history.max_messages,
         history_max_tokens=settings.agent.history.max_tokens,
         prices={name: (p.prompt, p.completion) for name, p in settings.provider.prices.items()},

@@ -709,6 +709,30 @@ class AgentSettings(_Section):
     tools: ToolsSettings = Field(default_factory=dict)
 
 
+class CoalesceWindow(_Section):
+    """Seconds to wait for the rest of a message a platform may have split, per platform.
+
+    Telegram clients split a paste over 4096 characters into several messages; parley
+    waits this long after one that may be such a part (3000+ characters, or an album
+    item) and answers the parts as one turn. Discord clients never split: over 2000
+    characters they offer to send the text as a file. 0 or off: no waiting (albums are
+    still merged). One number for every platform also works: `coalesce_window: 1.5`.
+    """
+
+    telegram: SecondsOrOff = 1.0
+    discord: SecondsOrOff = 0.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_for_all(cls, data: Any) -> Any:
+        if data is None or isinstance(data, Mapping):
+            return data or {}
+        return {"telegram": data, "discord": data}
+
+    def windows(self) -> dict[str, float]:
+        return {"telegram": self.telegram, "discord": self.discord}
+
+
 class ChatSettings(_Section):
     """Defaults for every chat; admins override some per chat (/model /system /mode /stream)."""
 
@@ -732,6 +756,8 @@ class ChatSettings(_Section):
     # Seconds without anything new in a reply (model thinking, provider slow) before its live
     # message shows "still working…"; 0 or off: never.
     still_working_after: SecondsOrOff = 15.0
+    # Split messages become one turn (see CoalesceWindow).
+    coalesce_window: CoalesceWindow = Field(default_factory=dict)
 
 
 MB = 1_000_000

@@ -31,7 +31,7 @@ import inspect
 import logging
 import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import aiohttp
@@ -400,7 +400,7 @@ class DiscordConnector:
         self._task: asyncio.Task[None] | None = None
         for handler in (
             self.on_connect, self.on_resumed, self.on_disconnect, self.on_guild_available, self.on_guild_join,
-            self.on_ready, self.on_message,
+            self.on_ready, self.on_message, self.on_raw_message_edit,
         ):
             self.client.event(handler)
 
@@ -560,6 +560,25 @@ class DiscordConnector:
         inbound = self.to_inbound(message)
         if inbound is not None:
             await self._gateway.handle(inbound)
+
+    async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        """A person edited their message: handed over as an edit of it (`Inbound.edit_of`).
+
+        The raw event, not `on_message_edit`: that one fires only for messages still in
+        discord.py's cache, and an edit must be seen after a restart too. Discord also
+        sends MESSAGE_UPDATE when it adds a link preview (no `edited_timestamp` then):
+        not an edit. The edit time makes the update id, so one edit delivered twice (a
+        preview added to an edited message repeats it) is stored once.
+        """
+        message = payload.message
+        if self._gateway is None or message.edited_at is None or not self.from_a_person(message):
+            return
+        inbound = self.to_inbound(message)
+        if inbound is not None:
+            stamp = int(message.edited_at.timestamp() * 1000)
+            await self._gateway.handle(
+                replace(inbound, update_id=f"edit:{message.id}:{stamp}", edit_of=str(message.id))
+            )
 
     def from_a_person(self, message: discord.Message) -> bool:
         """Only what people write is handled: never a bot's message (parley's own output is

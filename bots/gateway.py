@@ -40,6 +40,8 @@ from agent.errors import (
 from bots import history as hist
 from bots.access import Access, Role, denial_text
 from bots.clock import REAL_CLOCK, Clock
+from bots.coalesce import Coalescer, regroup
+from bots.coalesce import merge as merge_parts
 from bots.commands import CommandContext, CommandRegistry, builtin_commands
 from bots.errors import OutboxError, RateLimited, Transient, Undeliverable
 from bots.health import PlatformHealth
@@ -83,6 +85,8 @@ RATE_LIMITED_TEXT = (
 RESTARTING_TEXT = "⏳ parley is restarting; I'll answer this as soon as it's back."
 STORE_DOWN_TEXT = "⚠️ I couldn't save your message (my database is unavailable). Please resend it in a few minutes."
 CONTINUING_TEXT = "↻ continuing after a restart…"
+EDITED_TEXT = "✏️ answering your edited message…"
+"""What the live reply shows when its question was edited mid-answer, until the new answer begins."""
 BUDGET_HELD_TEXT = "⏳ Your replies still running may use up your daily budget; send this again when they finish."
 INTERRUPTED_MARKER = "⚠️ interrupted by a restart"
 LOST_TEXT = "⚠️ I restarted and lost track of this message. Please resend it."
@@ -150,6 +154,9 @@ class ChatDefaults:
     reserve_completion_tokens: int = 1024  # a budgeted turn's answer allowance, unless extra_params caps it
     budget_hold_ttl: float = 3600.0  # seconds a budget hold counts at most (a process died mid-turn)
     still_working_after: float = 15.0  # seconds of nothing new before a reply says "still working…" (0: never)
+    # Seconds to wait for the rest of a message the platform may have split, per platform
+    # (bots.coalesce); a platform not named: 0 (only albums wait).
+    coalesce_window: dict[str, float] = field(default_factory=lambda: {"telegram": 1.0})
 
     def allowed_models(self) -> list[str]:
         return list(dict.fromkeys([self.model, *self.models]))
@@ -208,6 +215,18 @@ TurnListener = Callable[[Inbound, str], None]
 """Told how each turn ended: (the message, "ok" | "fell_back" | "interrupted" | "error")."""
 
 
+@dataclass(eq=False)
+class _Replacement:
+    """A running turn whose question was edited: what the turn answering the new text takes over.
+
+    Filled in by the old turn as it stops (`Gateway._hand_over`); taken by the new one.
+    """
+
+    turn_id: int | None = None  # the old turn: superseded when the new one begins
+    adopt: list[MessageRef] = field(default_factory=list)  # the messages it showed: the new answer goes there
+    unsure: list[dict[str, Any]] = field(default_factory=list)  # its sends of unknown outcome
+
+
 class Gateway:
     """Routes messages, owns the lanes, and runs turns."""
 
@@ -254,6 +273,13 @@ class Gateway:
         self._spill_task: asyncio.Task[None] | None = None
         self._in_lanes: set[int] = set()  # inbox ids handed to a lane (running or queued)
         self._recovered: dict[int, InboxRow] = {}  # unfinished rows of an earlier process, by inbox id
+        self.coalescer = Coalescer(lambda platform: self.defaults.coalesce_window.get(platform, 0.0))
+        self._holds: dict[str, asyncio.Task[None]] = {}  # coalescer group key -> the task waiting out its window
+        # The single messages (parts) behind what is held, queued or running, by inbox id, and
+        # their inbox id by (chat, platform message id): an edit finds what it edits here.
+        self._parts: dict[int, Inbound] = {}
+        self._part_ids: dict[tuple[str, str], int] = {}
+        self._replacements: dict[int, _Replacement] = {}  # first inbox id of a restarted message -> hand-over
         self._routing_open = asyncio.Event()  # closed while recovery queues what was left
         self._routing_open.set()
         self._routing_abandoned = False
@@ -423,11 +449,10 @@ class Gateway:
         await self._note_user(inbound)
         self._maybe_prune()
         if inbound.edit_of is not None:
-            # An edited message (Telegram's edited_message). Edits do not restart turns
-            # yet (issue 14: "an edit of the user's last message while its reply is still
-            # streaming restarts the turn"); until then an edit starts nothing -- without
-            # this it would be answered as if it were a new message.
-            self._settle(inbound, "ignored")
+            # Before the access check: an edit can only change a message that was let in
+            # (it finds it among those held, queued or running), and a stranger's edit
+            # deserves no second denial.
+            await self._edit(inbound)
             return
         role = await self.access.role(inbound)
         if role == Role.BLOCKED:
@@ -444,6 +469,8 @@ class Gateway:
             self._settle(inbound, "answered" if told else "ignored")
             return
         if inbound.command is not None:
+            # A command never joins a split message; what the chat holds goes first.
+            await self._flush_held(inbound.chat.key)
             await self._run_command(inbound, role)
             return
         if not inbound.text.strip() and not inbound.attachments:
@@ -451,7 +478,164 @@ class Gateway:
             return
         if not await self._within_rate(inbound, role):
             return
-        await self._submit(inbound)
+        await self._coalesce([inbound])
+
+    # ---- split messages and edits -----------------------------------------------------
+
+    async def _coalesce(self, parts: list[Inbound]) -> None:
+        """Hand a message to its lane -- at once, or after the coalescing window when it may
+        be the first part of a split paste or an album (`bots.coalesce`).
+
+        Called under the chat's routing lock. A message that cannot be split costs one
+        length check here: no timer, no task, no wait.
+        """
+        for part in parts:
+            self._remember_part(part)
+        if any(i in self._recovered for p in parts for i in p.inbox_ids):
+            # Left by an earlier process: grouped as it was when it came (`_regroup`).
+            for part in parts:
+                await self._submit_durably(part)
+            return
+        offered = self.coalescer.offer(parts, self.clock.now())
+        if offered.started is not None:
+            self._holds[offered.started] = self._hold(offered.started)
+        if offered.ready:
+            self._drop_idle_holds()
+        for ready in offered.ready:
+            await self._submit_durably(ready)
+
+    async def _flush_held(self, chat_key: str) -> None:
+        """Hand everything the chat holds to its lane now (a command comes next)."""
+        held = self.coalescer.take_chat(chat_key)
+        if held:
+            self._drop_idle_holds()
+        for ready in held:
+            await self._submit_durably(ready)
+
+    def _drop_idle_holds(self) -> None:
+        """Cancel the waits of groups flushed early; such a task only sleeps (no side effects)."""
+        for key, task in list(self._holds.items()):
+            if self.coalescer.deadline(key) is None:
+                del self._holds[key]
+                task.cancel()
+
+    def _hold(self, key: str) -> asyncio.Task[None]:
+        """The task that waits out a held group's window (on the injected clock), then hands
+        it to the lane under the chat's routing lock. Counted in `_tasks`, so `settle`
+        waits for held messages too."""
+        chat_key = key.split("\x00", 1)[0]
+
+        async def hold() -> None:
+            try:
+                while True:
+                    deadline = self.coalescer.deadline(key)
+                    if deadline is None:
+                        return  # flushed meanwhile (a command, a later message, shutdown)
+                    wait = deadline - self.clock.now()
+                    if wait <= 0:
+                        break
+                    await self.clock.sleep(wait)
+            finally:
+                if self._holds.get(key) is task:
+                    del self._holds[key]
+            lock = self._chat_locks.setdefault(chat_key, asyncio.Lock())
+            try:
+                async with lock:
+                    ready = self.coalescer.take_if_due(key, self.clock.now())
+                    if ready is not None:
+                        await self._submit_durably(ready)
+            finally:
+                if not lock._waiters:  # type: ignore[attr-defined]
+                    self._chat_locks.pop(chat_key, None)
+
+        task = asyncio.create_task(hold(), name=f"coalesce:{chat_key}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _submit_durably(self, inbound: Inbound) -> None:
+        """`_submit`, waiting while the store is down (the message is stored: it waits safely)."""
+        delay = self.store_backoff[0]
+        while True:
+            try:
+                await self._submit(inbound)
+                return
+            except StoreError as exc:
+                self.metrics.store_retries.labels("route").inc()
+                if not self._accepting:
+                    log.warning("chat %s: store unavailable while shutting down; message %s stays for the next start",
+                                inbound.chat.key, inbound.update_id)
+                    return
+                log.warning("chat %s: store unavailable (%s); message %s waits, retrying in %.0fs",
+                            inbound.chat.key, exc, inbound.update_id, delay)
+                await self.clock.sleep(delay)
+                delay = min(delay * 2, self.store_backoff[1])
+
+    def _remember_part(self, part: Inbound) -> None:
+        """Keep a single message while it is held, queued or running, for edits to find."""
+        if len(part.inbox_ids) == 1 and part.edit_of is None and part.command is None:
+            self._parts[part.inbox_ids[0]] = part
+            self._part_ids[(part.chat.key, part.message_id)] = part.inbox_ids[0]
+
+    def _forget_parts(self, inbound: Inbound) -> None:
+        """The message will not run (again) in this process: its edits are ignored from now on."""
+        for inbox_id in inbound.inbox_ids:
+            part = self._parts.pop(inbox_id, None)
+            if part is not None and self._part_ids.get((part.chat.key, part.message_id)) == inbox_id:
+                del self._part_ids[(part.chat.key, part.message_id)]
+
+    def _rebuild(self, inbound: Inbound) -> Inbound:
+        """A (merged) message again from its parts as they are now -- one of them was edited."""
+        parts = [self._parts.get(i) for i in inbound.inbox_ids]
+        if any(p is None for p in parts):  # not made of remembered parts (/retry): nothing to rebuild
+            return inbound
+        return merge_parts([p for p in parts if p is not None])
+
+    async def _edit(self, edit: Inbound) -> None:
+        """A person edited a message (`Inbound.edit_of`).
+
+        Held in the coalescing window or waiting in the lane: the edited text replaces
+        the old one where it waits. Being answered right now: the turn restarts with the
+        new text -- the running turn stops, and the answer to the edit continues in the
+        very message that showed the old answer (`EDITED_TEXT` until it begins). Anything
+        else (an older message, answered already): ignored, silently. The new text is
+        written over the stored one first, so a crash from here on answers the edit.
+        """
+        key = edit.chat.key
+        inbox_id = self._part_ids.get((key, edit.edit_of or ""))
+        part = self._parts.get(inbox_id) if inbox_id is not None else None
+        if (
+            inbox_id is None
+            or part is None
+            or part.user_key != edit.user_key
+            or edit.command is not None
+            or not (edit.text.strip() or edit.attachments or part.attachments)
+        ):
+            log.info("chat %s: edit of message %s ignored (not waiting or being answered)", key, edit.edit_of)
+            self._settle(edit, "ignored")
+            return
+        revised = replace(part, text=edit.text, attachments=edit.attachments or part.attachments)
+        if not await self.store.revise_message(inbox_id, inbound_json(revised)):
+            log.info("chat %s: edit of message %s came after its answer; ignored", key, edit.edit_of)
+            self._settle(edit, "ignored")
+            return
+        self._parts[inbox_id] = revised
+        running = self.lanes.running(key)
+        if self.coalescer.revise(revised):
+            where = "held"
+        elif running is not None and inbox_id in running.inbox_ids:
+            restarted = self._rebuild(running)
+            self._replacements.setdefault(restarted.inbox_ids[0], _Replacement())
+            self.lanes.restart(key, restarted)
+            where = "running: restarting its turn"
+        elif self.lanes.revise(key, inbox_id, self._rebuild):
+            where = "queued"
+        else:
+            log.info("chat %s: edit of message %s ignored (not waiting or being answered)", key, edit.edit_of)
+            self._settle(edit, "ignored")
+            return
+        log.info("chat %s: message %s edited (%s)", key, edit.edit_of, where)
+        self._settle(edit, "answered")
 
     async def _within_rate(self, inbound: Inbound, role: Role) -> bool:
         """`access.user_rate`: False when the message was dropped (its sender told once per burst).
@@ -530,10 +714,12 @@ class Gateway:
             self._settle(inbound, "failed")
         elif outcome is Submitted.CLOSED:
             # Stays in the inbox: the next start answers it.
+            self._forget_parts(inbound)
             await self._answer(inbound, RESTARTING_TEXT)
 
     def _settle(self, inbound: Inbound, status: str) -> None:
         """Give a message that needs no turn its final status (in a task: the chat has its answer)."""
+        self._forget_parts(inbound)
         if inbound.inbox_ids:
             self._spawn(self._finish_messages(list(inbound.inbox_ids), status))
 
@@ -658,21 +844,34 @@ class Gateway:
             self._in_lanes.difference_update(inbound.inbox_ids)
             for inbox_id in inbound.inbox_ids:
                 self._recovered.pop(inbox_id, None)
+            if not inbound.inbox_ids or inbound.inbox_ids[0] not in self._replacements:
+                self._forget_parts(inbound)
+            else:
+                self._in_lanes.update(inbound.inbox_ids)  # edited: it runs again next
 
     async def _answer_message(self, inbound: Inbound, interrupt: asyncio.Event) -> None:
         connector = self.connectors[inbound.platform]
         started = time.monotonic()
         earlier = [self._recovered[i] for i in inbound.inbox_ids if i in self._recovered]
-        adopt = [MessageRef(inbound.chat, mid) for row in earlier for mid, _ in shown_messages(row.reply)]
-        unsure = [entry for row in earlier for entry in leftover_sends(row.reply)]  # copies to look for
+        # The rows of one turn (a merged message) share one reply: each message once.
+        adopt = list(dict.fromkeys(MessageRef(inbound.chat, mid) for mid, _ in _shown_by(earlier)))
+        unsure = _leftovers_of(earlier)  # copies to look for
+        placeholder = CONTINUING_TEXT if adopt else None
+        supersede = [r.turn_id for r in earlier if r.turn_id]
+        # The question was edited while an earlier turn answered it: continue in its messages.
+        edited = self._replacements.pop(inbound.inbox_ids[0], None) if inbound.inbox_ids else None
+        if edited is not None:
+            adopt += [ref for ref in edited.adopt if ref not in adopt]
+            unsure += edited.unsure
+            supersede += [edited.turn_id] if edited.turn_id is not None else []
+            placeholder = EDITED_TEXT if edited.adopt else placeholder
+            earlier = []  # the earlier attempt's outcome no longer decides anything
         if earlier and await self._end_recovered(inbound, earlier, connector):
             return
         prepared = await self._prepare_input(inbound, connector, interrupt)
         if prepared is None:
             return
-        plan = await self._durably(
-            "plan_turn", self._plan_turn, inbound, [r.turn_id for r in earlier if r.turn_id], prepared
-        )
+        plan = await self._durably("plan_turn", self._plan_turn, inbound, supersede, prepared)
         if plan is None:
             return
         model, system_prompt, streaming, history, turn_id = plan
@@ -685,7 +884,7 @@ class Gateway:
                 pre_tool_text="keep" if self.defaults.pre_tool_text == "keep" else "hide",
                 show_reasoning=self.defaults.show_reasoning,
                 drafts=connector.drafts,
-                placeholder=CONTINUING_TEXT if adopt else None,
+                placeholder=placeholder,
                 still_working_after=self.defaults.still_working_after or None,
                 header=prepared.header,
             ),
@@ -712,6 +911,8 @@ class Gateway:
                 await asyncio.shield(self._abandon(inbound, reply, turn_id, meter))
                 raise
             except Exception as exc:
+                if await self._hand_over(inbound, reply, turn_id, None):
+                    return
                 _log_failed_turn(exc)
                 delivery = await reply.finish(notice=self._error_line(inbound, exc))
                 await self._finish_turn(
@@ -723,6 +924,8 @@ class Gateway:
                 self._turn_ended(inbound, "error")
                 if not delivery.complete:
                     self.metrics.deliveries_failed.labels(inbound.platform).inc()
+                return
+            if await self._hand_over(inbound, reply, turn_id, result):
                 return
             delivery = await reply.finish(final_text=result.text, interrupted=result.interrupted)
             status = "interrupted" if result.interrupted else "ok"
@@ -747,6 +950,31 @@ class Gateway:
                 f", fell back ({', '.join(result.fallback_causes)})" if result.fell_back else "",
             )
 
+    async def _hand_over(self, inbound: Inbound, reply: LiveReply, turn_id: int, result: Any) -> bool:
+        """The question was edited while this turn answered it: True when this turn stepped aside.
+
+        Its reply stops where it is, with no marker -- the turn answering the new text
+        continues in the same messages -- and the turn ends interrupted (superseded as that
+        one begins), its usage booked. The inbox rows stay running: they belong to the
+        next turn now, and a crash before it begins finds them, with what the chat shows.
+        """
+        edited = self._replacements.get(inbound.inbox_ids[0]) if inbound.inbox_ids else None
+        if edited is None or edited.turn_id is not None:
+            return False
+        shown, state = await reply.hand_over()
+        edited.turn_id, edited.adopt, edited.unsure = turn_id, shown, leftover_sends(state)
+        try:
+            await self.store.note_reply(inbound.inbox_ids, state)
+        except StoreError as exc:
+            log.warning("chat %s: could not record the reply an edit replaces: %s", inbound.chat.key, exc)
+        usage = self._usage(inbound, result) if result is not None else None
+        await self._finish_turn(turn_id, [], status="interrupted", usage=usage)
+        if result is not None:
+            self._count_usage(result)
+        self.metrics.turns.labels(inbound.platform, "interrupted").inc()
+        log.info("turn %s: its message was edited; answering the new text", turn_id)
+        return True
+
     async def _end_recovered(self, inbound: Inbound, earlier: list[InboxRow], connector: Connector) -> bool:
         """A message an earlier process left unfinished: True when it ends here without a turn.
 
@@ -758,7 +986,7 @@ class Gateway:
         looping = max(r.attempts for r in earlier) >= self.defaults.max_attempts
         if not too_old and not looping:
             return False
-        shown = [(mid, text) for row in earlier for mid, text in shown_messages(row.reply)]
+        shown = _shown_by(earlier)
         status, notice = ("expired", INTERRUPTED_MARKER) if too_old else ("failed", CRASH_LOOP_TEXT)
         self.metrics.recovered.labels(status).inc()
         log.warning(
@@ -766,7 +994,7 @@ class Gateway:
             f"is {age.total_seconds():.0f}s old: not answered after the restart" if too_old
             else f"was cut off {max(r.attempts for r in earlier)} times: given up",
         )
-        unsure = [entry for row in earlier for entry in leftover_sends(row.reply)]  # copies to look for
+        unsure = _leftovers_of(earlier)  # copies to look for
         if not shown:
             await self.reply(inbound, LOST_TEXT if too_old else CRASH_LOOP_TEXT)
             await remove_leftovers(connector.outbox, connector.pacing.for_chat(inbound.chat), inbound.chat, unsure)
@@ -1061,6 +1289,10 @@ class Gateway:
         """Queued messages dropped by /stop or /new: stopped by someone."""
         for inbound in inbounds:
             self._in_lanes.difference_update(inbound.inbox_ids)
+            if inbound.inbox_ids:
+                # An edited message due to restart its turn, stopped: the running turn ends
+                # as any stopped turn does (marked stopped), nothing hands over.
+                self._replacements.pop(inbound.inbox_ids[0], None)
             self._settle(inbound, "stopped")
 
     async def load_unfinished(self, platforms: list[str]) -> int:
@@ -1071,9 +1303,11 @@ class Gateway:
         """
         rows = await self.store.unfinished_messages(platforms)
         self._routing_open.clear()
+        rows = await self._apply_left_edits(rows)
         for row in rows:
             self._recovered[row.id] = row
-            self._dispatch(inbound_from_json(row.inbound, (row.id,)))
+        for inbound in self._regroup(rows):
+            self._dispatch(inbound)
         if rows:
             running = sum(1 for r in rows if r.status == INBOX_RUNNING)
             log.info(
@@ -1082,6 +1316,55 @@ class Gateway:
             )
             self.metrics.recovered.labels("resumed").inc(len(rows))
         return len(rows)
+
+    async def _apply_left_edits(self, rows: list[InboxRow]) -> list[InboxRow]:
+        """Edits an earlier process stored but did not settle, applied to their unfinished messages.
+
+        The message is answered once, with the edited text, rather than started with the old
+        text only to be restarted by its edit a moment later. An edit whose message is
+        finished already stays, to be routed (and ignored) like any other.
+        """
+        kept: list[InboxRow] = []
+        where: dict[tuple[str, str], int] = {}  # (chat, platform message id) -> index in `kept`
+        for row in rows:
+            edit_of = row.inbound.get("edit_of")
+            if edit_of is None:
+                where[(row.chat_key, str(row.inbound.get("message_id")))] = len(kept)
+                kept.append(row)
+                continue
+            at = where.get((row.chat_key, str(edit_of)))
+            if at is None or kept[at].user_key != row.user_key or row.inbound.get("command"):
+                kept.append(row)
+                continue
+            revised = {**kept[at].inbound, "text": row.inbound.get("text", "")}
+            if row.inbound.get("attachments"):
+                revised["attachments"] = row.inbound["attachments"]
+            await self.store.revise_message(kept[at].id, revised)
+            await self.store.finish_messages([row.id], "answered")
+            kept[at] = replace(kept[at], inbound=revised, attempts=0)
+        return kept
+
+    def _regroup(self, rows: list[InboxRow]) -> list[Inbound]:
+        """Unfinished rows as the messages to answer, in their original order.
+
+        Rows one turn answered (a split paste, an album, messages merged while a turn was
+        interrupted) are one message again: answered once, continuing the reply they
+        share. Rows not started yet are grouped as the coalescing window grouped them when
+        they came (`bots.coalesce.regroup`), so a process killed inside the window answers
+        the merged message once after the restart.
+        """
+        started: dict[int, list[Inbound]] = {}
+        waiting: list[tuple[Inbound, float]] = []
+        for row in rows:
+            inbound = inbound_from_json(row.inbound, (row.id,))
+            self._remember_part(inbound)
+            if row.status == INBOX_RUNNING and row.turn_id is not None:
+                started.setdefault(row.turn_id, []).append(inbound)
+            else:
+                waiting.append((inbound, row.received_at.timestamp()))
+        window = self.coalescer.window_for
+        groups = [merge_parts(parts) for parts in started.values()] + regroup(waiting, window)
+        return sorted(groups, key=lambda m: min(m.inbox_ids))
 
     def resume_unfinished(self, *, started: bool = True) -> None:
         """Let routing go: recovered messages first, in their original order, then new ones.
@@ -1097,6 +1380,13 @@ class Gateway:
         Messages still queued stay in the inbox: the next start answers them.
         """
         self._accepting = False
+        self.lanes.refuse()
+        # Messages held for a possible next part stay in the inbox too: no wait for their
+        # windows; their senders hear parley is restarting (`Submitted.CLOSED`).
+        held = self.coalescer.take_all()
+        self._drop_idle_holds()
+        for inbound in held:
+            await self._submit_durably(inbound)
         leftovers = await self.lanes.close(timeout)
         if leftovers:
             log.info("%d queued messages stay in the inbox for the next start", len(leftovers))
@@ -1110,6 +1400,24 @@ class Gateway:
                 if inbound.addressed:
                     await self.reply(inbound, STORE_DOWN_TEXT)
             self._spill.clear()
+
+
+def _shown_by(rows: list[InboxRow]) -> list[tuple[str, str]]:
+    """(message id, text) the replies of these rows show, each message once (the rows
+    one turn answered all record the same reply)."""
+    shown: dict[str, str] = {}
+    for row in rows:
+        for mid, text in shown_messages(row.reply):
+            shown.setdefault(mid, text)
+    return list(shown.items())
+
+
+def _leftovers_of(rows: list[InboxRow]) -> list[dict[str, Any]]:
+    """The sends of unknown outcome these rows' replies recorded -- each reply once (the rows
+    one turn answered record the same one), each of its entries kept: two lost sends of the
+    same text are two copies to look for."""
+    replies = {json.dumps(row.reply, sort_keys=True, default=str): row.reply for row in rows if row.reply}
+    return [entry for reply in replies.values() for entry in leftover_sends(reply)]
 
 
 class _InboxJournal:

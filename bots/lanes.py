@@ -20,6 +20,11 @@ who have not had one yet first, in the order they started waiting) -- round-robi
 people, FIFO within one person's messages. Whoever writes while someone else's backlog
 waits is answered by the very next turn, whatever the size of that backlog.
 
+Edits: a waiting message that its sender edits is replaced where it waits (`revise`);
+the message of the running turn, edited, restarts the turn (`restart`): the running turn
+is asked to stop and the edited message runs next, ahead of everyone waiting -- it is
+the same question, asked again, not a new one.
+
 The busy check and the state change happen synchronously in `submit`, with no await in
 between, so two racing messages can never both start a turn. Control commands (/stop,
 /new, /status...) never enter a lane.
@@ -69,6 +74,7 @@ class _Lane:
     arrivals: int = 0  # messages queued (their arrival number orders `leftovers`)
     told_full: set[str] = field(default_factory=set)  # senders told their queue is full
     merge_next: bool = False  # interrupt policy: pending messages merge into the next turn
+    restart: Inbound | None = None  # the running turn's message, edited: it runs next
 
     @property
     def depth(self) -> int:
@@ -102,12 +108,13 @@ class _Lane:
         return taken[0] if len(taken) == 1 else _merge(taken)
 
     def drain(self) -> list[Inbound]:
-        """Remove every waiting message; returns them in arrival order."""
+        """Remove every waiting message (an edited one due to restart first); returns them in arrival order."""
         thrown = sorted((entry for q in self.waiting.values() for entry in q), key=lambda e: e[0])
         self.waiting.clear()
         self.order.clear()
         self.told_full.clear()
-        return [m for _, m in thrown]
+        restart, self.restart = self.restart, None
+        return ([restart] if restart is not None else []) + [m for _, m in thrown]
 
 
 class Lanes:
@@ -158,6 +165,10 @@ class Lanes:
         lane = self._lanes.get(key)
         if lane is None:
             return False, 0
+        # An edited message due to restart the running turn is that turn: stopped with it.
+        restart, lane.restart = lane.restart, None
+        if restart is not None and self._on_dropped is not None:
+            self._on_dropped([restart])
         dropped = 0
         if clear_queue:
             thrown = lane.drain()
@@ -165,7 +176,9 @@ class Lanes:
             lane.merge_next = False
             if thrown and self._on_dropped is not None:
                 self._on_dropped(thrown)
-        running = lane.running is not None and lane.interrupt is not None and not lane.interrupt.is_set()
+        running = lane.running is not None and lane.interrupt is not None and (
+            not lane.interrupt.is_set() or restart is not None
+        )
         if lane.interrupt is not None:
             lane.interrupt.set()
         return running, dropped
@@ -185,6 +198,34 @@ class Lanes:
         if self._on_dropped is not None:
             self._on_dropped(thrown)
         return len(thrown)
+
+    def restart(self, key: str, inbound: Inbound) -> bool:
+        """Stop the running turn and run `inbound` (its message, edited) next; False: nothing runs.
+
+        The edited message goes ahead of everything waiting, whatever the busy policy: it
+        replaces the question being answered. Edited again before it started, the newer
+        version replaces it.
+        """
+        lane = self._lanes.get(key)
+        if lane is None or lane.running is None or self._closed:
+            return False
+        lane.restart = inbound
+        if lane.interrupt is not None:
+            lane.interrupt.set()
+        return True
+
+    def revise(self, key: str, inbox_id: int, revise: Callable[[Inbound], Inbound]) -> bool:
+        """Replace the waiting message that carries `inbox_id` by `revise(it)` (its sender
+        edited it before its turn started); False: no such message waits here."""
+        lane = self._lanes.get(key)
+        if lane is None:
+            return False
+        for queue in lane.waiting.values():
+            for i, (arrival, waiting) in enumerate(queue):
+                if inbox_id in waiting.inbox_ids:
+                    queue[i] = (arrival, revise(waiting))
+                    return True
+        return False
 
     async def wait_idle(self, key: str) -> None:
         """Wait until the lane has no running turn and nothing queued."""
@@ -235,6 +276,10 @@ class Lanes:
                 count += 1
         return count
 
+    def refuse(self) -> None:
+        """Refuse new messages from now on (`Submitted.CLOSED`); `close` does it too."""
+        self._closed = True
+
     async def close(self, timeout: float) -> list[Inbound]:
         """Refuse new messages, give running turns `timeout` seconds, then interrupt them.
 
@@ -274,6 +319,10 @@ class Lanes:
             self._next(lane)
 
     def _next(self, lane: _Lane) -> None:
+        if lane.restart is not None and not self._closed:
+            nxt, lane.restart = lane.restart, None
+            self._start(lane, nxt)
+            return
         if self._closed or not lane.waiting:
             lane.merge_next = False
             if not lane.waiting and lane.running is None:

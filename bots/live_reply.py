@@ -223,6 +223,7 @@ class LiveReply:
         self._after_tools = False
         self._tools: list[tuple[ToolCall, str]] = []  # call, status: running|ok|error
         self._final = False
+        self._halted = False  # handed over: the chat stays as it is (`hand_over`)
         self._answered = False  # finish() was given the turn's answer
         self._interrupted = False
         self._notice: str | None = None
@@ -388,6 +389,26 @@ class LiveReply:
             failure=self._failure,
         )
 
+    async def hand_over(self) -> tuple[list[MessageRef], dict[str, Any]]:
+        """Stop without a last edit, leaving the chat as it shows now, for the reply that
+        continues in these messages (its question was edited mid-answer: the new answer
+        replaces this one in place, rather than a second reply below a stopped one).
+
+        The call in flight completes first. Returns the messages shown, for the next
+        reply's `adopt`, and the state to record (its sends of unknown outcome included).
+        """
+        self._halted = True
+        self._final = True
+        self._stop_quiet()
+        self._dirty.set()
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        await self._finish_cleaning()
+        await self._stop_typing()
+        if self._journal_task is not None:
+            self._journal_task.cancel()  # the caller records the state itself
+        return [s.ref for s in self._shown if s.ref is not None], self.state()
+
     async def aclose(self) -> None:
         """Abandon the reply without finishing it (used only when the process dies)."""
         self._unwatch()
@@ -536,6 +557,8 @@ class LiveReply:
         return out
 
     def _next_op(self) -> _Op | None:
+        if self._halted:
+            return None
         desired = self._desired()
         for i, (piece, text, markdown) in enumerate(desired):
             shown = self._shown[i] if i < len(self._shown) else None

@@ -831,6 +831,20 @@ class Store:
         stmt = sa.update(inbox).where(inbox.c.id.in_(ids)).values(**values)
         await self._run("finish_messages", lambda conn: conn.execute(stmt), write=True)
 
+    async def revise_message(self, inbox_id: int, inbound: dict[str, Any]) -> bool:
+        """Its sender edited a message not answered yet: store the new version over the old.
+
+        The attempts made for the old text no longer count (a crash-loop guard is about
+        one question failing again and again; the edit is a new one). False, changing
+        nothing, when the message is finished already (the edit came too late).
+        """
+        stmt = (
+            sa.update(inbox)
+            .where(inbox.c.id == inbox_id, inbox.c.status.in_(INBOX_UNFINISHED))
+            .values(inbound=_strip_nul_json(inbound), attempts=0)
+        )
+        return await self._run("revise_message", lambda conn: conn.execute(stmt).rowcount == 1, write=True)
+
     async def unfinished_messages(self, platforms: Iterable[str] | None = None) -> list[InboxRow]:
         """Messages not finished yet, oldest first: what an earlier process left to recover."""
         query = sa.select(inbox).where(inbox.c.status.in_(INBOX_UNFINISHED)).order_by(inbox.c.id)

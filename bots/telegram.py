@@ -223,8 +223,8 @@ class WebhookOptions:
 
 ALLOWED_UPDATES = ["message", "edited_message"]
 """The update types parley reads: Telegram then drops other kinds instead of delivering them.
-An edited message becomes an `Inbound` with `edit_of` set (what the gateway does with it
-is the gateway's business)."""
+An edited message becomes an `Inbound` with `edit_of` set (it can restart its turn:
+`Gateway._edit`)."""
 
 DOWNLOAD_LIMIT = 20 * 1024 * 1024
 """Telegram's cap on what a bot can download ("files of up to 20MB in size", Bot API getFile);

@@ -239,3 +239,17 @@ async def test_media_benchmark_runs() -> None:
     assert image["params"]["image_bytes"] == 20000
     assert all(is_number(image[key]["median"]) for key in ("download_ms", "overhead_ms", "to_request_ms"))
     assert image["params"]["rtt_s"] == 0.01
+
+
+async def test_coalesce_benchmark_runs() -> None:
+    result = await run_script("bench/coalesce.py", "--runs", "1", "--rounds", "1", "--window", "0.2")
+    has_fields(result, "bench", "params", "targets", "short", "long", "machine")
+    has_fields(result["machine"], *MACHINE)
+    for kind in ("short", "long"):
+        has_fields(
+            result[kind], "chars", "added_ms", "added_ms_max", "e2e_ms_window_on", "e2e_ms_window_off", "e2e_added_ms"
+        )
+        assert is_number(result[kind]["added_ms"]["median"]), kind
+    # The seam measures the hold itself: a long message is held at least the window (a clock
+    # lower bound, not a judgement of speed).
+    assert result["long"]["added_ms"]["median"] >= 200

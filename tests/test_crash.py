@@ -52,7 +52,9 @@ from tests.support.crash import (
     visible,
     wait_noted,
     wait_replied,
+    wait_until,
 )
+from tests.fakes.llm import Reply
 from tests.support.stack import OWNER_DC, OWNER_TG, parley_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -339,6 +341,41 @@ async def test_kill_with_messages_queued_answers_them_after_the_restart_in_order
     assert llm.turn_start_order() == [first, first, second, third]
     await finish(rig, store_url)
     assert_replied(tg, chat, [first, second, third], rig=rig)
+
+
+# ---------------------------------------------------------------------------- inside the coalescing window
+
+
+async def test_kill_inside_the_coalescing_window_answers_the_merged_message_once(
+    tmp_path: Path, store_url: str, llm: CrashLLM, fast_telegram, rigs
+) -> None:
+    """Two long parts of a split paste are stored and held for their next part (the window
+    is long, so the kill surely lands inside it); after the restart they are one turn."""
+    tg = fast_telegram
+    rig = telegram_rig(rigs, tmp_path, llm, tg, store_url, coalesce_window={"telegram": 120})
+    owner, chat = owner_chat(tg)
+    parts = [" ".join(f"a{i}" for i in range(900))[:3500], " ".join(f"b{i}" for i in range(900))[:3500]]
+    answer = "One answer to the whole paste."
+    await rig.start()
+
+    tg.user_says(chat, owner, parts[0])
+    tg.user_says(chat, owner, parts[1])
+
+    async def both_held() -> bool:
+        snapshot = await store_snapshot(store_url)
+        return [status for _, _, status, _ in snapshot["unfinished"]] == ["pending", "pending"]
+
+    await wait_until(both_held, timeout=30, what="both parts stored, neither started")
+    await rig.kill()
+    assert not llm.requests, "a part was answered inside the window"
+
+    llm.script(Reply.text(answer))  # the one reply expected; a second turn would get answer_for()
+    await rig.start()
+    await tg.wait_for(lambda: [m.text for m in visible(tg, chat)] == [answer], timeout=30, what="the one answer")
+    await finish(rig, store_url)
+    asked = [r for r in llm.requests if r.api != "models"]
+    assert [r.messages[-1]["content"] for r in asked] == ["\n".join(parts)], "not one turn for the merged paste"
+    assert [m.text for m in visible(tg, chat)] == [answer], transcript(tg, chat)
 
 
 # ---------------------------------------------------------------------------- right after a fetch

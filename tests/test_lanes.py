@@ -318,3 +318,53 @@ async def test_one_sender_s_waiting_messages_can_be_dropped_alone() -> None:
         runner.finish(text)
     await lanes.wait_idle(GROUP)
     assert runner.started == ["a0", "b1", "a3"]
+
+
+# ---- edits -------------------------------------------------------------------------------
+
+
+async def test_an_edited_running_message_restarts_ahead_of_everyone_waiting() -> None:
+    runner = Runner()
+    lanes = Lanes(runner)
+    key = msg("a").chat.key
+    assert lanes.submit(msg("question"), policy="queue") is Submitted.STARTED
+    assert lanes.submit(msg("other", user="8"), policy="queue") is Submitted.QUEUED
+    assert lanes.restart(key, msg("question, edited"))
+    await runner.until(lambda: runner.started == ["question", "question, edited"])
+    assert runner.ended == [("question", "interrupted")]
+    assert lanes.waiting(key) == {"memory:8": 1}, "the one waiting keeps their place, after the edit"
+    runner.finish("question, edited")
+    runner.finish("other")
+    await lanes.wait_idle(key)
+    assert runner.started == ["question", "question, edited", "other"]
+
+
+async def test_stop_drops_a_restart_due_with_the_turn_it_replaces() -> None:
+    runner = Runner()
+    dropped: list[Inbound] = []
+    lanes = Lanes(runner, on_dropped=dropped.extend)
+    key = msg("a").chat.key
+    lanes.submit(msg("question"), policy="queue")
+    await runner.until(lambda: runner.started == ["question"])
+    lanes.restart(key, msg("question, edited"))
+    assert lanes.stop(key, clear_queue=False) == (True, 0)
+    await lanes.wait_idle(key)
+    assert runner.started == ["question"] and [m.text for m in dropped] == ["question, edited"]
+
+
+async def test_a_waiting_message_is_revised_in_its_place() -> None:
+    from dataclasses import replace
+
+    runner = Runner()
+    lanes = Lanes(runner)
+    key = msg("a").chat.key
+    lanes.submit(msg("busy"), policy="queue")
+    lanes.submit(replace(msg("typo"), inbox_ids=(5,)), policy="queue")
+    lanes.submit(replace(msg("next"), inbox_ids=(6,)), policy="queue")
+    assert lanes.revise(key, 5, lambda m: replace(m, text="fixed"))
+    assert not lanes.revise(key, 99, lambda m: m)
+    for text in ("busy", "fixed", "next"):
+        await runner.until(lambda text=text: text in runner.started)
+        runner.finish(text)
+    await lanes.wait_idle(key)
+    assert runner.started == ["busy", "fixed", "next"]
