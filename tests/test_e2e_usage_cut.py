@@ -105,7 +105,7 @@ async def test_a_turn_failing_after_a_tool_step_books_the_completed_step(fast_te
         Reply.text("never shown", fault=FAILING),
     )
     line = await s.turn(chat, user, "what time is it?")
-    assert line.endswith("Please try again shortly.")
+    assert line.endswith("⚠️ The model provider had an internal error. Please try again.")
     (row,) = await usage_of(s)
     assert (row.prompt, row.completion, row.estimated, row.turns) == (40, 7, 0, 1)
 
