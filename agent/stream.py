@@ -113,16 +113,18 @@ class Usage:
         return self.estimated_tokens > 0
 
     @classmethod
-    def estimate(cls, prompt: int, response: ModelResponse) -> Usage:
+    def estimate(cls, prompt: int, response: ModelResponse, model: str | None = None) -> Usage:
         """What a call probably used: `prompt` (estimated) and what `response` holds so far.
 
         Everything the model generated counts as completion -- text, reasoning, tool-call
         names and arguments -- as providers count it; reasoning also as reasoning tokens.
+        `model`: the model asked, whose tokenizer counts the text when parley has it
+        (`agent.tokens`); characters / 4 otherwise.
         """
-        reasoning = text_tokens(response.reasoning)
-        completion = text_tokens(response.content) + reasoning
+        reasoning = text_tokens(response.reasoning, model)
+        completion = text_tokens(response.content, model) + reasoning
         for call in response.tool_calls:
-            completion += text_tokens(call.name) + text_tokens(call.arguments)
+            completion += text_tokens(call.name, model) + text_tokens(call.arguments, model)
         total = prompt + completion
         return cls(prompt, completion, reasoning, total, total)
 

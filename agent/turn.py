@@ -10,8 +10,9 @@ instead propagates `CancelledError` (after the stream is closed).
 
 Every model call's usage is counted, however the turn ends: what the provider reported,
 or -- for a call whose stream was cut before the report, or a provider that reports
-none -- an estimate of its prompt plus what it generated (`agent.tokens`), marked as
-estimated. A call that failed before generating anything counts nothing: providers do
+none -- an estimate of its prompt plus what it generated (`agent.tokens`: counted with
+the tokenizer of the model asked when parley has it loaded, else characters / 4), marked
+as estimated. A call that failed before generating anything counts nothing: providers do
 not bill a request they rejected or failed. The caller's `UsageMeter` holds the count,
 so a turn that raises or is cancelled still tells what it used.
 """
@@ -30,7 +31,7 @@ from .events import ToolCall, ToolResult, TurnEvents
 from .media import Transcriber, TranscriptionConfig, user_content
 from .provider import ProbeResult, Provider, RequestObserver, StepState, _guard
 from .stream import ChatAccumulator, ModelResponse, ResponsesAccumulator, Usage
-from .tokens import prompt_tokens
+from .tokens import prompt_tokens, tokenizers
 from .tools import ToolRegistry
 
 __all__ = ["Agent", "TurnResult", "UsageMeter", "MAX_STEPS_MESSAGE"]
@@ -74,9 +75,11 @@ class UsageMeter:
     usage: Usage = field(default_factory=Usage)
 
 
-def _attempt_usage(acc: ChatAccumulator | ResponsesAccumulator | None, prompt: Callable[[], int]) -> Usage:
+def _attempt_usage(
+    acc: ChatAccumulator | ResponsesAccumulator | None, prompt: Callable[[], int], model: str
+) -> Usage:
     """What one streamed attempt used: the provider's report if it sent one (Gemini sends
-    it on every chunk), else an estimate when it generated anything, else nothing."""
+    it on every chunk), else an estimate (for `model`) when it generated anything, else nothing."""
     if acc is None:
         return Usage()
     partial = acc.result()
@@ -84,7 +87,7 @@ def _attempt_usage(acc: ChatAccumulator | ResponsesAccumulator | None, prompt: C
         return partial.usage
     if not acc.started:
         return Usage()
-    return Usage.estimate(prompt(), partial)
+    return Usage.estimate(prompt(), partial, model)
 
 
 class _Turn:
@@ -93,6 +96,9 @@ class _Turn:
     def __init__(self, model: str, meter: UsageMeter) -> None:
         self.meter = meter
         meter.model = model
+        # The model asked: estimates count with its tokenizer (the answering model's name,
+        # `self.model`, may carry a date suffix; the budget hold was counted for this one).
+        self.asked = model
         self.messages: list[dict[str, Any]] = []
         self.causes: list[str] = []
         self.steps = 0
@@ -129,7 +135,7 @@ class _Turn:
         """
         step, self.step = self.step, None
         if step is not None:
-            self.usage = self.usage + _attempt_usage(step.acc, self.step_prompt)
+            self.usage = self.usage + _attempt_usage(step.acc, self.step_prompt, self.asked)
 
     def result(self, text: str, *, interrupted: bool = False, hit_max_steps: bool = False) -> TurnResult:
         return TurnResult(
@@ -249,6 +255,7 @@ class Agent:
         conversation.extend(history)
         conversation.append({"role": "user", "content": user_content(message)})
         turn = _Turn(model or self.cfg.model, meter if meter is not None else UsageMeter())
+        tokenizers().warm(turn.asked)  # a first need starts loading its tokenizer, off this path
 
         task = asyncio.current_task()
         assert task is not None, "run_turn must run inside a task"
@@ -298,7 +305,7 @@ class Agent:
         for _ in range(self.max_steps):
             step = turn.step = StepState()
             sent = conversation + turn.messages
-            turn.step_prompt = lambda sent=sent: prompt_tokens(sent, schemas)
+            turn.step_prompt = lambda sent=sent: prompt_tokens(sent, schemas, model)
             response = await self._provider.complete(sent, schemas, model=model, events=events, step=step)
             turn.step = None
             self._account(turn, step, response)
@@ -317,9 +324,12 @@ class Agent:
     @staticmethod
     def _account(turn: _Turn, step: StepState, response: ModelResponse) -> None:
         turn.steps += 1
-        used = response.usage if response.usage is not None else Usage.estimate(turn.step_prompt(), response)
+        if response.usage is not None:
+            used = response.usage
+        else:
+            used = Usage.estimate(turn.step_prompt(), response, turn.asked)
         if response.fell_back:
-            used = used + _attempt_usage(step.acc, turn.step_prompt)  # the broken stream ran too
+            used = used + _attempt_usage(step.acc, turn.step_prompt, turn.asked)  # the broken stream ran too
         turn.usage = turn.usage + used
         if response.fell_back and response.fallback_cause:
             turn.causes.append(response.fallback_cause)

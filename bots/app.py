@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from agent import Agent, ToolRegistry
 from agent.errors import AgentError
+from agent.tokens import tokenizers
 from agent.tools import current_time, make_fetch_url
 from bots.access import Access
 from bots.config import Listen, Settings
@@ -124,6 +125,9 @@ class App:
                 stale = await store.mark_stale_turns(status="error")
                 if stale:
                     log.info("%d turns were cut off by an earlier process (their messages are recovered at start)", stale)
+            estimates = tokenizers()
+            estimates.mode = settings.agent.tokenizer
+            estimates.warm(*settings.provider.allowed_models)  # loads in the background, never waited for
             agent = Agent(
                 settings.provider.agent_config(),
                 tools=build_tools(settings),

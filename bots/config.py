@@ -706,6 +706,10 @@ class AgentSettings(_Section):
     system_prompt: str = "You are a helpful assistant."
     max_steps: int = Field(default=8, ge=1)
     history: HistorySettings = Field(default_factory=dict)
+    # auto: count token estimates with tiktoken for the OpenAI models it knows (loaded in
+    # the background, from TIKTOKEN_CACHE_DIR or a download); off: characters / 4 for all
+    # models, and tiktoken never touches the disk or the network (`agent.tokens`).
+    tokenizer: Literal["auto", "off"] = "auto"
     tools: ToolsSettings = Field(default_factory=dict)
 
 

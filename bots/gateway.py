@@ -1127,6 +1127,7 @@ class Gateway:
             [{"role": "user", "content": prepared.content}],
             max_messages=self.defaults.history_max_messages,
             max_tokens=self.defaults.history_max_tokens,
+            model=model,
         )
         history = [m for m in trimmed[:-1] if m.get("role") != "system"]
         try:
@@ -1137,7 +1138,7 @@ class Gateway:
                 update_id=inbound.update_id,
                 inbox_ids=inbound.inbox_ids,
                 supersede=supersede,
-                hold=self._budget_hold(trimmed),
+                hold=self._budget_hold(trimmed, model),
             )
         except BudgetRefused as refused:
             await self._refuse_for_budget(inbound, refused)
@@ -1160,7 +1161,7 @@ class Gateway:
             log.exception("could not record the interrupted turn")
         self._count_usage(meter.model, meter.usage)
 
-    def _budget_hold(self, sent: list[dict]) -> BudgetHold:
+    def _budget_hold(self, sent: list[dict], model: str) -> BudgetHold:
         """What a turn reserves against its user's daily budget before the model is called.
 
         Usage is known only after the turn; the reservation is what keeps turns started at
@@ -1168,11 +1169,13 @@ class Gateway:
         as estimated for history trimming (`sent`: system prompt, kept history, the new
         message; plus the tool definitions) and the most the answer may take: the
         provider's own cap from `extra_params` when set, else `reserve_completion_tokens`.
+        Counted for `model`, the one that will answer, as the agent counts an estimate it
+        books for that model (`agent.tokens`), so the two agree.
         """
-        prompt = sum(map(hist.estimate_tokens, sent))
+        prompt = sum(hist.estimate_tokens(m, model) for m in sent)
         if len(self.agent.tools):
             schemas = json.dumps(self.agent.tools.schemas(self.agent.cfg.api))
-            prompt += hist.estimate_tokens({"role": "system", "content": schemas})
+            prompt += hist.estimate_tokens({"role": "system", "content": schemas}, model)
         today = self._wall().astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         return BudgetHold(
             tokens=prompt + self._completion_allowance(),

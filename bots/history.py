@@ -12,10 +12,12 @@ them, or `media.replay_images`) and as a short placeholder ("[image: photo.jpg, 
 otherwise, so a long conversation never resends megabytes. The stored shape never
 reaches a provider (which would reject the unknown `attachments` key).
 
-The budget uses a deliberately cheap token *estimate* (about 4 characters per token,
-plus a small per-message overhead), not a tokenizer: models differ in tokenizers,
-and the budget only has to keep requests comfortably inside a context window, not to
-be exact. Leave headroom accordingly.
+The budget uses the token *estimate* of `agent.tokens`, for the model that will answer:
+the text counted with that model's tiktoken encoding when parley knows and has loaded it
+(OpenAI's models), else about 4 characters per token; plus a small per-message overhead
+and a flat amount per image. It only has to keep requests comfortably inside a context
+window, not to be exact: leave headroom accordingly. The gateway's budget hold counts the
+same numbers, so a hold and the estimate booked for a cut-off call agree.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ INTERRUPTED_NOTE = "[interrupted by the user]"
 FAILED_NOTE = "[no reply: this turn failed]"
 
 
-def estimate_tokens(message: Message) -> int:
-    """A rough token count of one message: characters / 4 plus a per-message overhead.
+def estimate_tokens(message: Message, model: str | None = None) -> int:
+    """A rough token count of one message for `model` (characters / 4 without one), plus
+    a per-message overhead.
 
     The same estimate the agent books for a model call the provider reported no usage
     for (`agent.tokens`), so a budget hold and a booked estimate agree.
     """
-    return message_tokens(message)
+    return message_tokens(message, model)
 
 
 def trim_history(
@@ -50,6 +53,7 @@ def trim_history(
     *,
     max_messages: int,
     max_tokens: int,
+    model: str | None = None,
 ) -> list[Message]:
     """The messages to send: system prompt, as many recent whole turns as fit, current turn.
 
@@ -58,18 +62,19 @@ def trim_history(
     the current turn are always included, even if they alone exceed the budget; older
     turns are added newest first until the next one would not fit, so the oldest are
     dropped first and the kept history has no gaps. A turn is kept or dropped whole,
-    so a tool result never loses the assistant message that called it.
+    so a tool result never loses the assistant message that called it. `model`: the
+    model that will answer, whose tokenizer counts when parley has it (`estimate_tokens`).
     """
     if max_messages < 0 or max_tokens < 0:
         raise ValueError("budgets must be non-negative")
     head: list[Message] = [{"role": "system", "content": system_prompt}] if system_prompt else []
     used_messages = len(head) + len(current)
-    used_tokens = sum(map(estimate_tokens, head)) + sum(map(estimate_tokens, current))
+    used_tokens = sum(estimate_tokens(m, model) for m in head) + sum(estimate_tokens(m, model) for m in current)
     kept: list[Sequence[Message]] = []
     for turn in reversed(turns):
         if not turn:
             continue
-        cost = sum(map(estimate_tokens, turn))
+        cost = sum(estimate_tokens(m, model) for m in turn)
         if used_messages + len(turn) > max_messages or used_tokens + cost > max_tokens:
             break
         kept.append(turn)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,25 @@ pytest_plugins = [
     "tests.fakes.discord_fixtures",
     "tests.store_fixtures",
 ]
+
+
+def no_downloads(name: str) -> Any:
+    """The tokenizer loader of tests: nothing is read from tiktoken's cache or the internet."""
+    raise RuntimeError(f"tests load no tokenizer ({name}); tests/test_tokens.py injects its own")
+
+
+@pytest.fixture(autouse=True)
+def offline_tokenizers() -> Iterator[None]:
+    """Every test starts with a fresh process `Tokenizers` that never downloads, so token
+    estimates are characters / 4 (as every test expects) on any machine, online or not,
+    whatever a developer's tiktoken cache holds; a test wanting a tokenizer installs one."""
+    from agent.tokens import Tokenizers, use_tokenizers
+
+    previous = use_tokenizers(Tokenizers(loader=no_downloads))
+    try:
+        yield
+    finally:
+        use_tokenizers(previous)
 
 
 def fast_telegram_limits() -> Any:

@@ -77,10 +77,14 @@ def records_of(lines: list[str], fmt: str) -> list[dict[str, Any]]:
 
 
 def about_a_turn(record: dict[str, Any]) -> bool:
-    """Lines that report on a turn: the agent's, the live reply's, and the gateway's turn lines."""
+    """Lines that report on a turn: the agent's, the live reply's, and the gateway's turn lines.
+
+    Not `agent.tokens`: which way a model's token estimates are counted is a fact of the
+    process, told once per model (at start, or from the thread that loads a tokenizer).
+    """
     logger, msg = record["logger"], record["msg"]
     return (
-        logger.startswith("agent")
+        (logger.startswith("agent") and logger != "agent.tokens")
         or logger == "bots.live_reply"
         or (logger == "bots.gateway" and re.match(r"turn\b", msg) is not None)
     )
