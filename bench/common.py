@@ -166,6 +166,13 @@ async def start_fake_telegram(
     return child
 
 
+async def start_fake_discord(procs: Processes, *, latency: float, log_path: Path | None = None) -> Child:
+    """The fake Discord (REST + Gateway) with its default rate limits; `child.url` is its
+    API base (…/api/v10). `GET <root>/_fake/world` has the Gateway URL and the token."""
+    argv = [sys.executable, "-m", "tests.fakes.discord", "--port", "0", "--latency", str(latency)]
+    return await procs.start("fake-discord", argv, log_path=log_path)
+
+
 # ---------------------------------------------------------------------------- statistics
 
 

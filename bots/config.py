@@ -866,8 +866,8 @@ class DiscordPacing(PacingSettings):
     """Discord: 5 messages per 5 s per channel (DMs and guild channels alike), 50/s per bot."""
 
     DEFAULTS: ClassVar[dict[str, Any]] = {
-        "private": {"rate": 0.9, "burst": 4},
-        "group": {"rate": 0.9, "burst": 4},
+        "private": {"rate": 0.9, "burst": 3},
+        "group": {"rate": 0.9, "burst": 3},
         "global": {"rate": 40.0, "burst": 40},
     }
 

@@ -132,6 +132,12 @@ class ReplyOptions:
     placeholder: str | None = None  # shown while there is nothing else to show (e.g. after a restart)
     still_working_after: float | None = None  # seconds of nothing new before the "still working…" note
     header: str | None = None  # Markdown the reply opens with once it shows anything (a voice note's transcript)
+    # Seconds of nothing visible before the first "typing…". A reply whose first words come
+    # sooner never needed it, and the call would cost the chat's budget a token that the
+    # reply needs more: with a burst of 2 (Telegram), typing + the first send + the final
+    # edit's reserve do not fit, so the first interim edit would come a whole interval
+    # later, or a short reply's final edit would wait for a token.
+    typing_after: float = 1.0
 
 
 @dataclass(slots=True)
@@ -242,6 +248,10 @@ class LiveReply:
         self._still_working = False  # the note is part of the document
         self._quiet_timer: TimerHandle | None = None
         self._flusher: asyncio.Task[None] | None = None
+        # Done once finish() was called: an interim edit still waiting for its slot then
+        # waits as the final edit (`Pacer.sending(promote=)`), which may take the chat's
+        # reserved token -- the stream has ended, so the final text should go now.
+        self._ending: asyncio.Future[None] | None = None
         self._typing: asyncio.Task[None] | None = None
         self._journal = journal
         self._journal_failed = False
@@ -343,8 +353,9 @@ class LiveReply:
     # ---- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Begin flushing, and show "typing" until something is visible."""
+        """Begin flushing, and show "typing" from `typing_after` seconds on until something is visible."""
         if self._flusher is None:
+            self._ending = asyncio.get_running_loop().create_future()
             self._flusher = asyncio.create_task(self._flush_loop(), name=f"live-reply:{self._chat.key}")
             self._typing = asyncio.create_task(self._typing_loop(), name=f"typing:{self._chat.key}")
             if self._opts.still_working_after and not self._final:
@@ -376,7 +387,9 @@ class LiveReply:
         self._stop_quiet()
         self._dirty.set()
         self.start()
-        assert self._flusher is not None
+        assert self._flusher is not None and self._ending is not None
+        if not self._ending.done():
+            self._ending.set_result(None)
         await asyncio.shield(self._flusher)
         await self._finish_cleaning()
         await self._stop_typing()
@@ -587,7 +600,10 @@ class LiveReply:
                 await self._dirty.wait()
                 continue
             error: Exception | None = None
-            async with self._pacer.sending(op.priority) as allowed_at:
+            # Once the turn is over every call is part of the final state (even a plain
+            # edit of a piece whose formatting was rejected): none keeps the reserve.
+            priority = Priority.FINAL if self._final else op.priority
+            async with self._pacer.sending(priority, promote=self._ending) as allowed_at:
                 op = self._next_op()  # the newest state wins: coalesce what arrived meanwhile
                 if op is None:
                     continue
@@ -821,6 +837,8 @@ class LiveReply:
 
     async def _typing_loop(self) -> None:
         interval = self._outbox.limits.typing_interval
+        if self._opts.typing_after > 0:
+            await self._clock.sleep(self._opts.typing_after)
         while not self._visible and not self._final:
             async with self._pacer.try_sending() as allowed:
                 if allowed:

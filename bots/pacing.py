@@ -11,6 +11,13 @@ pressure the newest-text edits are the ones that wait -- and because the caller 
 the newest text only *after* its slot is granted, everything that arrived meanwhile
 collapses into one edit. A 429 pauses the chat (or the bot) for exactly `retry_after`.
 
+Each chat's budget also keeps a reserve (`PacingPolicy.final_reserve`, one token): interim
+edits and background calls may only take a token that leaves it, so when a stream ends
+the final edit finds a token at once instead of waiting up to a whole interval behind the
+interims that spent the budget. A waiting interim call can be promoted (`promote=`): the
+reply's flusher is usually waiting for its next interim slot when the stream ends, and
+from then on that slot is the final edit's.
+
 The platform counts calls when they arrive, not when parley granted them. A busy event
 loop can hold granted calls back and then release several together, so a granted call
 also checks the same budget against the moments earlier calls actually left (GCRA)
@@ -29,6 +36,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 from bots.clock import REAL_CLOCK, Clock, TimerHandle
 from bots.outbox import ChatRef
@@ -63,11 +71,19 @@ class Limiter:
 
     One timer per bucket, armed for the moment the next token exists; waiting costs a
     future, not a polling task, so thousands of chats can wait at once.
+
+    `reserve` tokens are kept for `Priority.FINAL` calls: an interim or background call
+    is granted only if `reserve` tokens remain after it. The bucket's sustained rate is
+    unchanged -- interims simply run with that many tokens in hand -- so the call that
+    ends a reply (or starts the next one) never queues behind them.
     """
 
-    def __init__(self, budget: Budget, clock: Clock = REAL_CLOCK) -> None:
+    def __init__(self, budget: Budget, clock: Clock = REAL_CLOCK, *, reserve: int = 0) -> None:
+        if not 0 <= reserve < budget.burst:
+            raise ValueError("reserve must be at least 0 and less than the burst")
         self._rate = budget.rate
         self._capacity = float(budget.burst)
+        self._reserve = float(reserve)
         self._clock = clock
         self._tokens = self._capacity
         self._stamp = float("-inf")  # a new bucket is full
@@ -96,31 +112,72 @@ class Limiter:
         self._refill(now)
         return not self._waiters and now >= self._paused_until and self._tokens >= self._capacity - _EPS
 
-    def try_take(self) -> bool:
-        """Take a token only if one is free right now and nobody is queued ahead."""
+    def try_take(self, priority: Priority = Priority.FINAL) -> bool:
+        """Take a token only if one is free right now for `priority` (an interim or
+        background call leaves the reserve) and no waiter of the same or a higher
+        priority is queued ahead."""
         now = self._clock.now()
-        if self._waiters or now < self._paused_until:
+        if now < self._paused_until:
+            return False
+        head = self._head()
+        if head is not None and head[0] <= priority:
             return False
         self._refill(now)
-        if self._tokens >= 1 - _EPS:
+        if self._tokens >= self._need(priority) - _EPS:
             self._tokens -= 1
             return True
         return False
 
-    async def take(self, priority: Priority = Priority.FINAL) -> float:
+    async def take(self, priority: Priority = Priority.FINAL, *, promote: asyncio.Future[Any] | None = None) -> float:
         """Wait for a token; returns the time at which the budget allowed the call.
 
         That is the moment a token existed for this waiter -- not the moment the timer
         callback happened to run -- so `now - take()` shows how late the event loop let
         the call go out (LiveReply reports it as edit lateness).
+
+        Once `promote` is done, a call waiting as interim or background waits as
+        `Priority.FINAL`: it moves ahead of other interims and may take the reserve.
         """
+        if promote is not None and promote.done():
+            priority = Priority.FINAL
         now = self._clock.now()
-        if self.try_take():
+        if self.try_take(priority):
             return now
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (int(priority), next(self._seq), fut, now))
         self._arm()
-        return await fut
+        if promote is None or priority == Priority.FINAL:
+            return await fut
+
+        def promoted(_: asyncio.Future[Any]) -> None:
+            self._promote(fut)
+
+        promote.add_done_callback(promoted)
+        try:
+            return await fut
+        finally:
+            promote.remove_done_callback(promoted)
+
+    def _promote(self, fut: asyncio.Future[float]) -> None:
+        """The waiter `fut` now waits as `Priority.FINAL` (keeping its place among finals)."""
+        for i, (prio, seq, waiter, since) in enumerate(self._waiters):
+            if waiter is fut:
+                if prio != Priority.FINAL and not fut.done():
+                    self._waiters[i] = (int(Priority.FINAL), seq, waiter, since)
+                    heapq.heapify(self._waiters)
+                    self._arm()
+                return
+
+    def _need(self, priority: int) -> float:
+        """Tokens the bucket must hold for a call of `priority` to go: one, plus the reserve
+        unless the call is final."""
+        return 1.0 if priority == Priority.FINAL else 1.0 + self._reserve
+
+    def _head(self) -> tuple[int, int, asyncio.Future[float], float] | None:
+        """The first waiter still waiting (cancelled ones are dropped on the way)."""
+        while self._waiters and self._waiters[0][2].done():
+            heapq.heappop(self._waiters)
+        return self._waiters[0] if self._waiters else None
 
     def release_wait(self, now: float) -> float:
         """Seconds until a granted call may actually leave, judged by when earlier calls left.
@@ -151,21 +208,24 @@ class Limiter:
             self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
             self._stamp = now
 
-    def _ready_at(self, now: float) -> float:
+    def _ready_at(self, now: float, need: float) -> float:
         self._refill(now)
         when = max(now, self._paused_until)
-        if self._tokens < 1 - _EPS:
-            when = max(when, self._stamp + (1 - self._tokens) / self._rate)
+        if self._tokens < need - _EPS:
+            when = max(when, self._stamp + (need - self._tokens) / self._rate)
         return when
 
     def _arm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        while self._waiters and self._waiters[0][2].done():
-            heapq.heappop(self._waiters)
-        if self._waiters:
-            self._timer_at = self._ready_at(self._clock.now())
+        head = self._head()
+        if head is not None:
+            now = self._clock.now()
+            self._timer_at = self._ready_at(now, self._need(head[0]))
+            if self._timer_at <= now:  # ready already (a waiter was promoted): no timer to wait for
+                self._dispatch()
+                return
             self._timer = self._clock.call_at(self._timer_at, self._dispatch)
 
     def _dispatch(self) -> None:
@@ -173,10 +233,11 @@ class Limiter:
         now = self._clock.now()
         self._refill(now)
         granted = 0
-        while self._waiters and now >= self._paused_until - _EPS and self._tokens >= 1 - _EPS:
+        while now >= self._paused_until - _EPS:
+            head = self._head()
+            if head is None or self._tokens < self._need(head[0]) - _EPS:
+                break
             _, _, fut, since = heapq.heappop(self._waiters)
-            if fut.done():  # the waiter was cancelled
-                continue
             self._tokens -= 1
             # The first token existed when the timer was due, each further one 1/rate
             # later (a late timer finds several); a waiter that came later still was
@@ -194,17 +255,22 @@ class Pacer:
         self._platform = platform
         self._in_flight = in_flight
 
-    async def acquire(self, priority: Priority = Priority.FINAL) -> float:
+    async def acquire(
+        self, priority: Priority = Priority.FINAL, *, promote: asyncio.Future[Any] | None = None
+    ) -> float:
         """Wait until both budgets allow one call; returns when they allowed it.
 
         If the platform budget has a token free once the chat's is granted, the call was
         allowed when the chat's budget allowed it: any time spent getting here since is
-        the event loop's delay, and is reported as such.
+        the event loop's delay, and is reported as such. Once `promote` is done, the call
+        waits as `Priority.FINAL` (see `Limiter.take`).
         """
-        return await self._release(await self._grant(priority))
+        return await self._release(await self._grant(priority, promote))
 
     @asynccontextmanager
-    async def sending(self, priority: Priority = Priority.FINAL) -> AsyncIterator[float]:
+    async def sending(
+        self, priority: Priority = Priority.FINAL, *, promote: asyncio.Future[Any] | None = None
+    ) -> AsyncIterator[float]:
         """`acquire`, holding one of the platform's places for calls in flight until the
         block ends: make exactly one platform call inside it. Yields when the call was allowed.
 
@@ -213,17 +279,19 @@ class Pacer:
         together with later ones; bounding them keeps such a bunch within the platform's
         burst (see `PacingPolicy.in_flight`).
         """
-        allowed = await self._grant(priority)
+        allowed = await self._grant(priority, promote)
         if self._in_flight is None:
             yield await self._release(allowed)
             return
         async with self._in_flight:
             yield await self._release(allowed)
 
-    async def _grant(self, priority: Priority) -> float:
-        allowed = await self._chat.take(priority)
-        if not self._platform.try_take():
-            allowed = await self._platform.take(priority)
+    async def _grant(self, priority: Priority, promote: asyncio.Future[Any] | None) -> float:
+        allowed = await self._chat.take(priority, promote=promote)
+        if promote is not None and promote.done():
+            priority = Priority.FINAL
+        if not self._platform.try_take(priority):
+            allowed = await self._platform.take(priority, promote=promote)
         return allowed
 
     async def _release(self, allowed: float) -> float:
@@ -257,10 +325,10 @@ class Pacer:
         if max(self._chat.release_wait(now), self._platform.release_wait(now)) > _EPS:
             yield False
             return
-        if not self._chat.try_take():
+        if not self._chat.try_take(Priority.BACKGROUND):  # (it leaves the final edit's reserve)
             yield False
             return
-        if not self._platform.try_take():
+        if not self._platform.try_take(Priority.BACKGROUND):
             yield False  # the chat token is spent; being conservative is the point
             return
         self._chat.released(now)
@@ -292,10 +360,18 @@ class PacingPolicy:
     # exceed the platform's burst minus parley's (Telegram ~30 vs 25). It also caps
     # throughput at in_flight / round-trip time: 100/s at 50 ms, 25/s at 200 ms.
     in_flight: int = 5
+    # Tokens of each chat's budget that only final calls (a reply's final edit, a new
+    # message) may take; interim edits and typing leave them. Without it the interims
+    # spend the whole budget, and the final edit waits up to one interval (1 s in a
+    # Telegram private chat, 3.3 s in a group) after the stream ended. Limited to the
+    # chat's burst minus one.
+    final_reserve: int = 1
 
     def __post_init__(self) -> None:
         if self.in_flight < 1:
             raise ValueError("in_flight must be at least 1")
+        if self.final_reserve < 0:
+            raise ValueError("final_reserve must not be negative")
 
 
 class Pacing:
@@ -318,7 +394,8 @@ class Pacing:
             if len(self._chats) > self._PRUNE_ABOVE:
                 self._prune()
             budget = self.policy.private if chat.is_private else self.policy.group
-            pacer = Pacer(Limiter(budget, self._clock), self._platform_limiter(), self._in_flight)
+            reserve = min(self.policy.final_reserve, budget.burst - 1)
+            pacer = Pacer(Limiter(budget, self._clock, reserve=reserve), self._platform_limiter(), self._in_flight)
             self._chats[key] = pacer
         return pacer
 

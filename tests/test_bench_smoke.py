@@ -166,6 +166,18 @@ async def test_latency_benchmark_runs() -> None:
     assert is_number(result["strategies"]["parley"]["ttfv_overhead_ms"]["median"])
 
 
+async def test_latency_benchmark_runs_on_discord() -> None:
+    result = await run_script(
+        "bench/latency.py", "--platform", "discord", "--tokens", "12", "--rate", "60", "--ttft", "0.05",
+        "--rtt", "0.01", "--runs", "1", "--strategies", "parley,fixed_1s",
+    )
+    assert result["params"]["platform"] == "discord" and result["params"]["chat"] == "group"
+    assert result["params"]["min_edit_interval_s"] == 1.0  # 5 edits per 5 s per channel
+    parley = result["strategies"]["parley"]
+    assert parley["replies_exact"] == "1/1" and parley["http_429"] == 0
+    assert is_number(parley["tail_ms"]["median"]) and is_number(parley["staleness_ratio"]["median"])
+
+
 async def test_scale_benchmark_runs() -> None:
     result = await run_script("bench/scale.py", "--chats", "2", "--tokens", "20", "--rate", "50", "--ttft", "0.1")
     has_fields(result, "bench", "params", "targets", "results", "machine")

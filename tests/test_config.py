@@ -168,7 +168,7 @@ def test_lists_and_listen_addresses_from_the_environment() -> None:
 def test_pacing_overrides_merge_with_the_platform_defaults(tmp_path: Path) -> None:
     path = write(tmp_path / "c.yaml", "discord: {pacing: {group: {rate: 0.5}}}\n")
     pacing = load_config(path, env=BASE_ENV).discord.pacing
-    assert (pacing.group.rate, pacing.group.burst) == (0.5, 4)
+    assert (pacing.group.rate, pacing.group.burst) == (0.5, 3)
     assert (pacing.global_.rate, pacing.global_.burst) == (40.0, 40)
     policy = pacing.policy()  # what bots.pacing consumes
     assert (policy.group.rate, policy.platform.burst) == (0.5, 40)

@@ -359,6 +359,10 @@ async def test_control_endpoints_drive_a_bot(fake_discord: FakeDiscord) -> None:
         assert stats["by_route"][SEND]["200"] == 1 and stats["count_429"] == 0
         async with http.get("/_fake/calls", params={"since": 2}) as r:
             assert (await r.json())[0]["route"] == SEND
+        async with http.post("/_fake/text_channel", json={"name": "bench"}) as r:
+            created = await r.json()
+        assert created["name"] == "bench" and created["guild_id"] == fake_discord.default_guild.id
+        assert fake_discord.bot_texts(created["id"]) == []  # a channel of its own, fresh buckets
         async with http.post("/_fake/reset") as r:
             assert r.status == 200
         assert fake_discord.messages(ch) == [] and fake_discord.calls == []

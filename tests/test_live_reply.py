@@ -118,11 +118,30 @@ async def test_pacing_gap_between_calls_respects_budget() -> None:
 
 async def test_typing_until_visible() -> None:
     h = Harness()
-    await h.clock.advance(9.0)  # nothing visible for 9 s: typing at 0, 4, 8
-    assert h.outbox.count("typing") == 3
+    await h.clock.advance(9.0)  # nothing visible for 9 s: typing after 1 s, then at 5 and 9
+    assert [c.t - 1000.0 for c in h.outbox.calls if c.kind == "typing"] == pytest.approx([1.0, 5.0, 9.0])
     h.reply.on_text("hi")
     await h.clock.advance(10.0)
     assert h.outbox.count("typing") == 3
+    await h.finish(final_text="hi")
+
+
+async def test_a_reply_whose_first_words_come_quickly_spends_no_token_on_typing() -> None:
+    h = Harness(budget=Budget(1.0, 2))
+    await h.clock.advance(0.5)
+    h.reply.on_text("Hi!")
+    await h.clock.advance(0.1)
+    delivery = await h.finish(final_text="Hi!")  # a short reply: send, then the final edit
+    assert delivery.complete and h.outbox.count("typing") == 0
+    sent, final = h.outbox.calls
+    assert (sent.kind, final.kind) == ("send", "edit")
+    assert final.t == pytest.approx(1000.6)  # at once: the send left the reserve untouched
+
+
+async def test_typing_after_zero_types_at_once() -> None:
+    h = Harness(options=ReplyOptions(typing_after=0.0))
+    await h.clock.settle()
+    assert h.outbox.count("typing") == 1
     await h.finish(final_text="hi")
 
 
@@ -517,3 +536,72 @@ async def test_still_working_off_by_default_and_with_zero() -> None:
         h.reply.on_text("late answer")
         await h.finish(final_text="late answer")
         assert h.outbox.texts() == ["late answer"]
+
+
+# ---- the final edit does not wait behind interim edits -----------------------------------------
+
+
+async def _stream_until_an_interim_edit(h: Harness, words: list[str]) -> float:
+    """Feed a word every 50 ms until an interim edit went out (after the first few
+    seconds, when the budget paces them); returns that edit's time, < 50 ms ago."""
+    edits = h.outbox.count("edit")
+    for i in range(10_000):
+        words.append(f"w{i}")
+        h.reply.on_text(f"w{i} ")
+        await h.clock.advance(0.05)
+        if h.outbox.count("edit") > edits and i > 40:
+            return [c.t for c in h.outbox.calls if c.kind == "edit"][-1]
+        edits = h.outbox.count("edit")
+    raise AssertionError("no interim edit")
+
+
+# The default shapes: a Telegram private chat, a Telegram group, a Discord channel.
+@pytest.mark.parametrize("budget", [Budget(1.0, 2), Budget(0.3, 2), Budget(0.9, 3)])
+async def test_the_final_edit_goes_at_once_when_the_stream_ends_right_after_an_interim_edit(budget: Budget) -> None:
+    h = Harness(budget=budget, limit=10_000)
+    await h.clock.settle()
+    words: list[str] = []
+    interim_at = await _stream_until_an_interim_edit(h, words)
+    ended_at = h.clock.now()
+    assert ended_at - interim_at < 0.05
+    text = " ".join(words)
+    delivery = await h.finish(final_text=text)
+    assert delivery.complete and h.outbox.texts() == [text]
+    final = h.outbox.calls[-1]
+    assert final.kind == "edit" and h.outbox.visible()[0].markdown
+    assert final.t == pytest.approx(ended_at)  # not one interval later, when the next token came
+
+
+@pytest.mark.parametrize("budget", [Budget(1.0, 2), Budget(0.3, 2)])
+async def test_an_interim_edit_waiting_for_its_slot_becomes_the_final_edit_at_once(budget: Budget) -> None:
+    h = Harness(budget=budget, limit=10_000)
+    await h.clock.settle()
+    words: list[str] = []
+    interim_at = await _stream_until_an_interim_edit(h, words)
+    words.append("last")
+    h.reply.on_text("last")  # the flusher now waits for its next interim slot...
+    await h.clock.advance(0.4)
+    ended_at = h.clock.now()
+    assert h.outbox.calls[-1].t == pytest.approx(interim_at)  # ... which is not there yet
+    delivery = await h.finish(final_text=" ".join(words))  # ... and the stream ends
+    assert delivery.complete
+    final = h.outbox.calls[-1]
+    assert final.kind == "edit" and final.t == pytest.approx(ended_at)
+    assert h.outbox.texts() == [" ".join(words)]
+
+
+async def test_interim_edits_keep_their_pace_and_every_call_stays_within_the_budget() -> None:
+    h = Harness(budget=Budget(1.0, 2), limit=10_000)
+    await h.clock.settle()
+    words = [f"w{i}" for i in range(200)]
+    for word in words:  # 10 s of words at 20/s
+        h.reply.on_text(word + " ")
+        await h.clock.advance(0.05)
+    await h.finish(final_text=" ".join(words))
+    times = [c.t for c in h.outbox.calls if c.kind in ("send", "edit", "typing")]
+    interims = [c.t for c in h.outbox.calls if c.kind == "edit"][:-1]
+    # One interim edit a second once the first send has gone: the reserve costs no rate.
+    assert all(b - a == pytest.approx(1.0) for a, b in zip(interims[1:], interims[2:]))
+    for i, t in enumerate(times):
+        for w in (0.5, 1.0, 3.0, 10.0):
+            assert sum(1 for u in times[i:] if u < t + w) <= 2 + 1.0 * w + 1e-9

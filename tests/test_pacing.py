@@ -308,3 +308,123 @@ def test_in_flight_must_allow_a_call() -> None:
         PacingPolicy(Budget(1, 1), Budget(1, 1), Budget(1, 1), in_flight=0)
 
 
+
+
+# ---- the final call's reserve ----------------------------------------------------------------
+
+
+async def test_interim_calls_leave_the_reserve_and_a_final_call_takes_it_at_once() -> None:
+    clock = FakeClock()
+    limiter = Limiter(Budget(rate=1.0, burst=3), clock, reserve=1)
+    granted: dict[str, float] = {}
+
+    async def take(name: str, prio: Priority) -> None:
+        granted[name] = await limiter.take(prio)
+
+    interims = [asyncio.create_task(take(f"interim-{k}", Priority.INTERIM)) for k in range(3)]
+    await clock.settle()
+    # Two go at once (3 -> 1 token); the third would leave nothing for a final call.
+    assert sorted(granted) == ["interim-0", "interim-1"]
+    await clock.advance(0.5)
+    final = asyncio.create_task(take("final", Priority.FINAL))
+    await clock.settle()
+    assert granted["final"] == pytest.approx(1000.5)  # no wait: the reserved token
+    await clock.advance(10.0)
+    # The queued interim waits until two tokens are back (0.5 at 1000.5 -> 2 at 1002).
+    assert granted["interim-2"] == pytest.approx(1002.0)
+    await asyncio.gather(final, *interims)
+
+
+async def test_the_reserve_costs_interim_calls_a_burst_token_not_their_rate() -> None:
+    clock = FakeClock()
+    limiter = Limiter(Budget(rate=1.0, burst=3), clock, reserve=1)
+    times: list[float] = []
+
+    async def one() -> None:
+        times.append(await limiter.take(Priority.INTERIM))
+
+    tasks = [asyncio.create_task(one()) for _ in range(6)]
+    await clock.advance(10.0)
+    await asyncio.gather(*tasks)
+    assert sorted(times) == pytest.approx([1000.0, 1000.0, 1001.0, 1002.0, 1003.0, 1004.0])
+
+
+async def test_a_waiting_interim_call_once_promoted_goes_at_once_on_the_reserve() -> None:
+    clock = FakeClock()
+    pacer = Pacing(PacingPolicy(Budget(1.0, 2), Budget(1.0, 2), Budget(100.0, 100)), clock).for_chat(
+        ChatRef("telegram", "1")
+    )
+    await pacer.acquire(Priority.INTERIM)  # 2 -> 1 token: the reserve
+    ending: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    waiting = asyncio.create_task(pacer.acquire(Priority.INTERIM, promote=ending))
+    await clock.advance(0.3)
+    assert not waiting.done()  # an interim call waits until it can leave the reserve (at 1001)
+    ending.set_result(None)  # the stream ended: this slot is now the final edit's
+    await clock.settle()
+    assert waiting.done() and waiting.result() == pytest.approx(1000.3)
+    # Promotion is not a token more: 0.3 were left, so the next call waits until 1001.
+    later = asyncio.create_task(pacer.acquire())
+    await clock.advance(0.6)
+    assert not later.done()
+    await clock.advance(0.2)
+    assert later.result() == pytest.approx(1001.0)
+
+
+async def test_a_promised_promotion_already_done_means_the_call_is_final() -> None:
+    clock = FakeClock()
+    pacer = Pacing(PacingPolicy(Budget(1.0, 2), Budget(1.0, 2), Budget(100.0, 100)), clock).for_chat(
+        ChatRef("telegram", "1")
+    )
+    await pacer.acquire(Priority.INTERIM)
+    ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    ended.set_result(None)
+    async with pacer.sending(Priority.INTERIM, promote=ended) as allowed:
+        assert allowed == pytest.approx(1000.0)
+
+
+async def test_typing_leaves_the_reserve_too() -> None:
+    clock = FakeClock()
+    pacer = Pacing(PacingPolicy(Budget(1.0, 2), Budget(1.0, 2), Budget(100.0, 100)), clock).for_chat(
+        ChatRef("telegram", "1")
+    )
+    async with pacer.try_sending() as allowed:
+        assert allowed is True  # 2 -> 1
+    async with pacer.try_sending() as allowed:
+        assert allowed is False  # it would take the reserve
+    assert await pacer.acquire() == pytest.approx(1000.0)  # a final call takes it at once
+
+
+async def test_with_a_reserve_no_window_sees_more_than_the_budget() -> None:
+    clock = FakeClock()
+    limiter = Limiter(Budget(rate=2.0, burst=3), clock, reserve=1)
+    times: list[float] = []
+
+    async def one(prio: Priority, delay: float) -> None:
+        await clock.sleep(delay)
+        times.append(await limiter.take(prio))
+
+    prios = [Priority.FINAL if k % 3 == 0 else Priority.INTERIM for k in range(40)]
+    tasks = [asyncio.create_task(one(p, 0.13 * k)) for k, p in enumerate(prios)]
+    await clock.advance(60.0)
+    await asyncio.gather(*tasks)
+    times.sort()
+    for i, t in enumerate(times):
+        for w in (0.5, 1.0, 5.0):
+            assert sum(1 for u in times[i:] if u < t + w) <= 3 + 2.0 * w + 1e-9
+
+
+def test_the_reserve_must_leave_a_token_to_take() -> None:
+    with pytest.raises(ValueError):
+        Limiter(Budget(1.0, 2), reserve=2)
+    with pytest.raises(ValueError):
+        Limiter(Budget(1.0, 2), reserve=-1)
+    with pytest.raises(ValueError):
+        PacingPolicy(Budget(1, 1), Budget(1, 1), Budget(1, 1), final_reserve=-1)
+
+
+async def test_a_chat_with_a_burst_of_one_keeps_no_reserve() -> None:
+    clock = FakeClock()
+    pacer = Pacing(PacingPolicy(Budget(1.0, 1), Budget(1.0, 1), Budget(100.0, 100)), clock).for_chat(
+        ChatRef("telegram", "1")
+    )
+    assert await pacer.acquire(Priority.INTERIM) == pytest.approx(1000.0)  # interims are not starved

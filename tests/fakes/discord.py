@@ -1769,6 +1769,7 @@ class FakeDiscord:
         app.router.add_get("/media/attachments/{channel_id}/{attachment_id}/{filename}", self._serve_cdn)
         app.router.add_get("/_fake/world", self._c_world)
         app.router.add_post("/_fake/user_says", self._c_user_says)
+        app.router.add_post("/_fake/text_channel", self._c_text_channel)
         app.router.add_post("/_fake/user_deletes", self._c_user_deletes)
         app.router.add_post("/_fake/user_runs_command", self._c_user_runs_command)
         app.router.add_get("/_fake/messages", self._c_messages)
@@ -2482,6 +2483,13 @@ class FakeDiscord:
                              reply_to=b.get("reply_to"), mentions_bot=bool(b.get("mentions_bot")),
                              reply_ping=bool(b.get("reply_ping", True)))
         return _json_response(msg)
+
+    async def _c_text_channel(self, request: web.Request) -> web.Response:
+        """A new text channel (a fresh rate-limit bucket): what a benchmark in another
+        process uses to give every run a channel of its own."""
+        b = await request.json() if request.can_read_body else {}
+        ch = self.text_channel(b.get("guild_id"), b.get("name") or "general")
+        return _json_response(self._channel_payload(ch))
 
     async def _c_user_deletes(self, request: web.Request) -> web.Response:
         b = await request.json()
