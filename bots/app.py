@@ -155,7 +155,7 @@ class App:
         s = self.settings
         connectors: list[Connector] = []
         if s.telegram.enabled:
-            from bots.telegram import TelegramConnector, WebhookOptions
+            from bots.telegram import DOWNLOAD_LIMIT, TelegramConnector, WebhookOptions
 
             webhook = None
             if s.telegram.mode == "webhook":
@@ -177,6 +177,8 @@ class App:
                     pacing=s.telegram.pacing.policy(),
                     owners=frozenset(s.access.owners),
                     group_trigger=GroupTrigger(s.telegram.group_trigger, dict(s.telegram.group_triggers)),
+                    # Of the sizes Telegram offers for a photo, the largest that parley takes.
+                    max_photo_bytes=min(s.media.max_image_bytes, DOWNLOAD_LIMIT),
                 )
             )
         if s.discord.enabled:
