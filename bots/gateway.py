@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -410,10 +410,15 @@ class Gateway:
 
     async def _route_durably(self, inbound: Inbound) -> None:
         """Route a stored message; while the store is down, wait for it (the message is safe)."""
+        await self._while_store_down(self._route, inbound)
+
+    async def _while_store_down(self, step: Callable[[Inbound], Awaitable[None]], inbound: Inbound) -> None:
+        """Run `step(inbound)`, retrying with back-off while the store is down: the message is
+        stored, so it waits safely; at shutdown it stays for the next start."""
         delay = self.store_backoff[0]
         while True:
             try:
-                await self._route(inbound)
+                await step(inbound)
                 return
             except StoreError as exc:
                 self.metrics.store_retries.labels("route").inc()
@@ -555,21 +560,7 @@ class Gateway:
 
     async def _submit_durably(self, inbound: Inbound) -> None:
         """`_submit`, waiting while the store is down (the message is stored: it waits safely)."""
-        delay = self.store_backoff[0]
-        while True:
-            try:
-                await self._submit(inbound)
-                return
-            except StoreError as exc:
-                self.metrics.store_retries.labels("route").inc()
-                if not self._accepting:
-                    log.warning("chat %s: store unavailable while shutting down; message %s stays for the next start",
-                                inbound.chat.key, inbound.update_id)
-                    return
-                log.warning("chat %s: store unavailable (%s); message %s waits, retrying in %.0fs",
-                            inbound.chat.key, exc, inbound.update_id, delay)
-                await self.clock.sleep(delay)
-                delay = min(delay * 2, self.store_backoff[1])
+        await self._while_store_down(self._submit, inbound)
 
     def _remember_part(self, part: Inbound) -> None:
         """Keep a single message while it is held, queued or running, for edits to find."""
