@@ -30,6 +30,27 @@ class ToolResult:
     name: str
     content: str
     is_error: bool = False
+    denied: bool = False  # not run: the approver said no (or nobody answered in time)
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """An approver's decision on one tool call. `reason` is told to the model when not granted."""
+
+    granted: bool
+    reason: str = ""
+
+
+class Approver(Protocol):
+    """Decides, before a tool call runs, whether it may (the chat side asks with buttons).
+
+    The turn awaits `approve` for every call that passed validation, one call at a time,
+    before any of that response's calls start; an approver that needs no one's answer for
+    a call returns at once. Cancellation (an interrupt, /stop) propagates: the approver
+    cleans up whatever it showed and re-raises. `arguments` are the parsed JSON object.
+    """
+
+    async def approve(self, call: ToolCall, arguments: dict[str, Any]) -> Approval: ...
 
 
 @runtime_checkable
@@ -42,7 +63,9 @@ class TurnEvents(Protocol):
     - `on_reasoning` receives reasoning/thinking text, never mixed into `on_text`.
     - `on_first_delta` fires exactly once per model call, at the first content-bearing
       delta (text, reasoning or tool call).
-    - `on_tool_started` / `on_tool_finished` bracket each tool execution.
+    - `on_tool_started` / `on_tool_finished` bracket each tool execution. A call that
+      never runs -- its arguments were invalid, its tool unknown, or its approval denied
+      (`ToolResult.denied`) -- gets `on_tool_finished` alone, with the error result.
     - `on_fallback(final_text)` fires when a model call's stream broke and the step was
       answered by a non-streaming request: `final_text` is that response's complete
       visible text, and replaces whatever this response streamed so far.

@@ -45,7 +45,8 @@ from bots.coalesce import merge as merge_parts
 from bots.commands import CommandContext, CommandRegistry, builtin_commands
 from bots.errors import OutboxError, RateLimited, Transient, Undeliverable
 from bots.health import PlatformHealth
-from bots.inbound import Inbound
+from bots.buttons import ButtonRouter
+from bots.inbound import ButtonPress, Inbound
 from bots.inbound import from_json as inbound_from_json
 from bots.inbound import to_json as inbound_json
 from bots.inbound_rate import InboundRate, Verdict
@@ -255,6 +256,7 @@ class Gateway:
         self._wall = wall
         self.spill_max = spill_max
         self.store_backoff = (STORE_BACKOFF_START, STORE_BACKOFF_MAX)  # (first, longest) wait; tests shorten it
+        self.buttons = ButtonRouter()
         self.lanes = Lanes(self._run_turn, queue_max=defaults.queue_max, on_dropped=self._dropped)
         self.inbound_rate = inbound_rate  # access.user_rate; None: no limit
         self.media = media or MediaOptions()  # config media.*
@@ -322,6 +324,24 @@ class Gateway:
                 log.info("chat %s: update %s already handled; ignored", inbound.chat.key, inbound.update_id)
                 continue
             self._dispatch(replace(inbound, inbox_ids=(inbox_id,)))
+
+    async def on_button(self, press: ButtonPress) -> None:
+        """Someone pressed a button under one of parley's messages (an approval, a choice).
+
+        Answers the press exactly once (`ButtonPress.answer`), whatever happens: a press
+        nobody waits for any more (the turn ended, parley restarted) gets "no longer
+        waiting". Never stored: a press is a reaction to something on screen now, not a
+        message to answer after a restart.
+        """
+        try:
+            handled = await self.buttons.press(press)
+        except Exception:
+            log.exception("chat %s: a button press failed", press.chat.key)
+            handled = False
+            await press.answer("Something went wrong; please try again.", True)
+            return
+        if not handled:
+            await press.answer("This is no longer waiting for an answer.", False)
 
     async def handle(self, inbound: Inbound) -> None:
         """Take one message from a platform that does not redeliver (Discord, the console).

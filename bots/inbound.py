@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -54,6 +54,43 @@ class Inbound:
         return (
             self.chat.is_private or self.listening or self.mentions_bot or self.reply_to_bot or self.command is not None
         )
+
+
+PressAnswer = Callable[[str | None, bool], Awaitable[None]]
+"""`answer(text, alert)`: acknowledge a button press (see `ButtonPress.answer`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ButtonPress:
+    """Someone pressed a button parley put under one of its messages (`bots.outbox.Button`).
+
+    Connectors fill this in from a Telegram `callback_query` or a Discord component
+    interaction and hand it to `Gateway.on_button`, which must call `answer` exactly once,
+    quickly: `answer(None, False)` just acknowledges (Telegram: answerCallbackQuery with no
+    text; Discord: a deferred update, the message is edited later through the usual
+    path); `answer(text, False)` shows a short toast (Telegram) or an ephemeral message
+    (Discord); `answer(text, True)` an alert (Telegram) or an ephemeral message (Discord).
+    Connectors make `answer` safe: a press answered too late ("query is too old",
+    "already acknowledged") is logged, never raised. Discord wants an answer within 3 s:
+    its connector defers on its own if the gateway has not answered after 2 s, and a later
+    `answer` with text then becomes an ephemeral follow-up.
+    """
+
+    chat: ChatRef
+    user_id: str
+    message_id: str  # the message the button is under
+    data: str  # the `Button.data` pressed
+    answer: PressAnswer
+    username: str | None = None
+    display_name: str | None = None
+
+    @property
+    def platform(self) -> str:
+        return self.chat.platform
+
+    @property
+    def user_key(self) -> str:
+        return f"{self.chat.platform}:{self.user_id}"
 
 
 def to_json(inbound: Inbound) -> dict[str, Any]:

@@ -7,8 +7,9 @@ errors in `bots.errors`; none may raise a platform library's exception.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,26 @@ class MessageRef:
 
 
 @dataclass(frozen=True, slots=True)
+class Button:
+    """One button under a message (Telegram inline keyboard, Discord message component).
+
+    `data` comes back in the `ButtonPress` when someone presses it: at most 64 bytes of
+    UTF-8 (Telegram's `callback_data` limit; Discord's `custom_id` allows 100), opaque to
+    the connector. `style` is a hint: Discord colours buttons, Telegram does not.
+    """
+
+    label: str
+    data: str
+    style: Literal["primary", "secondary", "success", "danger"] = "secondary"
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            raise ValueError("a button needs a label")
+        if not self.data or len(self.data.encode()) > 64:
+            raise ValueError(f"button data must be 1-64 bytes, got {len(self.data.encode())}")
+
+
+@dataclass(frozen=True, slots=True)
 class PlatformLimits:
     """Hard facts of a platform that shape how replies are laid out."""
 
@@ -50,6 +71,9 @@ class Outbox(Protocol):
 
     `markdown=True` asks the connector to render the text's Markdown natively
     (Telegram: entities; Discord: as-is). `markdown=False` sends it verbatim.
+
+    `buttons` go under the message, in one row, in order; pressing one reaches
+    `Gateway.on_button` as a `bots.inbound.ButtonPress`.
 
     `private=True` marks an answer that concerns the person who asked alone (an access
     denial, a usage error, their /usage): a connector that can show a message to one
@@ -65,10 +89,22 @@ class Outbox(Protocol):
     limits: PlatformLimits
 
     async def send(
-        self, chat: ChatRef, text: str, *, markdown: bool = False, reply_to: str | None = None, private: bool = False
+        self,
+        chat: ChatRef,
+        text: str,
+        *,
+        markdown: bool = False,
+        reply_to: str | None = None,
+        private: bool = False,
+        buttons: Sequence[Button] = (),
     ) -> MessageRef: ...
 
-    async def edit(self, ref: MessageRef, text: str, *, markdown: bool = False) -> None: ...
+    async def edit(self, ref: MessageRef, text: str, *, markdown: bool = False, buttons: Sequence[Button] = ()) -> None:
+        """Replace the message's text *and* its buttons: `buttons` are the ones it has
+        afterwards, so an edit without them removes any it had (as Telegram's
+        editMessageText does; Discord is told `components: []`). Raises `NotModified`
+        only when neither text nor buttons changed."""
+        ...
 
     async def delete(self, ref: MessageRef) -> None: ...
 

@@ -64,6 +64,10 @@ class Tool:
     parameters: dict[str, Any]
     func: Callable[..., Awaitable[Any]]
     timeout: float | None = 30.0
+    # Where it came from: "builtin", "module:<python module>", "mcp:<server>". Policy
+    # defaults follow it (bots.tool_policy): built-ins that read nothing private are for
+    # every user, everything else for admins until the configuration says otherwise.
+    source: str = "module"
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "a").replace("-", "a").isalnum():
