@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import ProviderConfig
-from .events import ToolCall, ToolResult, TurnEvents
+from .events import Approver, ToolCall, ToolResult, TurnEvents
 from .media import Transcriber, TranscriptionConfig, user_content
 from .provider import ProbeResult, Provider, RequestObserver, StepState, _guard
 from .stream import ChatAccumulator, ModelResponse, ResponsesAccumulator, Usage
@@ -239,6 +239,8 @@ class Agent:
         system_prompt: str | None = None,
         interrupt: asyncio.Event | None = None,
         meter: UsageMeter | None = None,
+        tools: ToolRegistry | None = None,
+        approver: Approver | None = None,
     ) -> TurnResult:
         """Run one turn to its final answer (or interrupt, or `max_steps`).
 
@@ -248,6 +250,12 @@ class Agent:
 
         `meter`: where the turn's usage is counted as it goes, readable even when this
         raises or is cancelled (see `UsageMeter`).
+
+        `tools`: what this turn offers the model (default: the agent's registry) -- the
+        caller narrows it to what the person asking may use (`ToolRegistry.subset`); a
+        call to anything else is answered "unknown tool" and never runs. `approver`:
+        asked before every valid call runs (see `Approver`); a call it denies is told to
+        the model as not run, with its reason.
         """
         conversation: list[dict[str, Any]] = []
         if system_prompt:
@@ -275,7 +283,8 @@ class Agent:
             watcher = asyncio.ensure_future(interrupt.wait())
             watcher.add_done_callback(on_interrupt)
         try:
-            return await self._loop(conversation, turn, events, model or self.cfg.model)
+            offered = tools if tools is not None else self.tools
+            return await self._loop(conversation, turn, events, model or self.cfg.model, offered, approver)
         except asyncio.CancelledError:
             if fired:
                 fired = False
@@ -300,8 +309,10 @@ class Agent:
         turn: _Turn,
         events: TurnEvents | None,
         model: str,
+        tools: ToolRegistry,
+        approver: Approver | None,
     ) -> TurnResult:
-        schemas = self.tools.schemas(self.cfg.api) if len(self.tools) else None
+        schemas = tools.schemas(self.cfg.api) if len(tools) else None
         for _ in range(self.max_steps):
             step = turn.step = StepState()
             sent = conversation + turn.messages
@@ -313,7 +324,7 @@ class Agent:
             turn.messages.append(response.assistant_message())
             if not response.tool_calls:
                 return turn.result(response.content)
-            await self._run_tools(turn, response.tool_calls, events)
+            await self._run_tools(turn, response.tool_calls, events, tools, approver)
         text = MAX_STEPS_MESSAGE.format(steps=self.max_steps)
         log.info("turn stopped at max_steps=%d", self.max_steps)
         turn.messages.append({"role": "assistant", "content": text})
@@ -338,8 +349,19 @@ class Agent:
         if turn.first_token_latency is None and step.first_delta_at is not None and step.started_at is not None:
             turn.first_token_latency = step.first_delta_at - turn.started
 
-    async def _run_tools(self, turn: _Turn, calls: list[ToolCall], events: TurnEvents | None) -> None:
-        """Run one response's calls concurrently; results go into the history in call order."""
+    async def _run_tools(
+        self,
+        turn: _Turn,
+        calls: list[ToolCall],
+        events: TurnEvents | None,
+        tools: ToolRegistry,
+        approver: Approver | None,
+    ) -> None:
+        """Run one response's calls; results go into the history in call order.
+
+        Invalid calls never run; the rest are put to the approver one at a time (a
+        person answers one question at a time), then the approved ones run concurrently.
+        """
         turn.calls = calls
         turn.results = results = [None] * len(calls)
         started = _guard(events.on_tool_started, "on_tool_started") if events is not None else None
@@ -348,19 +370,30 @@ class Agent:
         async def run(position: int, call: ToolCall, prepared: Any) -> None:
             if started is not None:
                 started(call)
-            result = await self.tools.execute(prepared[0], prepared[1], call)
+            result = await tools.execute(prepared[0], prepared[1], call)
             results[position] = result
             if finished is not None:
                 finished(call, result)
 
+        approved: list[tuple[int, ToolCall, Any]] = []
+        for position, call in enumerate(calls):
+            prepared = tools.prepare(call)
+            if isinstance(prepared, ToolResult):  # unknown tool or bad arguments: never runs
+                log.info("tool call %s (%s) rejected: %s", call.id, call.name[:64], prepared.content[:200])
+                results[position] = prepared
+            elif approver is not None and not (decision := await approver.approve(call, prepared[1])).granted:
+                log.info("tool call %s (%s) not approved: %s", call.id, call.name, decision.reason)
+                results[position] = ToolResult(
+                    call.id, call.name, f"Not run: {decision.reason or 'the user denied it'}.", True, denied=True
+                )
+            else:
+                approved.append((position, call, prepared))
+                continue
+            if finished is not None:
+                finished(call, results[position])
         async with asyncio.TaskGroup() as group:
-            for position, call in enumerate(calls):
-                prepared = self.tools.prepare(call)
-                if isinstance(prepared, ToolResult):  # unknown tool or bad arguments: never runs
-                    log.info("tool call %s (%s) rejected: %s", call.id, call.name, prepared.content)
-                    results[position] = prepared
-                else:
-                    group.create_task(run(position, call, prepared))
+            for position, call, prepared in approved:
+                group.create_task(run(position, call, prepared))
         for call, result in zip(calls, results):
             assert result is not None
             turn.messages.append({"role": "tool", "tool_call_id": call.id, "content": result.content})

@@ -15,11 +15,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from agent import Agent, ToolRegistry
 from agent.errors import AgentError
 from agent.tokens import tokenizers
+from agent.errors import ToolError
 from agent.tools import current_time, make_fetch_url
+from agent.tools.mcp import McpServers
+from agent.tools.plugins import entry_point_tools, module_tools
 from bots.access import Access
 from bots.config import Listen, Settings
 from bots.errors import ParleyError, PlatformFailed
@@ -29,20 +33,47 @@ from bots.health import Check, HealthServer, PlatformHealth, first_fatal
 from bots.inbound_rate import InboundRate
 from bots.metrics import Metrics
 from bots.store import Store
+from bots.tool_policy import ToolPolicy, ToolRuleSpec
 
 log = logging.getLogger(__name__)
 
 
 def build_tools(settings: Settings) -> ToolRegistry:
-    """The tools the agent may call: safe ones on by default, fetch_url only when enabled."""
-    tools = settings.agent.tools
+    """The tools the agent may call: safe built-ins (fetch_url only when enabled), the
+    config's modules and installed packages' entry points. MCP servers add theirs once
+    they are up (`mcp_servers`). Raises `StartupFailed` for a module that cannot be
+    loaded, or two tools with one name."""
+    tools = settings.tools
     registry = ToolRegistry()
     if tools.datetime:
         registry.add(current_time)
     fetch = tools.fetch_url
     if fetch.enabled:
         registry.add(make_fetch_url(max_bytes=fetch.max_bytes, timeout=fetch.timeout, allow_private=fetch.allow_private))
+    search = [Path.cwd()]
+    if settings.config_file is not None:
+        search.append(settings.config_file.parent)
+    try:
+        extra = module_tools(tools.modules, search=search)
+        if tools.entry_points:
+            extra += entry_point_tools()
+        for item in extra:
+            registry.add(item)
+    except ToolError as exc:
+        raise StartupFailed(f"tools: {describe_error(exc)}") from exc
     return registry
+
+
+def tool_policy(settings: Settings) -> ToolPolicy:
+    return ToolPolicy(
+        {key: ToolRuleSpec(allow=rule.allow, approval=rule.approval) for key, rule in settings.tools.policy.items()}
+    )
+
+
+def mcp_servers(settings: Settings, registry: ToolRegistry) -> McpServers | None:
+    """The configured MCP servers (enabled ones), adding their tools to `registry` once up."""
+    configs = [server.server_config() for server in settings.tools.mcp_servers if server.enabled]
+    return McpServers(configs, registry) if configs else None
 
 
 def chat_defaults(settings: Settings) -> ChatDefaults:
@@ -105,6 +136,7 @@ class App:
     metrics: Metrics
     connectors: list[Connector] = field(default_factory=list)
     health: HealthServer | None = None
+    mcp: McpServers | None = None
     recover: bool = True
     stopping: bool = field(default=False, init=False)
 
@@ -128,9 +160,10 @@ class App:
             estimates = tokenizers()
             estimates.mode = settings.agent.tokenizer
             estimates.warm(*settings.provider.allowed_models)  # loads in the background, never waited for
+            registry = build_tools(settings)
             agent = Agent(
                 settings.provider.agent_config(),
-                tools=build_tools(settings),
+                tools=registry,
                 max_steps=settings.agent.max_steps,
                 on_request=metrics.count_provider_request,
                 transcription=settings.media.transcription_config(settings.provider),
@@ -147,8 +180,15 @@ class App:
             store=store, agent=agent, access=Access(store, policy), defaults=chat_defaults(settings), metrics=metrics,
             inbound_rate=InboundRate(settings.access.user_rate) if settings.access.user_rate else None,
             media=settings.media.options(),
+            tool_policy=tool_policy(settings),
+            approval_timeout=settings.tools.approval_timeout,
         )
-        return cls(settings=settings, store=store, agent=agent, gateway=gateway, metrics=metrics, recover=recover)
+        mcp = mcp_servers(settings, agent.tools)
+        if mcp is not None:
+            gateway.mcp_status = mcp.status
+        return cls(
+            settings=settings, store=store, agent=agent, gateway=gateway, metrics=metrics, recover=recover, mcp=mcp
+        )
 
     def platform_connectors(self) -> list[Connector]:
         """A connector for every platform section that has a token."""
@@ -220,6 +260,8 @@ class App:
             self.health = health
             where = Listen(listen.host, health.port)
             log.info("health and metrics on http://%s/metrics (also /healthz, /readyz)", where)
+        if self.mcp is not None:
+            await self.mcp.start()  # connects in the background: a slow server delays no chat
         if self.recover:
             # What an earlier process left unfinished keeps its place before anything new.
             await self.gateway.load_unfinished([c.platform for c in connectors])
@@ -283,6 +325,8 @@ class App:
             await self._close_connector(connector)
         if self.health is not None:
             await self.health.stop()
+        if self.mcp is not None:
+            await self.mcp.aclose()
         await self.agent.aclose()
         if self.gateway.inbound_rate is not None:
             await self.gateway.inbound_rate.aclose()

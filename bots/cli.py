@@ -284,7 +284,11 @@ async def _checks(settings: Settings) -> list[Row]:
     probes: list[Awaitable[Row]] = [
         attempt("store", lambda: _probe_store(settings)),
         attempt("provider", lambda: _probe_provider(settings)),
+        attempt("tools", lambda: _probe_tools(settings)),
     ]
+    for server in settings.tools.mcp_servers:
+        if server.enabled:
+            probes.append(attempt(f"mcp {server.name}", lambda server=server: _probe_mcp(server)))
     skipped: list[Row] = []
     for platform in ("telegram", "discord"):
         section = getattr(settings, platform)
@@ -343,6 +347,34 @@ async def _probe_provider(settings: Settings) -> str:
     if result.listed is None:
         raise _Verdict(WARN, detail)
     return detail
+
+
+async def _probe_tools(settings: Settings) -> str:
+    """Load the built-ins, the config's modules and the entry points, as `parley run` would.
+
+    A policy key that names no such tool (and no MCP server's: those contain "__") is a
+    WARN: a typo there would silently leave a tool with its default policy."""
+    from bots.app import build_tools, tool_policy
+
+    registry = build_tools(settings)
+    names = registry.names()
+    detail = f"{len(names)} tool(s): {', '.join(names) or 'none'}"
+    unmatched = [key for key in tool_policy(settings).unmatched(names) if "__" not in key]
+    if unmatched:
+        raise _Verdict(WARN, f"{detail}; tools.policy names no such tool: {', '.join(unmatched)}")
+    return detail
+
+
+async def _probe_mcp(server: Any) -> str:
+    """Start (or reach) one MCP server, list its tools, stop it."""
+    from agent.tools import ToolRegistry
+    from agent.tools.mcp import McpServers
+
+    servers = McpServers([server.server_config()], ToolRegistry())
+    (status,) = await servers.check()
+    if status.state != "ready":
+        raise _Verdict(FAIL, f"{status.transport}: {status.error or status.state}")
+    return f"{status.transport}: {status.tools} tool(s)"
 
 
 async def _probe_platform(settings: Settings, platform: str) -> str:

@@ -621,6 +621,7 @@ async def _status(ctx: CommandContext) -> str:
     models = health.get("models")
     for model, state in (models.items() if isinstance(models, dict) else ()):
         lines += _streaming_lines(str(model), state)
+    lines += _tool_lines(gw)
     if ctx.role >= Role.OWNER and ctx.inbound.chat.is_private:
         allowed = gw.defaults.allowed_models()
         lines += [
@@ -630,6 +631,28 @@ async def _status(ctx: CommandContext) -> str:
             f"  models: {allowed[0]} (default)" + "".join(f", {m}" for m in allowed[1:]),
         ]
     return "\n".join(lines)
+
+
+def _tool_lines(gw: "Gateway") -> list[str]:
+    """Tools at a glance: how many, each MCP server's state, approvals waiting."""
+    servers = gw.mcp_status() if gw.mcp_status is not None else []
+    waiting = gw.approvals.waiting
+    line = f"Tools: {_plural(len(gw.agent.tools), 'tool')}"
+    if waiting:
+        line += f"; {_plural(waiting, 'approval')} waiting"
+    lines = [line]
+    for server in servers:
+        if server.state == "ready":
+            state = f"ready, {_plural(server.tools, 'tool')}"
+        elif server.state == "failed":
+            why = f" ({quote_input(server.error, 50)[1:-1]})" if server.error else ""
+            left = int(server.retry_in or 0)
+            retry = f", retrying in {left // 60}m {left % 60}s" if server.retry_in is not None else ""
+            state = f"failed{why}{retry}"
+        else:
+            state = server.state
+        lines.append(f"  MCP {server.name}: {state}")
+    return lines
 
 
 def _plural(n: int, noun: str) -> str:

@@ -71,6 +71,7 @@ from bots.errors import ConfigError
 if TYPE_CHECKING:
     from agent.config import ProviderConfig
     from agent.media import TranscriptionConfig
+    from agent.tools.mcp import McpServerConfig
     from bots.media_input import MediaOptions
     from bots.access import AccessPolicy
     from bots.pacing import Budget, PacingPolicy
@@ -692,9 +693,133 @@ class FetchUrlTool(_Section):
     allow_private: bool = False
 
 
+_REF_IN_TEXT = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _secret_refs(value: Any) -> Any:
+    """Values of an MCP server's `env`/`headers`: `env:NAME` (the whole value) or text with
+    `${NAME}` in it ("Bearer ${GITHUB_TOKEN}"), resolved now; an unset variable is an error
+    naming it, so a server is never started with a credential silently missing."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError("must be a mapping of names to values")
+    lookup = _options().lookup
+    out: dict[str, SecretStr] = {}
+    for key, raw in value.items():
+        if isinstance(raw, SecretStr):
+            raw = raw.get_secret_value()
+        if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+            raise ValueError(f"{key}: must be a string (or env:NAME / ${{NAME}})")
+        text = str(raw)
+        name = env_ref(text)
+        names = [name] if name is not None else _REF_IN_TEXT.findall(text)
+        missing = [n for n in names if not lookup.get(n, "").strip()]
+        if missing:
+            raise ValueError(f"{key}: environment variable {missing[0]} is not set")
+        if name is not None:
+            text = lookup[name].strip()
+        else:
+            text = _REF_IN_TEXT.sub(lambda m: lookup[m.group(1)].strip(), text)
+        out[str(key)] = SecretStr(text)
+    return out
+
+
+SecretMap = Annotated[dict[str, SecretStr], BeforeValidator(_secret_refs)]
+
+
+class McpServerSettings(_Section):
+    """One MCP server (`tools.mcp_servers[]`): a program over stdio, or a streamable HTTP URL."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
+    command: str | None = None
+    args: list[str] = Field(default_factory=list)
+    env: SecretMap = Field(default_factory=dict)
+    cwd: str | None = None
+    url: Annotated[str, AfterValidator(_http_url)] | None = None
+    headers: SecretMap = Field(default_factory=dict)
+    call_timeout: Seconds = 60.0
+    startup_timeout: Seconds = 20.0
+    restart_max: Seconds = 300.0
+    enabled: bool = True
+
+    def _cross_check(self) -> list[tuple[str, str]]:
+        if bool(self.command) == bool(self.url):
+            return [("command", "set either command (a program over stdio) or url (streamable HTTP), not both")]
+        if self.url and (self.args or self.env or self.cwd):
+            return [("url", "args, env and cwd are for a command; an HTTP server takes headers")]
+        if self.command and self.headers:
+            return [("headers", "headers are for a url; a command takes env")]
+        return []
+
+    def server_config(self) -> "McpServerConfig":
+        from agent.tools.mcp import McpServerConfig
+
+        return McpServerConfig(
+            name=self.name,
+            command=self.command,
+            args=tuple(self.args),
+            env={k: v.get_secret_value() for k, v in self.env.items()},
+            cwd=self.cwd,
+            url=self.url,
+            headers={k: v.get_secret_value() for k, v in self.headers.items()},
+            call_timeout=self.call_timeout,
+            startup_timeout=self.startup_timeout,
+            restart_max=self.restart_max,
+        )
+
+
+ToolRole = Literal["user", "admin", "owner", "off"]
+
+
+def _least_role(value: Any) -> Any:
+    """`allow: admin` or `allow: [admin, owner]`: the least role listed may use the tool
+    (roles are a ladder: whoever is above a role may do what it may)."""
+    if isinstance(value, (list, tuple)):
+        order = ["user", "admin", "owner"]
+        listed = [str(v).strip().lower() for v in value]
+        unknown = [v for v in listed if v not in order]
+        if unknown or not listed:
+            raise ValueError(f"roles are user, admin, owner (or off), got {value!r}")
+        return min(listed, key=order.index)
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+class ToolRule(_Section):
+    """Who may trigger a tool and whether someone must approve each use (`tools.policy`)."""
+
+    allow: Annotated[ToolRole, BeforeValidator(_least_role)] | None = None
+    approval: Literal["never", "always", "ask_once_per_chat"] | None = None
+
+
 class ToolsSettings(_Section):
+    """The tools the model may call (top-level `tools:`; `agent.tools` is read too, for old files)."""
+
     datetime: bool = True
     fetch_url: FetchUrlTool = Field(default_factory=dict)
+    # Python modules whose module-level `Tool`s (functions decorated with @tool) are added.
+    modules: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")]] = Field(
+        default_factory=list
+    )
+    # Tools from installed packages' `parley.tools` entry points.
+    entry_points: bool = True
+    mcp_servers: list[McpServerSettings] = Field(default_factory=list)
+    # Per tool name or glob ("github__*"): `allow` (least role) and `approval`. Unlisted:
+    # built-ins that read nothing private are for users, everything else for admins; no approval.
+    policy: dict[str, ToolRule] = Field(default_factory=dict)
+    # Seconds an approval waits for a press before it counts as "deny".
+    approval_timeout: Seconds = 120.0
+
+    def _cross_check(self) -> list[tuple[str, str]]:
+        problems = []
+        seen: set[str] = set()
+        for i, server in enumerate(self.mcp_servers):
+            if server.name in seen:
+                problems.append((f"mcp_servers.{i}.name", f"{server.name!r} is used by another server"))
+            seen.add(server.name)
+        if len(set(self.modules)) != len(self.modules):
+            problems.append(("modules", "a module is listed twice"))
+        return problems
 
 
 class HistorySettings(_Section):
@@ -710,7 +835,9 @@ class AgentSettings(_Section):
     # the background, from TIKTOKEN_CACHE_DIR or a download); off: characters / 4 for all
     # models, and tiktoken never touches the disk or the network (`agent.tokens`).
     tokenizer: Literal["auto", "off"] = "auto"
-    tools: ToolsSettings = Field(default_factory=dict)
+    # Where tools were configured before they got their own section: still read (into
+    # `Settings.tools`) so older files keep working; setting both is an error.
+    tools: ToolsSettings | None = Field(default=None, exclude=True)
 
 
 class CoalesceWindow(_Section):
@@ -1094,6 +1221,7 @@ class Settings(BaseSettings):
     discord: DiscordSettings = Field(default_factory=dict)
     access: AccessSettings = Field(default_factory=dict)
     media: MediaSettings = Field(default_factory=dict)
+    tools: ToolsSettings = Field(default_factory=dict)
     store: StoreUrl = Field(default_factory=lambda: StoreUrl("sqlite:///data/parley.db"))
     metrics: MetricsSettings = Field(default_factory=dict)
     health: HealthSettings = Field(default_factory=dict)
@@ -1127,6 +1255,17 @@ class Settings(BaseSettings):
             _YamlSource(settings_cls, opts.yaml_data),
         )
 
+    @model_validator(mode="after")
+    def _tools_from_agent_section(self) -> "Settings":
+        """Files written before `tools:` was a section of its own set `agent.tools`: read it."""
+        old = self.agent.tools
+        if old is not None:
+            if "tools" in self.model_fields_set:
+                raise ValueError("agent.tools: tools are configured under tools: now; move these keys there")
+            self.tools = old
+            self.agent.tools = None
+        return self
+
     @property
     def config_file(self) -> Path | None:
         """The YAML file these settings were read from, if any."""
@@ -1154,6 +1293,11 @@ class Settings(BaseSettings):
             _, _, secret_part = self.telegram.token.get_secret_value().partition(":")
             if len(secret_part) >= 8:
                 values.append(secret_part)
+        for server in self.tools.mcp_servers:
+            for secret in (*server.env.values(), *server.headers.values()):
+                text = secret.get_secret_value()
+                # "Bearer <token>": the token may show up on its own too
+                values.extend(v for v in (text, *text.split()) if len(v) >= 8)
         password = self.store.password
         if password:
             values.append(password)

@@ -45,6 +45,9 @@ from bots.coalesce import merge as merge_parts
 from bots.commands import CommandContext, CommandRegistry, builtin_commands
 from bots.errors import OutboxError, RateLimited, Transient, Undeliverable
 from bots.health import PlatformHealth
+from agent.tools.mcp import McpServerStatus
+from bots.approvals import PREFIX as APPROVAL_PREFIX
+from bots.approvals import Approvals
 from bots.buttons import ButtonRouter
 from bots.inbound import ButtonPress, Inbound
 from bots.inbound import from_json as inbound_from_json
@@ -60,6 +63,7 @@ from bots.metrics import Metrics, ReplyMetrics
 from bots.outbox import MessageRef, Outbox
 from bots.pacing import Pacing, Priority
 from bots.render import Layout
+from bots.tool_policy import ToolPolicy
 from bots.store import (
     INBOX_RUNNING,
     BudgetHold,
@@ -245,6 +249,8 @@ class Gateway:
         spill_max: int = SPILL_MAX,
         inbound_rate: InboundRate | None = None,
         media: MediaOptions | None = None,
+        tool_policy: ToolPolicy | None = None,
+        approval_timeout: float = 120.0,
     ) -> None:
         self.store = store
         self.agent = agent
@@ -257,6 +263,11 @@ class Gateway:
         self.spill_max = spill_max
         self.store_backoff = (STORE_BACKOFF_START, STORE_BACKOFF_MAX)  # (first, longest) wait; tests shorten it
         self.buttons = ButtonRouter()
+        self.tool_policy = tool_policy or ToolPolicy()  # config tools.policy
+        self.approvals = Approvals(access, store, timeout=approval_timeout)
+        # MCP servers' states for /status (`agent.tools.mcp.McpServers.status`), once started.
+        self.mcp_status: Callable[[], list[McpServerStatus]] | None = None
+        self.buttons.register(APPROVAL_PREFIX, self.approvals.press)
         self.lanes = Lanes(self._run_turn, queue_max=defaults.queue_max, on_dropped=self._dropped)
         self.inbound_rate = inbound_rate  # access.user_rate; None: no limit
         self.media = media or MediaOptions()  # config media.*
@@ -914,9 +925,13 @@ class Gateway:
         with turn_context(platform=inbound.platform, chat=inbound.chat.key, turn=turn_id):
             reply.start()
             try:
+                offered = self.tool_policy.offered(self.agent.tools, await self._caller_role(inbound))
+                approver = self.approvals.approver(
+                    chat_key=inbound.chat.key, requester=inbound.user_key, policy=self.tool_policy, view=reply
+                )
                 result = await self.agent.run_turn(
                     history, prepared.content, reply, model=model, system_prompt=system_prompt, interrupt=interrupt,
-                    meter=meter,
+                    meter=meter, tools=offered, approver=approver,
                 )
             except asyncio.CancelledError:
                 await asyncio.shield(self._abandon(inbound, reply, turn_id, meter))
@@ -960,6 +975,17 @@ class Gateway:
                 turn_id, outcome, result.steps, "~" if result.usage.estimated else "", result.usage.total_tokens,
                 f", fell back ({', '.join(result.fallback_causes)})" if result.fell_back else "",
             )
+
+    async def _caller_role(self, inbound: Inbound) -> Role:
+        """The role of the person whose message this turn answers: it decides the tools offered.
+
+        If the store cannot say (it is down), the turn goes on with a user's tools: never
+        more than the person may have."""
+        try:
+            return max(await self.access.role(inbound), Role.USER)
+        except Exception as exc:
+            log.warning("chat %s: could not look up the sender's role (%s); offering a user's tools", inbound.chat.key, exc)
+            return Role.USER
 
     async def _hand_over(self, inbound: Inbound, reply: LiveReply, turn_id: int, result: Any) -> bool:
         """The question was edited while this turn answered it: True when this turn stepped aside.

@@ -35,7 +35,7 @@ from bots.errors import (
     Undeliverable,
 )
 from bots.orphans import Fragment, SendLedger, as_id, remove_fragments, sending_as
-from bots.outbox import ChatRef, MessageRef, Outbox
+from bots.outbox import Button, ChatRef, MessageRef, Outbox
 from bots.pacing import Pacer, Priority
 from bots.render import Layout, Piece, text_length
 
@@ -155,6 +155,17 @@ class _Shown:
     ref: MessageRef | None
     text: str
     markdown: bool
+    buttons: tuple[Button, ...] = ()
+
+
+@dataclass(slots=True)
+class _ToolLine:
+    """One line of tool progress: running, ok, error (with a short reason), denied, or
+    waiting for an approval (with the summary of what would run)."""
+
+    call: ToolCall
+    status: Literal["running", "ok", "error", "denied", "waiting"]
+    note: str = ""
 
 
 JOURNAL_TIMEOUT = 3.0
@@ -170,12 +181,14 @@ class _Op:
     index: int
     text: str = ""
     markdown: bool = False
+    buttons: tuple[Button, ...] = ()
+    buttons_change: bool = False  # a question appears or goes: the stream waits on it
 
     @property
     def priority(self) -> Priority:
         if self.kind == "draft":
             return Priority.INTERIM
-        if self.kind == "edit" and not self.markdown:
+        if self.kind == "edit" and not self.markdown and not self.buttons_change:
             return Priority.INTERIM
         return Priority.FINAL
 
@@ -184,6 +197,31 @@ class _Op:
 class _Step:
     text: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
+
+
+_ICONS = {"running": "⚙️", "ok": "✅", "error": "❌", "denied": "🔒", "waiting": "🔐"}
+
+
+def _progress_line(line: _ToolLine) -> str:
+    icon = _ICONS[line.status]
+    name = line.call.name[:64]
+    if line.status == "running":
+        return f"{icon} {name}…"
+    if line.status == "waiting":
+        return f"{icon} Run {name}?\n{line.note}"
+    if line.note:
+        return f"{icon} {name}: {line.note}"
+    return f"{icon} {name}"
+
+
+def _short_reason(content: str, limit: int = 80) -> str:
+    """A failed tool's result, cut to one short line for the chat (the model gets it all)."""
+    text = content.strip().removeprefix("Error:").strip()
+    head = text.splitlines()[0] if text else ""
+    first = " ".join("".join(ch if ch.isprintable() else " " for ch in head).split())
+    if len(first) > limit:
+        first = first[: limit - 1].rstrip() + "…"
+    return first or "failed"
 
 
 class LiveReply:
@@ -227,7 +265,9 @@ class LiveReply:
         )
         self._steps: list[_Step] = [_Step()]
         self._after_tools = False
-        self._tools: list[tuple[ToolCall, str]] = []  # call, status: running|ok|error
+        self._tools: list[_ToolLine] = []
+        self._buttons: tuple[Button, ...] = ()  # under the last message while a question waits
+        self._outcomes: dict[str, str] = {}  # call id -> how its approval ended
         self._final = False
         self._halted = False  # handed over: the chat stays as it is (`hand_over`)
         self._answered = False  # finish() was given the turn's answer
@@ -298,14 +338,43 @@ class LiveReply:
 
     def on_tool_started(self, call: ToolCall) -> None:
         self._after_tools = True
-        self._tools.append((call, "running"))
+        self._tools.append(_ToolLine(call, "running"))
         self._moved()
         self._dirty.set()
 
     def on_tool_finished(self, call: ToolCall, result: ToolResult) -> None:
-        for i, (known, _) in enumerate(self._tools):
-            if known is call or known.id == call.id:
-                self._tools[i] = (known, "error" if result.is_error else "ok")
+        if result.denied:
+            line = _ToolLine(call, "denied", "no answer in time" if self._outcomes.get(call.id) == "timed out" else "denied")
+        elif result.is_error:
+            line = _ToolLine(call, "error", _short_reason(result.content))
+        else:
+            line = _ToolLine(call, "ok")
+        for i, known in enumerate(self._tools):
+            if known.call is call or known.call.id == call.id:
+                self._tools[i] = line
+                break
+        else:  # a call that never ran: invalid, or not approved
+            self._after_tools = True
+            self._tools.append(line)
+        self._moved()
+        self._dirty.set()
+
+    # ---- approvals (bots.approvals.ApprovalView) -------------------------------------------
+
+    def ask_approval(self, call: ToolCall, summary: str, buttons: list[Button]) -> None:
+        """Show what would run, with the buttons to answer, until `end_approval`."""
+        self._after_tools = True  # the model called a tool: its text so far is pre-tool text
+        self._tools.append(_ToolLine(call, "waiting", summary))
+        self._buttons = tuple(buttons)
+        self._moved()
+        self._dirty.set()
+
+    def end_approval(self, call: ToolCall, outcome: str) -> None:
+        """The question was answered (or timed out, or the turn stopped): it and its buttons go."""
+        self._outcomes[call.id] = outcome
+        self._tools = [t for t in self._tools if not (t.status == "waiting" and t.call.id == call.id)]
+        if not any(t.status == "waiting" for t in self._tools):
+            self._buttons = ()
         self._moved()
         self._dirty.set()
 
@@ -382,6 +451,8 @@ class LiveReply:
                 self._step_for_output().text[:] = [final_text]
         self._answered = final_text is not None and not interrupted
         self._interrupted = interrupted
+        self._buttons = ()  # a finished reply asks nothing
+        self._tools = [t for t in self._tools if t.status != "waiting"]
         self._notice = notice
         self._final = True
         self._stop_quiet()
@@ -550,8 +621,8 @@ class LiveReply:
         return "\n".join("> " + line for line in tail.splitlines() if line.strip())
 
     def _progress(self) -> str:
-        icons = {"running": "⚙️", "ok": "✅", "error": "⚠️"}
-        lines = [f"{icons[status]} {call.name}{'…' if status == 'running' else ''}" for call, status in self._tools[-8:]]
+        shown = self._tools[-8:]
+        lines = [_progress_line(t) for t in shown]
         if len(self._tools) > 8:
             lines.insert(0, f"… {len(self._tools) - 8} earlier tool calls")
         return "\n".join(lines)
@@ -569,21 +640,27 @@ class LiveReply:
             out.append((piece, text, markdown))
         return out
 
+    def _buttons_for(self, index: int, count: int) -> tuple[Button, ...]:
+        """Buttons go under the reply's last message (where its question is)."""
+        return self._buttons if index == count - 1 and not self._halted else ()
+
     def _next_op(self) -> _Op | None:
         if self._halted:
             return None
         desired = self._desired()
         for i, (piece, text, markdown) in enumerate(desired):
             shown = self._shown[i] if i < len(self._shown) else None
-            live_draft = self._drafts and not markdown and i == len(desired) - 1
+            buttons = self._buttons_for(i, len(desired))
+            # A draft cannot carry buttons: a question is always a real message.
+            live_draft = self._drafts and not markdown and i == len(desired) - 1 and not buttons
             if live_draft and (shown is None or shown.ref is None):
                 if self._draft != text or self._clock.now() - self._draft_at >= self._opts.draft_refresh:
                     return _Op("draft", i, text)
                 return None
             if shown is None or shown.ref is None:
-                return _Op("send", i, text, markdown)
-            if shown.text != text or shown.markdown != markdown:
-                return _Op("edit", i, text, markdown)
+                return _Op("send", i, text, markdown, buttons, bool(buttons))
+            if shown.text != text or shown.markdown != markdown or shown.buttons != buttons:
+                return _Op("edit", i, text, markdown, buttons, shown.buttons != buttons)
         if len(self._shown) > len(desired):
             return _Op("delete", len(self._shown) - 1)
         return None
@@ -649,10 +726,11 @@ class LiveReply:
                 await self._apply_draft(op)
             elif op.kind == "send":
                 self._obs.on_call("send")
+                extra: dict[str, Any] = {"buttons": op.buttons} if op.buttons else {}
                 ref = await self._outbox.send(
-                    self._chat, op.text, markdown=op.markdown, reply_to=self._reply_to if i == 0 else None
+                    self._chat, op.text, markdown=op.markdown, reply_to=self._reply_to if i == 0 else None, **extra
                 )
-                shown = _Shown(ref, op.text, op.markdown)
+                shown = _Shown(ref, op.text, op.markdown, op.buttons)
                 if i < len(self._shown):
                     self._shown[i] = shown
                 else:
@@ -664,11 +742,13 @@ class LiveReply:
                 self._obs.on_call("edit")
                 ref = self._shown[i].ref
                 assert ref is not None
+                # (an outbox that never shows buttons is never asked about them)
+                extra = {"buttons": op.buttons} if op.buttons or self._shown[i].buttons else {}
                 try:
-                    await self._outbox.edit(ref, op.text, markdown=op.markdown)
+                    await self._outbox.edit(ref, op.text, markdown=op.markdown, **extra)
                 except NotModified:
                     pass
-                self._shown[i] = _Shown(ref, op.text, op.markdown)
+                self._shown[i] = _Shown(ref, op.text, op.markdown, op.buttons)
                 if not self._reported_visible:
                     self._mark_visible(op.text)
             else:  # delete

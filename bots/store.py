@@ -411,6 +411,17 @@ budget_holds = sa.Table(
 )
 
 
+tool_approvals = sa.Table(
+    "tool_approvals",
+    metadata,
+    sa.Column("chat_key", sa.String(255), nullable=False),
+    sa.Column("tool", sa.String(255), nullable=False),
+    sa.Column("approved_by", sa.String(255), nullable=False),
+    sa.Column("approved_at", UTCDateTime(), nullable=False),
+    sa.PrimaryKeyConstraint("chat_key", "tool", name="pk_tool_approvals"),
+)
+
+
 _NOTE_REPLY = (
     sa.update(inbox)
     .where(inbox.c.id == sa.bindparam("row"))
@@ -1362,6 +1373,20 @@ class Store:
             set_={name: stmt.excluded[name] for name in ("role", "granted_by", "granted_at")},
         )
         await self._run("set_role", lambda conn: conn.execute(stmt), write=True)
+
+    async def remember_tool_approval(self, chat_key: str, tool: str, *, by: str) -> None:
+        """`tool` was approved in `chat_key` (`approval: ask_once_per_chat`): not asked there again."""
+        _require_text("chat_key", chat_key)
+        stmt = self._insert(tool_approvals).values(chat_key=chat_key, tool=tool, approved_by=by, approved_at=self._now())
+        stmt = stmt.on_conflict_do_nothing(index_elements=["chat_key", "tool"])
+        await self._run("remember_tool_approval", lambda conn: conn.execute(stmt), write=True)
+
+    async def tool_approved(self, chat_key: str, tool: str) -> str | None:
+        """Who approved `tool` for good in `chat_key` (a user key), or None: ask."""
+        query = sa.select(tool_approvals.c.approved_by).where(
+            tool_approvals.c.chat_key == chat_key, tool_approvals.c.tool == tool
+        )
+        return await self._run("tool_approved", lambda conn: conn.scalar(query), write=False)
 
     async def clear_role(self, user_key: str) -> None:
         """Remove the user's stored role (a no-op when there is none)."""

@@ -52,7 +52,7 @@ def test_schema_is_derived_from_the_signature() -> None:
     assert search.schema("chat_completions")["function"]["parameters"] is search.parameters
 
 
-def test_registry_rejects_duplicates_sync_functions_and_bad_names() -> None:
+def test_registry_rejects_duplicates_sync_funcs_given_directly_and_bad_names() -> None:
     @tool
     async def one() -> str:
         return "1"
@@ -65,9 +65,54 @@ def test_registry_rejects_duplicates_sync_functions_and_bad_names() -> None:
         return "x"
 
     with pytest.raises(ToolError, match="async"):
-        tool(sync)  # type: ignore[arg-type]
+        Tool("sync", "", {"type": "object"}, sync)  # type: ignore[arg-type]
     with pytest.raises(ToolError, match="name"):
         Tool("bad name!", "", {"type": "object"}, one.func)
+    with pytest.raises(ToolError, match="64"):
+        Tool("x" * 65, "", {"type": "object"}, one.func)
+
+
+async def test_sync_tool_runs_in_a_worker_thread_without_blocking_the_loop() -> None:
+    import threading
+    import time as _time
+
+    loop_thread = threading.get_ident()
+    seen: list[int] = []
+
+    @tool
+    def slow_sum(a: int, b: int) -> int:
+        """Adds slowly."""
+        seen.append(threading.get_ident())
+        _time.sleep(0.2)  # blocking on purpose: the loop must keep running meanwhile
+        return a + b
+
+    assert slow_sum.parameters["required"] == ["a", "b"]
+    registry = ToolRegistry([slow_sum])
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
+    result = await registry.run(call("slow_sum", {"a": 2, "b": 3}))
+    ticking.cancel()
+    assert result.content == "5" and not result.is_error
+    assert seen and seen[0] != loop_thread
+    assert ticks > 3  # the loop ran while the tool blocked its thread
+
+
+def test_subset_keeps_only_what_is_accepted_and_is_a_snapshot() -> None:
+    registry = ToolRegistry.default(fetch_url=True)
+    view = registry.subset(lambda t: t.name == "current_time")
+    assert view.names() == ["current_time"]
+    assert view.get("current_time") is registry.get("current_time")
+    registry.remove("current_time")
+    assert view.names() == ["current_time"]
+    assert {t.source for t in ToolRegistry.default(fetch_url=True)} == {"builtin"}
+    assert ToolRegistry.default(fetch_url=True, allow_private=True).get("fetch_url").source == "builtin:private"
 
 
 def test_default_registry_has_time_but_not_fetch() -> None:

@@ -83,13 +83,14 @@ async def test_check_against_the_fakes_passes(tmp_path: Path, fake_llm, fast_tel
     result = await run_cli(["check", "--config", str(path)], cwd=tmp_path)
     assert result.returncode == 0, result.output
     table = rows(result)
-    assert list(table) == ["config", "store", "provider", "telegram", "discord"]
+    assert list(table) == ["config", "store", "provider", "tools", "telegram", "discord"]
     assert all(verdict == "PASS" for verdict, _ in table.values()), result.stdout
     assert table["config"][1] == str(path)
+    assert table["tools"][1] == "1 tool(s): current_time"
     assert "fake-model" in table["provider"][1]
     assert table["telegram"][1] == "logged in as @parley_bot"
     assert table["discord"][1] == "logged in as fakebot"
-    assert result.stdout.splitlines()[-1] == "all 5 checks passed"
+    assert result.stdout.splitlines()[-1] == "all 6 checks passed"
     # It reached every platform and the provider, and started nothing: no polling, no
     # gateway session, and no database created or migrated.
     assert [c.method for c in fast_telegram.calls] == ["getMe"]
@@ -134,7 +135,7 @@ async def test_check_names_each_failure_and_exits_1(tmp_path: Path, fake_llm, fa
         assert result.returncode == 1, f"{name}: {result.output}"
         assert [k for k, (verdict, _) in table.items() if verdict == "FAIL"] == [failing], f"{name}: {result.stdout}"
         assert words in table[failing][1], f"{name}: {table[failing][1]!r}"
-        assert f"1 of 5 checks failed: {failing}" in result.stdout
+        assert f"1 of 6 checks failed: {failing}" in result.stdout
         assert "Traceback" not in result.output, name
     unreachable = rows(results[2])["provider"][1]
     assert "is provider.base_url (http://127.0.0.1:1/v1) right and reachable?" in unreachable
@@ -164,7 +165,7 @@ async def test_check_fails_on_a_model_the_provider_does_not_list(tmp_path: Path,
         assert table["provider"][0] == "FAIL", f"{name}: {result.stdout}"
         detail = table["provider"][1]
         assert detail.endswith(f"{words} among the 2 models GET /models lists (fake-model, other-model) -- check {key}")
-        assert result.stdout.splitlines()[-1] == "1 of 5 checks failed: provider", name
+        assert result.stdout.splitlines()[-1] == "1 of 6 checks failed: provider", name
     assert fake_llm.requests == []  # the listing decided: no token was spent
 
 
@@ -185,10 +186,10 @@ async def test_check_warns_without_a_models_endpoint_and_strict_fails(tmp_path: 
         assert "Traceback" not in result.output
     assert lenient.returncode == 0, lenient.output
     assert lenient.stdout.splitlines()[-1] == (
-        "all 5 checks passed, 1 with a warning: provider (--strict makes warnings failures)"
+        "all 6 checks passed, 1 with a warning: provider (--strict makes warnings failures)"
     )
     assert strict.returncode == 1, strict.output
-    assert strict.stdout.splitlines()[-1] == "1 of 5 checks failed (--strict counts warnings): provider"
+    assert strict.stdout.splitlines()[-1] == "1 of 6 checks failed (--strict counts warnings): provider"
 
 
 async def test_strict_check_passes_when_nothing_warns(tmp_path: Path, fake_llm) -> None:

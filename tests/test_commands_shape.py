@@ -63,7 +63,7 @@ CASES: dict[str, list[Case]] = {
 UNITS = (
     r"\$\d[\d,]*(\.\d+)?"
     r"|\d+d \d+h \d+m \d+s|\d+h \d+m \d+s|\d+m \d+s"
-    r"|\d[\d,]* (tokens?|turns?|chats?|messages?|characters|failures?|fallbacks?|reasoning)\b"
+    r"|\d[\d,]* (tokens?|turns?|chats?|messages?|characters|failures?|fallbacks?|reasoning|tools?|approvals?)\b"
     r"|\d[\d,]* in / ~?\d[\d,]* out tokens"
 )
 NAMES = r"https?://\S+|\d+(\.\d+){3}|(telegram|discord|console):-?\d+|@\w+|" + "|".join(map(re.escape, MODELS))

@@ -29,7 +29,7 @@ from .registry import Tool, tool
 __all__ = ["current_time", "make_fetch_url", "is_public_address"]
 
 
-@tool(timeout=5.0)
+@tool(timeout=5.0, source="builtin")
 async def current_time(timezone: Annotated[str, "IANA time zone, e.g. Europe/Paris or UTC"] = "UTC") -> str:
     """The current date, time and weekday in a time zone."""
     try:
@@ -188,4 +188,4 @@ def make_fetch_url(
         note = f"\n\n[truncated at {max_bytes} bytes]" if truncated else ""
         return f"URL: {url}\nStatus: {resp.status}\nContent-Type: {ctype or 'unknown'}\n\n{text}{note}"
 
-    return tool(fetch_url, timeout=timeout + 1.0)  # type: ignore[call-overload]
+    return tool(fetch_url, timeout=timeout + 1.0, source="builtin" if not allow_private else "builtin:private")  # type: ignore[call-overload]

@@ -17,7 +17,10 @@ Adding your own tool::
 `@tool` derives the schema from the signature (str/int/float/bool/list/dict, `Literal`
 → enum, defaults → optional, `Annotated[..., "text"]` → description) and the
 description from the docstring; pass `parameters=` for a hand-written schema and
-`timeout=` to bound one call. Whatever the function returns is sent to the model
+`timeout=` to bound one call. A plain (sync) function works too: it runs in a worker
+thread (`asyncio.to_thread`), so a blocking call in it never stalls the chats -- but a
+thread cannot be cancelled, so a timed-out or stopped sync tool finishes in the
+background; prefer `async def` for anything slow. Whatever the function returns is sent to the model
 (strings as-is, anything else as JSON). An exception or timeout becomes an error
 result the model can read; it never breaks the turn. Arguments that are not a JSON
 object never reach the function.
@@ -26,6 +29,7 @@ object never reach the function.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import logging
@@ -72,8 +76,10 @@ class Tool:
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "a").replace("-", "a").isalnum():
             raise ToolError(f"tool name must be [A-Za-z0-9_-]+, got {self.name!r}")
+        if len(self.name) > 64:
+            raise ToolError(f"tool name must be at most 64 characters, got {len(self.name)}")
         if not inspect.iscoroutinefunction(self.func):
-            raise ToolError(f"tool {self.name!r}: func must be an async function")
+            raise ToolError(f"tool {self.name!r}: func must be an async function (use @tool for a sync one)")
         if self.parameters.get("type") != "object":
             raise ToolError(f"tool {self.name!r}: parameters must be a JSON schema of type 'object'")
 
@@ -158,6 +164,7 @@ def tool(
     description: str | None = None,
     parameters: dict[str, Any] | None = None,
     timeout: float | None = 30.0,
+    source: str = "module",
 ) -> Callable[[Callable[..., Awaitable[Any]]], Tool]: ...
 
 
@@ -169,19 +176,33 @@ def tool(
     description: str | None = None,
     parameters: dict[str, Any] | None = None,
     timeout: float | None = 30.0,
+    source: str = "module",
 ) -> Tool | Callable[[Callable[..., Awaitable[Any]]], Tool]:
-    """Turn an async function into a `Tool` (usable as `@tool` or `@tool(name=..., timeout=...)`)."""
+    """Turn a function into a `Tool` (usable as `@tool` or `@tool(name=..., timeout=...)`).
 
-    def wrap(fn: Callable[..., Awaitable[Any]]) -> Tool:
+    Async functions are awaited; sync ones run in a worker thread (see the module doc)."""
+
+    def wrap(fn: Callable[..., Any]) -> Tool:
         return Tool(
             name=name or fn.__name__,
             description=description if description is not None else _first_paragraph(fn.__doc__),
             parameters=parameters if parameters is not None else schema_from_signature(fn),
-            func=fn,
+            func=fn if inspect.iscoroutinefunction(fn) else _in_thread(fn),
             timeout=timeout,
+            source=source,
         )
 
     return wrap(func) if func is not None else wrap
+
+
+def _in_thread(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """An async stand-in for a sync tool function: it runs in a worker thread."""
+
+    @functools.wraps(fn)
+    async def run(**kwargs: Any) -> Any:
+        return await asyncio.to_thread(fn, **kwargs)
+
+    return run
 
 
 def _to_text(value: Any) -> str:
@@ -254,6 +275,13 @@ class ToolRegistry:
 
     def schemas(self, api: str = "chat_completions") -> list[dict[str, Any]]:
         return [t.schema(api) for t in self._tools.values()]
+
+    def subset(self, keep: Callable[[Tool], bool]) -> ToolRegistry:
+        """A registry of the tools `keep` accepts (the same `Tool` objects): what one turn
+        offers its caller. Tools added to or removed from this one later do not change it."""
+        view = ToolRegistry()
+        view._tools = {name: t for name, t in self._tools.items() if keep(t)}
+        return view
 
     def prepare(self, call: ToolCall) -> tuple[Tool, dict[str, Any]] | ToolResult:
         """Validate a call: the tool exists and the arguments are a JSON object with the required keys.

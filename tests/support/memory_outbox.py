@@ -11,11 +11,12 @@ import asyncio
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Callable
 
 from bots.errors import NotModified, OutboxError, TargetGone, TooLong
 from bots.orphans import SendLedger
-from bots.outbox import ChatRef, MessageRef, PlatformLimits
+from bots.outbox import Button, ChatRef, MessageRef, PlatformLimits
 from bots.render import text_length
 
 
@@ -29,6 +30,7 @@ class Msg:
     deleted: bool = False
     history: list[tuple[float, str, bool]] = field(default_factory=list)
     from_bot: bool = True
+    buttons: tuple[Button, ...] = ()  # under the message now
 
 
 @dataclass
@@ -113,7 +115,14 @@ class MemoryOutbox:
             raise err
 
     async def send(
-        self, chat: ChatRef, text: str, *, markdown: bool = False, reply_to: str | None = None, private: bool = False
+        self,
+        chat: ChatRef,
+        text: str,
+        *,
+        markdown: bool = False,
+        reply_to: str | None = None,
+        private: bool = False,
+        buttons: Sequence[Button] = (),
     ) -> MessageRef:
         async with self.ledger.sending(chat) as sent:
             await asyncio.sleep(0)
@@ -122,7 +131,9 @@ class MemoryOutbox:
                 self._record("send", None, text, False)
                 raise TooLong("too long")
             mid = str(next(self._ids))
-            self.messages[mid] = Msg(mid, chat, text, markdown, reply_to, history=[(self._now(), text, markdown)])
+            self.messages[mid] = Msg(
+                mid, chat, text, markdown, reply_to, history=[(self._now(), text, markdown)], buttons=tuple(buttons)
+            )
             lost = self._fault("send", applied=True)
             self._record("send", mid, text, lost is None)
             if lost is not None:
@@ -130,7 +141,7 @@ class MemoryOutbox:
             sent.id = mid
         return MessageRef(chat, mid)
 
-    async def edit(self, ref: MessageRef, text: str, *, markdown: bool = False) -> None:
+    async def edit(self, ref: MessageRef, text: str, *, markdown: bool = False, buttons: Sequence[Button] = ()) -> None:
         await asyncio.sleep(0)
         self._check("edit", ref.message_id, text)
         msg = self.messages.get(ref.message_id)
@@ -143,10 +154,10 @@ class MemoryOutbox:
         if self.measure(text, markdown=markdown) > self.limits.max_message_len:
             self._record("edit", ref.message_id, text, False)
             raise TooLong("too long")
-        if msg.text == text and msg.markdown == markdown:
+        if msg.text == text and msg.markdown == markdown and msg.buttons == tuple(buttons):
             self._record("edit", ref.message_id, text, False)
             raise NotModified("message is not modified")
-        msg.text, msg.markdown = text, markdown
+        msg.text, msg.markdown, msg.buttons = text, markdown, tuple(buttons)
         msg.history.append((self._now(), text, markdown))
         self._record("edit", ref.message_id, text, True)
 
