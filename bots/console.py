@@ -30,6 +30,7 @@ import os
 import stat
 import sys
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from rich.console import Console, Group
@@ -38,9 +39,9 @@ from rich.markdown import Markdown
 from rich.text import Text
 
 from bots.health import PlatformHealth
-from bots.inbound import Inbound
+from bots.inbound import ButtonPress, Inbound
 from bots.media import Attachment, MediaUnavailable
-from bots.outbox import ChatRef, MessageRef, PlatformLimits
+from bots.outbox import Button, ChatRef, MessageRef, PlatformLimits
 from bots.pacing import Budget, Pacing, PacingPolicy
 
 if TYPE_CHECKING:
@@ -79,13 +80,53 @@ class ConsoleOutbox:
         self._ids = itertools.count(1)
         self._live: Live | None = None
         self._messages: dict[str, tuple[str, bool]] = {}  # this exchange, in send order: id -> (text, markdown)
+        # The buttons under a message: a question the next line typed answers (`answer_for`).
+        self.question: tuple[str, tuple[Button, ...]] | None = None
+        self.question_changed = asyncio.Event()
 
     @property
     def interactive(self) -> bool:
         return self._console.is_terminal
 
     def _render(self) -> Group:
-        return Group(*(Markdown(text) if markdown else Text(text) for text, markdown in self._messages.values() if text))
+        parts: list[Markdown | Text] = [
+            Markdown(text) if markdown else Text(text) for text, markdown in self._messages.values() if text
+        ]
+        if self.question is not None:
+            parts.append(Text(self._choices(self.question[1]), style="bold"))
+        return Group(*parts)
+
+    @staticmethod
+    def _choices(buttons: tuple[Button, ...]) -> str:
+        if _yes_no(buttons) is not None:
+            return "Type y to approve, anything else to deny [y/N]:"
+        return "Type a number: " + "   ".join(f"[{i}] {b.label}" for i, b in enumerate(buttons, 1))
+
+    def _set_buttons(self, mid: str, buttons: Sequence[Button]) -> None:
+        if buttons:
+            self.question = (mid, tuple(buttons))
+        elif self.question is not None and self.question[0] == mid:
+            self.question = None
+        else:
+            return
+        self.question_changed.set()
+        if not self.interactive and self.question is not None:
+            # Off a terminal nothing is shown until the exchange ends: the question must be.
+            self._console.print(Text(f"{self._messages[mid][0]}\n{self._choices(self.question[1])}"), soft_wrap=True)
+
+    def answer_for(self, line: str) -> tuple[str, Button] | None:
+        """The button a typed line presses on the open question (message id, button), if any."""
+        if self.question is None:
+            return None
+        mid, buttons = self.question
+        pair = _yes_no(buttons)
+        if pair is not None:
+            yes, no = pair
+            return mid, yes if line.strip().lower() in ("y", "yes") else no
+        choice = line.strip()
+        if choice.isdigit() and 1 <= int(choice) <= len(buttons):
+            return mid, buttons[int(choice) - 1]
+        return None
 
     def _show(self) -> None:
         if not self.interactive:
@@ -110,16 +151,25 @@ class ConsoleOutbox:
         self._messages.clear()
 
     async def send(
-        self, chat: ChatRef, text: str, *, markdown: bool = False, reply_to: str | None = None, private: bool = False
+        self,
+        chat: ChatRef,
+        text: str,
+        *,
+        markdown: bool = False,
+        reply_to: str | None = None,
+        private: bool = False,
+        buttons: Sequence[Button] = (),
     ) -> MessageRef:
         mid = str(next(self._ids))
         self._messages[mid] = (text, markdown)
+        self._set_buttons(mid, buttons)
         self._show()
         return MessageRef(chat, mid)
 
-    async def edit(self, ref: MessageRef, text: str, *, markdown: bool = False) -> None:
+    async def edit(self, ref: MessageRef, text: str, *, markdown: bool = False, buttons: Sequence[Button] = ()) -> None:
         if ref.message_id in self._messages:
             self._messages[ref.message_id] = (text, markdown)
+            self._set_buttons(ref.message_id, buttons)
             self._show()
 
     async def delete(self, ref: MessageRef) -> None:
@@ -140,6 +190,13 @@ class ConsoleOutbox:
 
     def plain(self, text: str) -> str:
         return text
+
+
+def _yes_no(buttons: tuple[Button, ...]) -> tuple[Button, Button] | None:
+    """An approval's two buttons (data ending ":y" and ":n"), as (yes, no)."""
+    yes = [b for b in buttons if b.data.endswith(":y")]
+    no = [b for b in buttons if b.data.endswith(":n")]
+    return (yes[0], no[0]) if len(buttons) == 2 and yes and no else None
 
 
 class ConsoleConnector:
@@ -278,7 +335,7 @@ class ConsoleConnector:
                 return self._end
             self._busy = True
             try:
-                await self._exchange(gateway, line, None, quitting)
+                await self._exchange(gateway, line, source, quitting, answers_only=True)
             finally:
                 self._busy = False
                 self.outbox.close_live()
@@ -288,21 +345,38 @@ class ConsoleConnector:
                 return SessionEnd.REPLY_FAILED
 
     async def _exchange(
-        self, gateway: "Gateway", line: str, source: _Input | None, quitting: asyncio.Task[bool]
+        self,
+        gateway: "Gateway",
+        line: str,
+        source: _Input | None,
+        quitting: asyncio.Task[bool],
+        *,
+        answers_only: bool = False,
     ) -> None:
         """Hand `line` over and wait until the chat has settled (or the session ends).
 
         With a `source` (a terminal), lines typed meanwhile are handed over at once:
         commands bypass the chat's lane, so `/stop` stops the reply being written; other
-        messages queue behind it, as on any platform.
+        messages queue behind it, as on any platform. While a question is open (a tool
+        waits for approval), the next line that is not a command answers it: y approves,
+        anything else denies. `answers_only` (a pipe): lines are read meanwhile only to
+        answer questions; the end of input denies.
         """
+        question = self.outbox.question_changed
         await gateway.handle(self.to_inbound(line))
         while True:
             settled = asyncio.create_task(gateway.settle(CONSOLE_CHAT.key))
+            asked = asyncio.create_task(question.wait())
             waiting: set[asyncio.Future[object]] = {settled, quitting}
-            if source is not None and not source.ended:
+            reading = source is not None and not source.ended and (not answers_only or self.outbox.question is not None)
+            if reading:
+                assert source is not None
                 waiting.add(source.pending())
+            elif answers_only:
+                waiting.add(asked)
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            asked.cancel()
+            question.clear()
             if settled.done():
                 settled.result()
                 return
@@ -311,16 +385,39 @@ class ConsoleConnector:
                 await settled
             if quitting.done() or source is None:
                 return
+            if not reading or not source.pending().done():
+                continue  # a question opened (or closed): wait again, reading for its answer
             raw = source.take()
             if raw is None:
+                if self.outbox.question is not None:
+                    await self._press(gateway, "n")  # no more input: nobody can approve
                 continue  # Ctrl-D while a reply is written: let it finish, then end
             typed = raw.strip()
             if typed in QUIT_COMMANDS:
                 gateway.lanes.stop(CONSOLE_CHAT.key)
                 self._quit.set()
                 return
-            if typed:
+            if self.outbox.question is not None and not typed.startswith("/"):
+                await self._press(gateway, typed)
+            elif typed and not answers_only:
                 await gateway.handle(self.to_inbound(typed))
+
+    async def _press(self, gateway: "Gateway", typed: str) -> None:
+        """Answer the open question with what was typed, as a press of its button."""
+        found = self.outbox.answer_for(typed)
+        if found is None:
+            self.console.print(Text("Please type one of the numbers shown."))
+            return
+        mid, button = found
+
+        async def answer(text: str | None, alert: bool) -> None:
+            if text and alert:
+                self.console.print(Text(text))
+
+        await gateway.on_button(
+            ButtonPress(chat=CONSOLE_CHAT, user_id="local", message_id=mid, data=button.data, answer=answer,
+                        username="local", display_name="you")
+        )
 
     def to_inbound(self, line: str) -> Inbound:
         n = next(self._seq)

@@ -288,3 +288,28 @@ async def test_a_refused_connection_is_named_as_such_never_a_timeout(tmp_path: P
     # Nowhere -- the streaming attempt's INFO line included -- is a refused connection a timeout.
     assert "timed out" not in result.stderr.lower() and "timeout" not in result.stderr.lower()
     assert fake.api_key not in result.output
+
+
+@pytest.mark.parametrize(
+    ("typed", "ran"),
+    [("y", True), ("n", False), ("", False)],  # "" : the input ends before anyone answers
+    ids=["approved", "denied", "end-of-input"],
+)
+async def test_piped_approval_is_a_y_n_prompt(tmp_path: Path, fake_llm, typed: str, ran: bool) -> None:
+    overrides = {"tools": {"policy": {"current_time": {"approval": "always"}}, "approval_timeout": 30}}
+    path = write_config(tmp_path, parley_config(tmp_path, fake_llm, overrides=overrides))
+    fake_llm.script(Reply.tool_calls([("current_time", {"timezone": "UTC"})]), Reply.text("Done."))
+    stdin = f"what time is it\n{typed}\n".encode() if typed else b"what time is it\n"
+    result = await run_cli(["chat", "--config", str(path)], cwd=tmp_path, stdin=stdin)
+    assert result.returncode == 0, result.output
+    out = result.stdout
+    # The question names the tool and its arguments, then how to answer.
+    assert "🔐 Run current_time?\ntimezone: UTC\nType y to approve, anything else to deny [y/N]:" in out
+    assert out.rstrip().endswith("Done.")
+    first, second = fake_llm.requests
+    tool_result = second.messages[-1]
+    assert tool_result["role"] == "tool"
+    if ran:
+        assert "UTC" in tool_result["content"] and not tool_result["content"].startswith("Not run")
+    else:
+        assert tool_result["content"] == "Not run: the user denied it."
