@@ -556,6 +556,11 @@ def _is_terminal_status(exc: BaseException, *, images: bool = False) -> bool:
     return False
 
 
+def _provider_down(cause: str) -> bool:
+    """A streaming failure that says the provider is unavailable, not that streaming is."""
+    return cause in ("connect_failed", "connect_timeout", "first_token_timeout", "http_429") or cause.startswith("http_5")
+
+
 def _stream_cause(exc: BaseException, acc: Any) -> str:
     """Short machine-readable cause for a streaming failure (used in logs and TurnResult).
 
@@ -874,14 +879,20 @@ class Provider:
         model: str,
         events: TurnEvents | None,
         step: StepState,
+        fail_fast: bool = False,
     ) -> ModelResponse:
         """Run one model call; stream when `events.wants_deltas`, fall back when streaming breaks.
 
         A `ProviderError` leaving here names the provider's host and the model, so the
         line that reports it says where it failed.
+
+        `fail_fast`: another model waits in the chain. A stream that failed because the
+        provider is down -- no connection, 5xx, 429, no first token in time -- before it
+        showed anything then raises at once, instead of asking this provider again
+        without streaming (which would fail the same way, only later).
         """
         try:
-            return await self._complete(messages, tools, model=model, events=events, step=step)
+            return await self._complete(messages, tools, model=model, events=events, step=step, fail_fast=fail_fast)
         except ProviderError as exc:
             raise self._located(exc, model)
 
@@ -901,6 +912,7 @@ class Provider:
         model: str,
         events: TurnEvents | None,
         step: StepState,
+        fail_fast: bool = False,
     ) -> ModelResponse:
         step.started_at = asyncio.get_running_loop().time()
         images = has_images(messages)
@@ -919,6 +931,8 @@ class Provider:
                 )
             except StreamBroken as broken:
                 cause, detail = broken.cause, broken.detail
+                if fail_fast and _provider_down(cause) and broken.__cause__ is not None and not step.visible_text:
+                    raise to_provider_error(broken.__cause__, self.cfg.api_key, images=images) from broken
                 if cause == "stream_options_rejected":
                     health.stream_options_ok = False  # stream without it next time (§7.4.2)
                     health.fallbacks += 1

@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import ProviderConfig
+from .errors import ProviderError
 from .events import Approver, ToolCall, ToolResult, TurnEvents
-from .media import Transcriber, TranscriptionConfig, user_content
+from .media import Transcriber, TranscriptionConfig, has_images, user_content
 from .provider import ProbeResult, Provider, RequestObserver, StepState, _guard
+from .providers import Breaker, Catalogue, ModelSpec, can_fail_over
 from .stream import ChatAccumulator, ModelResponse, ResponsesAccumulator, Usage
 from .tokens import prompt_tokens, tokenizers
 from .tools import ToolRegistry
@@ -59,6 +61,13 @@ class TurnResult:
     hit_max_steps: bool = False
     steps: int = 0
     first_token_latency: float | None = None
+    asked: str = ""  # the model the turn was asked of (a catalogue name)
+    answered_by: str = ""  # the model that gave the last answer (differs after a failover)
+
+    @property
+    def fallback_model(self) -> str | None:
+        """The model that answered instead of the one asked, if another had to."""
+        return self.answered_by if self.answered_by and self.answered_by != self.asked else None
 
 
 @dataclass(slots=True)
@@ -110,6 +119,7 @@ class _Turn:
         # while tools run: the calls and their results so far (None = unfinished)
         self.calls: list[ToolCall] = []
         self.results: list[ToolResult | None] = []
+        self.answered_by = ""  # the catalogue name of the model that answered the last step
 
     @property
     def model(self) -> str:
@@ -149,6 +159,8 @@ class _Turn:
             hit_max_steps=hit_max_steps,
             steps=self.steps,
             first_token_latency=self.first_token_latency,
+            asked=self.asked,
+            answered_by=self.answered_by or self.asked,
         )
 
     def interrupted(self) -> TurnResult:
@@ -168,10 +180,12 @@ class _Turn:
 
 
 class Agent:
-    """Runs turns against one provider with one tool registry.
+    """Runs turns against the models of a `Catalogue` (or one provider) with one tool registry.
 
-    `tools=None` gives the default built-ins (`current_time`); pass
-    `ToolRegistry()` for none. `clock` drives the streaming cooldown (tests inject one).
+    `cfg` is one `ProviderConfig` (its `model` the default; any other model name is asked
+    of the same provider) or a `Catalogue` of named providers and models with fallback
+    chains (`agent.providers`). `tools=None` gives the default built-ins (`current_time`);
+    pass `ToolRegistry()` for none. `clock` drives the streaming cooldown (tests inject one).
     `on_request` hears of every HTTP request sent to the provider, SDK retries and
     fallbacks included (`agent.provider.RequestObserver`; the gateway counts them).
     `transcription` says how `transcribe` turns audio into text (default: `whisper-1`
@@ -180,7 +194,7 @@ class Agent:
 
     def __init__(
         self,
-        cfg: ProviderConfig,
+        cfg: ProviderConfig | Catalogue,
         tools: ToolRegistry | None = None,
         max_steps: int = 8,
         *,
@@ -190,10 +204,19 @@ class Agent:
     ) -> None:
         if max_steps < 1:
             raise ValueError("max_steps must be >= 1")
-        self.cfg = cfg
+        self.catalogue = cfg if isinstance(cfg, Catalogue) else Catalogue.single(cfg)
+        default = self.catalogue.get(self.catalogue.default)
+        assert default is not None
+        self.default_model = default
+        self.cfg = self.catalogue.providers[default.provider]  # the default model's provider
         self.tools = tools if tools is not None else ToolRegistry.default()
         self.max_steps = max_steps
-        self._provider = Provider(cfg, clock=clock, on_request=on_request)
+        self._providers = {
+            name: Provider(pcfg, clock=clock, on_request=on_request) for name, pcfg in self.catalogue.providers.items()
+        }
+        self._provider = self._providers[default.provider]
+        self.breaker = Breaker(self.catalogue.breaker_failures, self.catalogue.breaker_cooldown, clock)
+        cfg = self.cfg
         transcription = transcription or TranscriptionConfig()
         shared = transcription.base_url is None
         self._transcriber = Transcriber(
@@ -204,7 +227,8 @@ class Agent:
 
     async def aclose(self) -> None:
         await self._transcriber.aclose()
-        await self._provider.aclose()
+        for provider in self._providers.values():
+            await provider.aclose()
 
     async def transcribe(self, audio: bytes, *, filename: str, mime: str | None = None) -> str:
         """The words spoken in `audio` ("" for silence); raises `TranscriptionFailed`.
@@ -221,13 +245,19 @@ class Agent:
         await self.aclose()
 
     def health(self) -> dict[str, Any]:
-        """Streaming health per model, for an operator's /status (no secrets)."""
-        return self._provider.health_snapshot()
+        """Streaming health per model of the default provider (as before several providers),
+        plus every provider's (`providers`) and the breaker per model (`breaker`), for an
+        operator's /status (no secrets)."""
+        snapshot = self._provider.health_snapshot()
+        snapshot["providers"] = {name: p.health_snapshot() for name, p in self._providers.items()}
+        snapshot["breaker"] = self.breaker.snapshot()
+        return snapshot
 
-    async def probe(self, models: Sequence[str] = ()) -> ProbeResult:
-        """Check the provider is reachable with this key and serves `models` (default: this
-        agent's model), for `parley check`; see `Provider.probe`."""
-        return await self._provider.probe(models or (self.cfg.model,))
+    async def probe(self, models: Sequence[str] = (), *, provider: str | None = None) -> ProbeResult:
+        """Check a provider (default: the default model's) is reachable with its key and
+        serves `models` (default: the default model's id), for `parley check`."""
+        target = self._providers[provider] if provider is not None else self._provider
+        return await target.probe(models or (self.default_model.id,))
 
     async def run_turn(
         self,
@@ -262,7 +292,7 @@ class Agent:
             conversation.append({"role": "system", "content": system_prompt})
         conversation.extend(history)
         conversation.append({"role": "user", "content": user_content(message)})
-        turn = _Turn(model or self.cfg.model, meter if meter is not None else UsageMeter())
+        turn = _Turn(model or self.catalogue.default, meter if meter is not None else UsageMeter())
         tokenizers().warm(turn.asked)  # a first need starts loading its tokenizer, off this path
 
         task = asyncio.current_task()
@@ -284,7 +314,8 @@ class Agent:
             watcher.add_done_callback(on_interrupt)
         try:
             offered = tools if tools is not None else self.tools
-            return await self._loop(conversation, turn, events, model or self.cfg.model, offered, approver)
+            chain = self._chain(model or self.catalogue.default, images=has_images(conversation))
+            return await self._loop(conversation, turn, events, chain, offered, approver)
         except asyncio.CancelledError:
             if fired:
                 fired = False
@@ -308,16 +339,13 @@ class Agent:
         conversation: list[dict[str, Any]],
         turn: _Turn,
         events: TurnEvents | None,
-        model: str,
+        chain: list[ModelSpec],
         tools: ToolRegistry,
         approver: Approver | None,
     ) -> TurnResult:
-        schemas = tools.schemas(self.cfg.api) if len(tools) else None
         for _ in range(self.max_steps):
-            step = turn.step = StepState()
             sent = conversation + turn.messages
-            turn.step_prompt = lambda sent=sent: prompt_tokens(sent, schemas, model)
-            response = await self._provider.complete(sent, schemas, model=model, events=events, step=step)
+            step, response = await self._complete_step(sent, turn, events, chain, tools)
             turn.step = None
             self._account(turn, step, response)
             turn.visible_text = response.visible_text
@@ -331,6 +359,71 @@ class Agent:
         if events is not None and events.wants_deltas:
             _guard(events.on_text, "on_text")(text)
         return turn.result(text, hit_max_steps=True)
+
+    def _chain(self, name: str, *, images: bool) -> list[ModelSpec]:
+        """The models to try for `name`, in order. A turn that carries images goes to models
+        that can see them: the chain's, then any other of the catalogue's (when none can,
+        the chain as is -- the provider's refusal then says so)."""
+        chain = self.catalogue.chain(name)
+        if not images or all(spec.images for spec in chain):
+            return chain
+        seeing = [spec for spec in chain if spec.images]
+        seeing += [spec for spec in self.catalogue.models if spec.images and spec not in seeing]
+        return seeing or chain
+
+    async def _complete_step(
+        self,
+        sent: list[dict[str, Any]],
+        turn: _Turn,
+        events: TurnEvents | None,
+        chain: list[ModelSpec],
+        tools: ToolRegistry,
+    ) -> tuple[StepState, ModelResponse]:
+        """One model call, on the first model of the chain that answers.
+
+        A failure another model may fix moves the same step to the next model whose
+        breaker lets it through; whatever the failed call showed is withdrawn first
+        (`on_fallback("")`), so the chat ends with one answer. When the breaker skips every
+        model, the first is asked anyway: a chat never fails without a try. (`allow` lets
+        one probe through per model whose cooldown ended; one not asked is released.)
+        """
+        skipped = [spec for spec in chain if not self.breaker.allow(spec.name)]
+        order = [spec for spec in chain if spec not in skipped] or chain[:1]  # every one skipped: ask the first
+        for position, spec in enumerate(order):
+            provider = self._providers[spec.provider]
+            schemas = tools.schemas(provider.cfg.api) if len(tools) and spec.tools else None
+            step = turn.step = StepState()
+            turn.step_prompt = lambda sent=sent, schemas=schemas, model=spec.id: prompt_tokens(sent, schemas, model)
+            turn.model = spec.id
+            try:
+                response = await provider.complete(
+                    sent, schemas, model=spec.id, events=events, step=step, fail_fast=position < len(order) - 1
+                )
+            except ProviderError as exc:
+                failover = can_fail_over(exc)
+                if failover and len(chain) > 1:  # a chat's only model is never skipped
+                    self.breaker.failure(spec.name, exc.describe())
+                if not failover or position == len(order) - 1:
+                    self._release(order[position + 1 :])
+                    raise
+                log.warning("model %s failed (%s); asking %s instead", spec.name, exc.describe(), order[position + 1].name)
+                turn.count_cut_step()
+                if events is not None and events.wants_deltas and step.visible_text:
+                    _guard(events.on_fallback, "on_fallback")("")  # withdraw what the failed call showed
+                continue
+            except BaseException:
+                self._release(order[position:])
+                raise
+            self.breaker.success(spec.name)
+            self._release(order[position + 1 :])
+            turn.answered_by = spec.name
+            return step, response
+        raise AssertionError("unreachable: the chain is never empty")  # pragma: no cover
+
+    def _release(self, specs: list[ModelSpec]) -> None:
+        """Models let through the breaker (a probe) but not asked after all."""
+        for spec in specs:
+            self.breaker.release(spec.name)
 
     @staticmethod
     def _account(turn: _Turn, step: StepState, response: ModelResponse) -> None:

@@ -930,6 +930,20 @@ class _Writer:
 # The server
 
 
+def _outage_error(status: int) -> dict[str, Any]:
+    """The error body a provider in trouble sends (OpenAI's shapes)."""
+    if status == 429:
+        return _ERRORS["429"][1]
+    if status == 400:
+        return {"error": {"message": "Invalid request: messages[0].content is required.",
+                          "type": "invalid_request_error", "param": "messages", "code": None}}
+    if status == 401:
+        return {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
+                          "param": None, "code": "invalid_api_key"}}
+    return {"error": {"message": "The server had an error while processing your request. Sorry about that!",
+                      "type": "server_error", "param": None, "code": "overloaded" if status == 503 else None}}
+
+
 _ERRORS: dict[str, tuple[int, dict[str, Any]]] = {
     "429": (429, {"error": {"message": "Rate limit reached for requests per min. Please try again in 1ms.",
                             "type": "requests", "param": None, "code": "rate_limit_exceeded"}}),
@@ -978,6 +992,11 @@ class FakeLLM:
         self.max_in_flight: dict[str, int] = {}  # path -> the most at once since the last reset
         self._script: list[_Entry] = []
         self.blind_models: set[str] = set()  # models that refuse any image input
+        # A provider-wide outage, whatever the model: every chat/responses request gets this
+        # HTTP status (429, 500, 503 ...) with an OpenAI-shaped error, or -- `stall_all` --
+        # waits that many seconds before answering at all. None: normal service.
+        self.outage: int | None = None
+        self.stall_all: float | None = None
         self.transcriptions: list[TranscriptionRecord] = []
         self._transcripts: list[str | TranscriptionFault] = []
         self._ids = _Ids()
@@ -1254,6 +1273,11 @@ class FakeLLM:
                     record.status = early.status
                 return early
             assert record is not None
+            if self.stall_all:
+                await asyncio.sleep(self.stall_all)
+            if self.outage is not None:
+                record.status = self.outage
+                return web.json_response(_outage_error(self.outage), status=self.outage, headers={"retry-after-ms": "1"})
             refused = self._refuse_images(api, record)
             if refused is not None:
                 record.status = refused.status
