@@ -107,6 +107,7 @@ class ProviderConfig:
     stream_failure_threshold: int = 3
     stream_cooldown: float = 300.0
     transport: Transport = "aiohttp"
+    headers: dict[str, str] = field(default_factory=dict)  # extra HTTP headers on every request (secrets)
 
     def __post_init__(self) -> None:
         if self.api not in API_MODES:

@@ -845,6 +845,7 @@ class Provider:
             max_retries=cfg.max_retries,
             timeout=self._plain_timeout,
             http_client=http_client,
+            default_headers=dict(cfg.headers) or None,
         )
         self.health = StreamHealth(cfg.stream_failure_threshold, cfg.stream_cooldown, clock)
         self.host = provider_host(cfg.base_url)

@@ -79,8 +79,8 @@ def mcp_servers(settings: Settings, registry: ToolRegistry) -> McpServers | None
 def chat_defaults(settings: Settings) -> ChatDefaults:
     chat = settings.chat
     return ChatDefaults(
-        model=settings.provider.model,
-        models=tuple(settings.provider.models),
+        model=settings.model_names()[0],
+        models=tuple(settings.model_names()[1:]),
         system_prompt=settings.agent.system_prompt,
         busy_policy=chat.busy_policy,
         queue_max=chat.queue_max,
@@ -98,7 +98,7 @@ def chat_defaults(settings: Settings) -> ChatDefaults:
         coalesce_window=chat.coalesce_window.windows(),
         history_max_messages=settings.agent.history.max_messages,
         history_max_tokens=settings.agent.history.max_tokens,
-        prices={name: (p.prompt, p.completion) for name, p in settings.provider.prices.items()},
+        prices=settings.prices(),
     )
 
 
@@ -159,10 +159,10 @@ class App:
                     log.info("%d turns were cut off by an earlier process (their messages are recovered at start)", stale)
             estimates = tokenizers()
             estimates.mode = settings.agent.tokenizer
-            estimates.warm(*settings.provider.allowed_models)  # loads in the background, never waited for
+            estimates.warm(*(spec.id for spec in settings.model_specs()))  # loads in the background, never waited for
             registry = build_tools(settings)
             agent = Agent(
-                settings.provider.agent_config(),
+                settings.catalogue(),
                 tools=registry,
                 max_steps=settings.agent.max_steps,
                 on_request=metrics.count_provider_request,

@@ -70,6 +70,7 @@ from bots.errors import ConfigError
 
 if TYPE_CHECKING:
     from agent.config import ProviderConfig
+    from agent.providers import Catalogue, ModelSpec
     from agent.media import TranscriptionConfig
     from agent.tools.mcp import McpServerConfig
     from bots.media_input import MediaOptions
@@ -628,71 +629,6 @@ class Price(_Section):
     completion: float = Field(ge=0)
 
 
-class ProviderSettings(_Section):
-    """The OpenAI-compatible provider every turn runs against."""
-
-    base_url: HttpUrl = "https://api.openai.com/v1"
-    api_key: OptionalSecret = Field(default=f"{ENV_REF}OPENAI_API_KEY")
-    model: str = Field(default="gpt-4.1-mini", min_length=1)
-    models: StrList = Field(default_factory=list)
-    api: Literal["chat_completions", "responses"] = "chat_completions"
-    extra_params: dict[str, Any] = Field(default_factory=dict)
-    timeouts: Timeouts = Field(default_factory=dict)
-    max_retries: int = Field(default=2, ge=0, le=10)
-    stream: bool = True
-    stream_failure_threshold: int = Field(default=3, ge=1)
-    stream_cooldown: float = Field(default=300.0, ge=0)
-    transport: Literal["aiohttp", "httpx"] = "aiohttp"
-    prices: dict[str, Price] = Field(default_factory=dict)
-
-    @property
-    def is_openai(self) -> bool:
-        return (urlsplit(self.base_url).hostname or "").lower() in OPENAI_HOSTS
-
-    @property
-    def allowed_models(self) -> list[str]:
-        """Models `/model` may switch to: `model` first, then `models`, without duplicates."""
-        return list(dict.fromkeys([self.model, *self.models]))
-
-    def agent_config(self, model: str | None = None) -> ProviderConfig:
-        """The agent's `ProviderConfig` for `model` (default: `model`), key resolved.
-
-        Without a key (a local server) the placeholder `NO_API_KEY` is sent, because the
-        openai SDK will not construct a client without one.
-        """
-        from agent.config import ProviderConfig
-        from agent.config import Timeouts as AgentTimeouts
-
-        t = self.timeouts
-        return ProviderConfig(
-            base_url=self.base_url,
-            api_key=self.api_key.get_secret_value() if self.api_key is not None else NO_API_KEY,
-            model=model or self.model,
-            api=self.api,
-            extra_params=dict(self.extra_params),
-            timeouts=AgentTimeouts(connect=t.connect, first_token=t.first_token, idle=t.idle, total=t.total),
-            max_retries=self.max_retries,
-            stream=self.stream,
-            stream_failure_threshold=self.stream_failure_threshold,
-            stream_cooldown=self.stream_cooldown,
-            transport=self.transport,
-        )
-
-    def _cross_check(self) -> list[tuple[str, str]]:
-        if self.api_key is None and self.is_openai:
-            var = self._unset_env.get("api_key")
-            why = f"environment variable {var} is not set" if var else "is empty"
-            return [("api_key", f"{why}; {self.base_url} requires an API key")]
-        return []
-
-
-class FetchUrlTool(_Section):
-    enabled: bool = False
-    max_bytes: int = Field(default=200_000, ge=1)
-    timeout: Seconds = 10.0
-    allow_private: bool = False
-
-
 _REF_IN_TEXT = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -726,6 +662,112 @@ def _secret_refs(value: Any) -> Any:
 
 
 SecretMap = Annotated[dict[str, SecretStr], BeforeValidator(_secret_refs)]
+
+
+class EndpointSettings(_Section):
+    """One OpenAI-compatible endpoint and how to talk to it (`providers.<name>`)."""
+
+    base_url: HttpUrl = "https://api.openai.com/v1"
+    # No default key for a named provider: an OpenAI key must never go to another host.
+    api_key: OptionalSecret = None
+    api: Literal["chat_completions", "responses"] = "chat_completions"
+    extra_params: dict[str, Any] = Field(default_factory=dict)
+    headers: SecretMap = Field(default_factory=dict)
+    timeouts: Timeouts = Field(default_factory=dict)
+    max_retries: int = Field(default=2, ge=0, le=10)
+    stream: bool = True
+    stream_failure_threshold: int = Field(default=3, ge=1)
+    stream_cooldown: float = Field(default=300.0, ge=0)
+    transport: Literal["aiohttp", "httpx"] = "aiohttp"
+
+    @property
+    def is_openai(self) -> bool:
+        return (urlsplit(self.base_url).hostname or "").lower() in OPENAI_HOSTS
+
+    def agent_config(self, model: str) -> ProviderConfig:
+        """The agent's `ProviderConfig` with `model` as its default, key resolved.
+
+        Without a key (a local server) the placeholder `NO_API_KEY` is sent, because the
+        openai SDK will not construct a client without one.
+        """
+        from agent.config import ProviderConfig
+        from agent.config import Timeouts as AgentTimeouts
+
+        t = self.timeouts
+        return ProviderConfig(
+            base_url=self.base_url,
+            api_key=self.api_key.get_secret_value() if self.api_key is not None else NO_API_KEY,
+            model=model,
+            api=self.api,
+            extra_params=dict(self.extra_params),
+            timeouts=AgentTimeouts(connect=t.connect, first_token=t.first_token, idle=t.idle, total=t.total),
+            max_retries=self.max_retries,
+            stream=self.stream,
+            stream_failure_threshold=self.stream_failure_threshold,
+            stream_cooldown=self.stream_cooldown,
+            transport=self.transport,
+            headers={k: v.get_secret_value() for k, v in self.headers.items()},
+        )
+
+    def key_problem(self) -> str | None:
+        """Why this endpoint cannot work without a key (OpenAI's needs one), if so."""
+        if self.api_key is None and self.is_openai:
+            var = self._unset_env.get("api_key")
+            why = f"environment variable {var} is not set" if var else "is empty"
+            return f"{why}; {self.base_url} requires an API key"
+        return None
+
+    def _cross_check(self) -> list[tuple[str, str]]:
+        problem = self.key_problem()
+        return [("api_key", problem)] if problem else []
+
+
+class ProviderSettings(EndpointSettings):
+    """The single provider of the short form (`provider:`): one endpoint, its models, prices."""
+
+    api_key: OptionalSecret = Field(default=f"{ENV_REF}OPENAI_API_KEY")
+    model: str = Field(default="gpt-4.1-mini", min_length=1)
+    models: StrList = Field(default_factory=list)
+    prices: dict[str, Price] = Field(default_factory=dict)
+
+    @property
+    def allowed_models(self) -> list[str]:
+        """Models `/model` may switch to: `model` first, then `models`, without duplicates."""
+        return list(dict.fromkeys([self.model, *self.models]))
+
+    def agent_config(self, model: str | None = None) -> ProviderConfig:
+        return super().agent_config(model or self.model)
+
+    def _cross_check(self) -> list[tuple[str, str]]:
+        return []  # the key is checked by `Settings`, only when this section is the one in use
+
+
+class ModelSettings(_Section):
+    """One model people may pick (`models[]`): who serves it and what it can do."""
+
+    name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^\S(.*\S)?$")]
+    provider: str | None = None  # default: the only provider, when there is one
+    id: str | None = None  # the provider's model id (default: name)
+    display_name: str | None = None
+    images: bool = True
+    tools: bool = True
+    reasoning: bool = False
+    fallback: StrList = Field(default_factory=list)
+    price: Price | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _just_a_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+
+class FetchUrlTool(_Section):
+    enabled: bool = False
+    max_bytes: int = Field(default=200_000, ge=1)
+    timeout: Seconds = 10.0
+    allow_private: bool = False
+
+
 
 
 class McpServerSettings(_Section):
@@ -1222,6 +1264,13 @@ class Settings(BaseSettings):
     access: AccessSettings = Field(default_factory=dict)
     media: MediaSettings = Field(default_factory=dict)
     tools: ToolsSettings = Field(default_factory=dict)
+    # Several providers (the long form): named endpoints, the models people may pick (the
+    # first is the default), fallback chains and the circuit breaker (`agent.providers`).
+    providers: dict[str, EndpointSettings] = Field(default_factory=dict)
+    models: list[ModelSettings] = Field(default_factory=list)
+    fallback: StrList = Field(default_factory=list)
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_cooldown: Seconds = 60.0
     store: StoreUrl = Field(default_factory=lambda: StoreUrl("sqlite:///data/parley.db"))
     metrics: MetricsSettings = Field(default_factory=dict)
     health: HealthSettings = Field(default_factory=dict)
@@ -1254,6 +1303,101 @@ class Settings(BaseSettings):
             _MappingEnvSource(settings_cls, {k: v for k, v in opts.dotenv.items() if k not in opts.unknown}),
             _YamlSource(settings_cls, opts.yaml_data),
         )
+
+    @model_validator(mode="after")
+    def _check_models(self) -> "Settings":
+        """The providers and models fit together: one form or the other, every model served
+        by a named provider, every fallback a known model, no cycles; keys where needed."""
+        problems: list[tuple[str, str]] = []
+        if self.providers:
+            if "provider" in self.model_fields_set:
+                problems.append(("provider", "set either provider (one provider) or providers + models, not both"))
+            if not self.models:
+                problems.append(("models", "list the models the providers serve, each with a name and a provider"))
+            names = list(self.providers)
+            for i, model in enumerate(self.models):
+                if model.provider is None:
+                    if len(names) == 1:
+                        model.provider = names[0]
+                    else:
+                        problems.append((f"models.{i}.provider", f"name its provider (one of {', '.join(names)})"))
+                elif model.provider not in self.providers:
+                    problems.append(
+                        (f"models.{i}.provider", f"no provider named {model.provider!r} (providers: {', '.join(names)})")
+                    )
+        else:
+            if self.models:
+                problems.append(("models", "models go with providers; a single provider lists them in provider.models"))
+            key = self.provider.key_problem()
+            if key:
+                problems.append(("provider.api_key", key))
+        seen: dict[str, int] = {}
+        for i, model in enumerate(self.models):
+            if model.name in seen:
+                problems.append((f"models.{i}.name", f"{model.name!r} is listed twice"))
+            seen.setdefault(model.name, i)
+        names = self.model_names()
+        for j, name in enumerate(self.fallback):
+            if name not in names:
+                problems.append((f"fallback.{j}", f"unknown model {name!r} (models: {', '.join(names)})"))
+        for i, model in enumerate(self.models):
+            for j, name in enumerate(model.fallback):
+                if name not in names:
+                    problems.append((f"models.{i}.fallback.{j}", f"unknown model {name!r}"))
+        if not problems:
+            from agent.providers import chain_problems
+
+            for problem in chain_problems(self.model_specs(), []):
+                where, _, what = problem.partition(": ")
+                name = where.removeprefix("models.").removesuffix(".fallback")
+                problems.append((f"models.{seen.get(name, 0)}.fallback", what))
+        if problems:
+            raise _SectionProblems(problems)
+        return self
+
+    def model_names(self) -> list[str]:
+        """What people may pick with /model, the default first."""
+        if self.providers:
+            return [m.name for m in self.models]
+        return self.provider.allowed_models
+
+    def model_specs(self) -> list[ModelSpec]:
+        from agent.providers import ModelSpec
+
+        if not self.providers:
+            return [ModelSpec(name, "default") for name in self.provider.allowed_models]
+        return [
+            ModelSpec(
+                m.name, m.provider or "", id=m.id or m.name, display_name=m.display_name or "", images=m.images,
+                tools=m.tools, reasoning=m.reasoning, fallback=tuple(m.fallback),
+            )
+            for m in self.models
+        ]
+
+    def catalogue(self) -> Catalogue:
+        """The agent's `Catalogue`: the providers, the models, the chains and the breaker."""
+        from agent.providers import Catalogue
+
+        specs = self.model_specs()
+        if not self.providers:
+            configs = {"default": self.provider.agent_config()}
+        else:
+            configs = {}
+            for name, endpoint in self.providers.items():
+                served = [s.id for s in specs if s.provider == name]
+                configs[name] = endpoint.agent_config(served[0] if served else name)
+        return Catalogue(
+            configs, tuple(specs), default=specs[0].name, fallback=tuple(self.fallback),
+            breaker_failures=self.breaker_failures, breaker_cooldown=self.breaker_cooldown,
+        )
+
+    def prices(self) -> dict[str, tuple[float, float]]:
+        """$ per 1M tokens (prompt, completion) by model: `provider.prices`, then `models[].price`."""
+        prices = {name: (p.prompt, p.completion) for name, p in self.provider.prices.items()}
+        for model in self.models:
+            if model.price is not None:
+                prices[model.name] = prices[model.id or model.name] = (model.price.prompt, model.price.completion)
+        return prices
 
     @model_validator(mode="after")
     def _tools_from_agent_section(self) -> "Settings":
@@ -1293,6 +1437,12 @@ class Settings(BaseSettings):
             _, _, secret_part = self.telegram.token.get_secret_value().partition(":")
             if len(secret_part) >= 8:
                 values.append(secret_part)
+        for endpoint in self.providers.values():
+            if endpoint.api_key is not None:
+                values.append(endpoint.api_key.get_secret_value())
+            for secret in endpoint.headers.values():
+                text = secret.get_secret_value()
+                values.extend(v for v in (text, *text.split()) if len(v) >= 8)
         for server in self.tools.mcp_servers:
             for secret in (*server.env.values(), *server.headers.values()):
                 text = secret.get_secret_value()
@@ -1505,7 +1655,8 @@ def _problems_from_validation(exc: ValidationError, opts: _LoadOptions) -> list[
         cause = (err.get("ctx") or {}).get("error")
         if isinstance(cause, _SectionProblems):
             for rel, message in cause.problems:
-                problems.append(Problem(_loc_to_key((*loc, *rel.split("."))), message))
+                parts = (int(part) if part.isdigit() else part for part in rel.split("."))
+                problems.append(Problem(_loc_to_key((*loc, *parts)), message))
             continue
         key = _loc_to_key(loc)
         kind = err["type"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -616,3 +617,85 @@ def test_example_file_is_exactly_the_defaults() -> None:
     from_example = load_config(EXAMPLE, env=env)
     from_defaults = load_config(env=env)
     assert from_example.model_dump() == from_defaults.model_dump()
+
+
+# --------------------------------------------------------------------------- several providers
+
+
+def _load_yaml(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> Any:
+    path = tmp_path / "parley.yaml"
+    path.write_text(text)
+    return load_config(path, env={**BASE_ENV, **(env or {})})
+
+
+def test_several_providers_models_and_fallback_make_a_catalogue(tmp_path: Path) -> None:
+    settings = _load_yaml(tmp_path, """
+providers:
+  openai: {base_url: https://api.openai.com/v1, api_key: env:OPENAI_API_KEY, headers: {OpenAI-Organization: env:ORG}}
+  local: {base_url: "http://127.0.0.1:11434/v1", api: responses}
+models:
+  - {name: gpt-4.1-mini, provider: openai, display_name: GPT-4.1 mini, fallback: [llama], price: {prompt: 0.4, completion: 1.6}}
+  - {name: llama, provider: local, id: "llama3.1:8b", images: false}
+fallback: [llama]
+breaker_failures: 2
+breaker_cooldown: 15
+""", env={"OPENAI_API_KEY": "sk-test-key-123", "ORG": "org-secret-123"})
+    cat = settings.catalogue()
+    assert cat.default == "gpt-4.1-mini" and [m.name for m in cat.chain("gpt-4.1-mini")] == ["gpt-4.1-mini", "llama"]
+    assert cat.providers["local"].api == "responses" and cat.providers["local"].api_key == "no-key"
+    assert cat.providers["openai"].headers == {"OpenAI-Organization": "org-secret-123"}
+    assert cat.get("GPT-4.1 MINI").name == "gpt-4.1-mini"  # display names work, any case
+    assert cat.get("llama").id == "llama3.1:8b" and not cat.get("llama").images
+    assert (cat.breaker_failures, cat.breaker_cooldown) == (2, 15)
+    assert settings.model_names() == ["gpt-4.1-mini", "llama"]
+    assert settings.prices()["gpt-4.1-mini"] == (0.4, 1.6)
+    assert {"sk-test-key-123", "org-secret-123"} <= set(settings.secrets())
+
+
+def test_an_old_single_provider_config_still_loads(tmp_path: Path) -> None:
+    settings = _load_yaml(tmp_path, """
+provider:
+  base_url: "http://127.0.0.1:8080/v1"
+  model: fake-model
+  models: [other-model]
+agent:
+  tools: {datetime: false}
+""")
+    cat = settings.catalogue()
+    assert list(cat.providers) == ["default"] and cat.names() == ["fake-model", "other-model"]
+    assert cat.providers["default"].base_url == "http://127.0.0.1:8080/v1"
+    assert settings.tools.datetime is False
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("providers: {a: {base_url: 'http://127.0.0.1:1/v1'}}\nmodels: [{name: m, provider: b}]\n",
+         "models[0].provider: no provider named 'b' (providers: a)"),
+        ("providers: {a: {base_url: 'http://127.0.0.1:1/v1'}}\nmodels: [m]\nfallback: [nope]\n",
+         "fallback[0]: unknown model 'nope' (models: m)"),
+        ("providers: {a: {base_url: 'http://127.0.0.1:1/v1'}}\nmodels: [{name: m, fallback: [x]}, {name: x, fallback: [m]}]\n",
+         "models[1].fallback: a cycle: m -> x -> m"),
+        ("providers: {a: {base_url: 'http://127.0.0.1:1/v1'}}\n",
+         "models: list the models the providers serve, each with a name and a provider"),
+        ("provider: {model: m}\nproviders: {a: {base_url: 'http://127.0.0.1:1/v1'}}\nmodels: [m]\n",
+         "provider: set either provider (one provider) or providers + models, not both"),
+        ("providers: {o: {base_url: 'https://api.openai.com/v1'}}\nmodels: [m]\n",
+         "providers.o.api_key: is empty; https://api.openai.com/v1 requires an API key"),
+    ],
+    ids=["unknown-provider", "unknown-fallback", "cycle", "no-models", "both-forms", "openai-without-key"],
+)
+def test_bad_provider_configs_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _load_yaml(tmp_path, text)
+    assert expected in str(caught.value)
+
+
+async def test_a_bad_chain_exits_2_naming_the_key(tmp_path: Path) -> None:
+    from tests.support.process import run_cli
+
+    path = tmp_path / "parley.yaml"
+    path.write_text("providers: {a: {base_url: 'http://127.0.0.1:1/v1'}}\nmodels: [m]\nfallback: [ghost]\n")
+    result = await run_cli(["check", "--config", str(path)], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "fallback[0]: unknown model 'ghost'" in result.stderr
