@@ -99,6 +99,9 @@ def chat_defaults(settings: Settings) -> ChatDefaults:
         history_max_messages=settings.agent.history.max_messages,
         history_max_tokens=settings.agent.history.max_tokens,
         prices=settings.prices(),
+        model_choice=chat.model_choice,
+        show_fallback_model=chat.show_fallback_model,
+        model_roles={m.name: m.allow for m in settings.models if m.allow != "user"},
     )
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Awaitable, Callable
@@ -27,6 +27,8 @@ from bots.errors import ParleyError
 from bots.ids import quote_input, user_id_problem
 from bots.inbound import Inbound
 from bots.logs import url_without_secrets
+from bots.model_choice import ChoiceRefused
+from bots.outbox import Button
 from bots.store import ChatSettings
 
 if TYPE_CHECKING:
@@ -88,6 +90,8 @@ class CommandContext:
     # Whether the answer concerns the caller alone: denials, usage errors, what only they
     # asked to see. Connectors that can (Discord) show such answers to the caller only.
     private: bool = False
+    # Buttons under the answer (the /model picker); a press reaches `Gateway.on_button`.
+    buttons: list[Button] = field(default_factory=list)
 
     @property
     def args(self) -> str:
@@ -392,25 +396,30 @@ def _estimated_note(estimated: int, total: int) -> str:
 
 
 async def _model(ctx: CommandContext) -> str:
+    """Show the model with a button per model the caller may pick, or pick one by name.
+
+    Who may pick, and for whom, is `chat.model_choice` (`bots.model_choice`)."""
     gw = ctx.gateway
-    key = ctx.inbound.chat.key
-    allowed = gw.defaults.allowed_models()
+    chat = ctx.inbound.chat
+    choice = gw.model_choice
+    allowed = choice.allowed(ctx.role)
+    available = ", ".join(choice.label(m) for m in allowed)
     if not ctx.args:
         ctx.private = True  # what the caller asked to see
-        settings = await gw.store.chat_settings(key)
-        current = settings.model or gw.defaults.model
-        suffix = "" if settings.model else " (default)"
-        return f"Model in this chat: {current}{suffix}\nAvailable: {', '.join(allowed)}"
-    ctx.require(Role.ADMIN, "switch the model")
-    name = ctx.args
-    if name != "default" and name not in allowed:
-        raise CommandError(f"Unknown model {quote_input(name)}. Available: {', '.join(allowed)}")
-    await ctx.may_change_setting(await gw.store.chat_settings(key), "model", "model")
-    if name == "default":
-        await gw.store.update_chat_settings(key, by=ctx.inbound.user_key, model=None)
-        return f"Model reset to the default, {gw.defaults.model}."
-    await gw.store.update_chat_settings(key, by=ctx.inbound.user_key, model=name)
-    return f"Model for this chat set to {name}."
+        settings = await gw.store.chat_settings(chat.key)
+        current = await choice.current(chat, ctx.inbound.user_key, settings.model)
+        text, ctx.buttons = choice.picker(current, ctx.role, chat)
+        if not ctx.buttons:
+            return f"{text}\nAvailable: {available}"
+        return text
+    typed = ctx.args
+    name = None if typed == "default" else choice.resolve(typed, ctx.role)
+    if typed != "default" and name is None:
+        raise CommandError(f"Unknown model {quote_input(typed)}. Available: {available}")
+    try:
+        return await choice.choose(chat, ctx.inbound.user_key, ctx.role, name)
+    except ChoiceRefused as refused:
+        raise PermissionDenied(str(refused)) from None
 
 
 async def _system(ctx: CommandContext) -> str:

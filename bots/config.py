@@ -754,6 +754,7 @@ class ModelSettings(_Section):
     reasoning: bool = False
     fallback: StrList = Field(default_factory=list)
     price: Price | None = None
+    allow: Literal["user", "admin", "owner"] = "user"  # the least role that may pick it
 
     @model_validator(mode="before")
     @classmethod
@@ -931,6 +932,12 @@ class ChatSettings(_Section):
     still_working_after: SecondsOrOff = 15.0
     # Split messages become one turn (see CoalesceWindow).
     coalesce_window: CoalesceWindow = Field(default_factory=dict)
+    # Who picks the model (/model, its buttons): per_user -- each person for themselves in
+    # that chat; per_chat -- anyone, for the whole chat; admins_only -- admins, for the
+    # whole chat; auto -- per_user in private chats, admins_only in groups.
+    model_choice: Literal["auto", "per_user", "per_chat", "admins_only"] = "auto"
+    # When another model answered because the chosen one failed, say which, in small print.
+    show_fallback_model: bool = True
 
 
 MB = 1_000_000

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -49,6 +49,8 @@ from agent.tools.mcp import McpServerStatus
 from bots.approvals import PREFIX as APPROVAL_PREFIX
 from bots.approvals import Approvals
 from bots.buttons import ButtonRouter
+from bots.model_choice import PREFIX as MODEL_PREFIX
+from bots.model_choice import ModelChoice
 from bots.inbound import ButtonPress, Inbound
 from bots.inbound import from_json as inbound_from_json
 from bots.inbound import to_json as inbound_json
@@ -60,7 +62,7 @@ from bots.live_reply import LiveReply, ReplyOptions, leftover_sends, shown_messa
 from bots.orphans import remove_leftovers
 from bots.logs import redact, turn_context
 from bots.metrics import Metrics, ReplyMetrics
-from bots.outbox import MessageRef, Outbox
+from bots.outbox import Button, MessageRef, Outbox
 from bots.pacing import Pacing, Priority
 from bots.render import Layout
 from bots.tool_policy import ToolPolicy
@@ -162,6 +164,9 @@ class ChatDefaults:
     # Seconds to wait for the rest of a message the platform may have split, per platform
     # (bots.coalesce); a platform not named: 0 (only albums wait).
     coalesce_window: dict[str, float] = field(default_factory=lambda: {"telegram": 1.0})
+    model_choice: str = "auto"  # who picks the model: auto | per_user | per_chat | admins_only
+    show_fallback_model: bool = True  # a reply another model gave (a failover) says which
+    model_roles: dict[str, str] = field(default_factory=dict)  # model -> least role that may pick it (default user)
 
     def allowed_models(self) -> list[str]:
         return list(dict.fromkeys([self.model, *self.models]))
@@ -268,6 +273,8 @@ class Gateway:
         # MCP servers' states for /status (`agent.tools.mcp.McpServers.status`), once started.
         self.mcp_status: Callable[[], list[McpServerStatus]] | None = None
         self.buttons.register(APPROVAL_PREFIX, self.approvals.press)
+        self.model_choice = ModelChoice(self)
+        self.buttons.register(MODEL_PREFIX, self.model_choice.press)
         self.lanes = Lanes(self._run_turn, queue_max=defaults.queue_max, on_dropped=self._dropped)
         self.inbound_rate = inbound_rate  # access.user_rate; None: no limit
         self.media = media or MediaOptions()  # config media.*
@@ -710,7 +717,7 @@ class Gateway:
         ctx = CommandContext(inbound=inbound, role=role, gateway=self, command=command)
         text = await self.commands.run(ctx)
         if text:
-            await self._answer(inbound, text, private=ctx.private)
+            await self._answer(inbound, text, private=ctx.private, buttons=ctx.buttons)
         if not set(inbound.inbox_ids) & self._in_lanes:  # /retry hands its message to a turn
             self._settle(inbound, "answered")
 
@@ -769,13 +776,15 @@ class Gateway:
                 await self.clock.sleep(delay)
                 delay = min(delay * 2, self.store_backoff[1])
 
-    async def _answer(self, inbound: Inbound, text: str, *, private: bool = False) -> None:
+    async def _answer(
+        self, inbound: Inbound, text: str, *, private: bool = False, buttons: Sequence[Button] = ()
+    ) -> None:
         """Reply in a task, so routing never waits on the platform -- except while
         shutting down, when the reply must be out before the connector closes."""
         if self._accepting:
-            self._spawn(self.reply(inbound, text, private=private))
+            self._spawn(self.reply(inbound, text, private=private, buttons=buttons))
         else:
-            await self.reply(inbound, text, private=private)
+            await self.reply(inbound, text, private=private, buttons=buttons)
 
     async def retry(self, inbound: Inbound) -> str:
         """/retry: run the session's last user message again as a fresh turn.
@@ -802,11 +811,13 @@ class Gateway:
 
     # ---- replies outside a turn --------------------------------------------------------
 
-    async def reply(self, inbound: Inbound, text: str, *, private: bool = False) -> None:
+    async def reply(
+        self, inbound: Inbound, text: str, *, private: bool = False, buttons: Sequence[Button] = ()
+    ) -> None:
         """A reply outside a turn (command output, notices), paced like everything else.
 
         Plain text; one that does not fit one message (a long system prompt shown by
-        /system) goes out as several, never truncated. A `private` reply concerns the
+        /system) goes out as several, never truncated; `buttons` go under the last. A `private` reply concerns the
         caller alone (`Outbox.send`); to a slash command every piece of it answers the
         command, so none of it lands in the channel for everyone.
         """
@@ -822,11 +833,19 @@ class Gateway:
         answering = private and inbound.expects_answer
         for i, piece in enumerate(pieces):
             reply_to = inbound.message_id if i == 0 or answering else None
-            if not await self._send_one(connector, inbound, piece, reply_to=reply_to, private=private):
+            under = buttons if i == len(pieces) - 1 else ()
+            if not await self._send_one(connector, inbound, piece, reply_to=reply_to, private=private, buttons=under):
                 return
 
     async def _send_one(
-        self, connector: Connector, inbound: Inbound, text: str, *, reply_to: str | None, private: bool = False
+        self,
+        connector: Connector,
+        inbound: Inbound,
+        text: str,
+        *,
+        reply_to: str | None,
+        private: bool = False,
+        buttons: Sequence[Button] = (),
     ) -> bool:
         """Send one message, waiting out rate limits; False when it could not be delivered."""
         pacer = connector.pacing.for_chat(inbound.chat)
@@ -834,7 +853,8 @@ class Gateway:
         while True:
             await pacer.acquire(Priority.FINAL)
             try:
-                await connector.outbox.send(inbound.chat, text, reply_to=reply_to, private=private)
+                extra = {"buttons": buttons} if buttons else {}
+                await connector.outbox.send(inbound.chat, text, reply_to=reply_to, private=private, **extra)
                 self.metrics.platform_calls.labels(inbound.platform, "send").inc()
                 return True
             except RateLimited as exc:
@@ -1145,9 +1165,9 @@ class Gateway:
         """
         prepared = prepared or text_input(inbound.text)
         settings = await self.store.chat_settings(inbound.chat.key)
-        allowed = self.defaults.allowed_models()
-        # A model chosen earlier may have left the configured list since.
-        model = settings.model if settings.model in allowed else self.defaults.model
+        # The person's own choice, the chat's, or the default (a model chosen earlier may
+        # have left the configured list since: then the default).
+        model = (await self.model_choice.current(inbound.chat, inbound.user_key, settings.model)).name
         system_prompt = settings.system_prompt or self.defaults.system_prompt
         streaming = self.defaults.streaming if settings.streaming is None else settings.streaming
         session = await self.store.current_session(self.session_key(inbound))

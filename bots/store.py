@@ -422,6 +422,17 @@ tool_approvals = sa.Table(
 )
 
 
+model_choices = sa.Table(
+    "model_choices",
+    metadata,
+    sa.Column("chat_key", sa.String(255), nullable=False),
+    sa.Column("user_key", sa.String(255), nullable=False),
+    sa.Column("model", sa.String(255), nullable=False),
+    sa.Column("chosen_at", UTCDateTime(), nullable=False),
+    sa.PrimaryKeyConstraint("chat_key", "user_key", name="pk_model_choices"),
+)
+
+
 _NOTE_REPLY = (
     sa.update(inbox)
     .where(inbox.c.id == sa.bindparam("row"))
@@ -1380,6 +1391,29 @@ class Store:
         stmt = self._insert(tool_approvals).values(chat_key=chat_key, tool=tool, approved_by=by, approved_at=self._now())
         stmt = stmt.on_conflict_do_nothing(index_elements=["chat_key", "tool"])
         await self._run("remember_tool_approval", lambda conn: conn.execute(stmt), write=True)
+
+    async def set_model_choice(self, chat_key: str, user_key: str, model: str | None) -> None:
+        """The model `user_key` picked for themselves in `chat_key` (None: back to the chat's)."""
+        _require_text("chat_key", chat_key)
+        if model is None:
+            stmt: Any = sa.delete(model_choices).where(
+                model_choices.c.chat_key == chat_key, model_choices.c.user_key == user_key
+            )
+        else:
+            stmt = self._insert(model_choices).values(
+                chat_key=chat_key, user_key=user_key, model=model, chosen_at=self._now()
+            )
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["chat_key", "user_key"], set_={"model": stmt.excluded.model, "chosen_at": stmt.excluded.chosen_at}
+            )
+        await self._run("set_model_choice", lambda conn: conn.execute(stmt), write=True)
+
+    async def model_choice(self, chat_key: str, user_key: str) -> str | None:
+        """The model `user_key` picked for themselves in `chat_key`, or None."""
+        query = sa.select(model_choices.c.model).where(
+            model_choices.c.chat_key == chat_key, model_choices.c.user_key == user_key
+        )
+        return await self._run("model_choice", lambda conn: conn.scalar(query), write=False)
 
     async def tool_approved(self, chat_key: str, tool: str) -> str | None:
         """Who approved `tool` for good in `chat_key` (a user key), or None: ask."""
