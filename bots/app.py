@@ -186,6 +186,7 @@ class App:
             tool_policy=tool_policy(settings),
             approval_timeout=settings.tools.approval_timeout,
         )
+        metrics.watch_breakers(agent.breaker.snapshot)
         mcp = mcp_servers(settings, agent.tools)
         if mcp is not None:
             gateway.mcp_status = mcp.status

@@ -625,11 +625,20 @@ async def _status(ctx: CommandContext) -> str:
         f"Platforms: {platforms}",
         f"Running: {_plural(gw.lanes.active, 'turn')}; queued: {_plural(queued, 'message')} in "
         f"{_plural(len(depths), 'chat')}",
-        f"Provider: {urlsplit(base_url).hostname or 'unknown'}",
     ]
-    models = health.get("models")
-    for model, state in (models.items() if isinstance(models, dict) else ()):
+    providers = health.get("providers")
+    if isinstance(providers, dict) and len(providers) > 1:
+        lines.append("Providers: " + ", ".join(
+            f"{name} ({urlsplit(str(p.get('base_url') or '')).hostname or 'unknown'})" for name, p in providers.items()
+        ))
+        states = [(m, st) for p in providers.values() for m, st in (p.get("models") or {}).items()]
+    else:
+        lines.append(f"Provider: {urlsplit(base_url).hostname or 'unknown'}")
+        models = health.get("models")
+        states = list(models.items()) if isinstance(models, dict) else []
+    for model, state in states:
         lines += _streaming_lines(str(model), state)
+    lines += _breaker_lines(health.get("breaker"))
     lines += _tool_lines(gw)
     if ctx.role >= Role.OWNER and ctx.inbound.chat.is_private:
         allowed = gw.defaults.allowed_models()
@@ -640,6 +649,21 @@ async def _status(ctx: CommandContext) -> str:
             f"  models: {allowed[0]} (default)" + "".join(f", {m}" for m in allowed[1:]),
         ]
     return "\n".join(lines)
+
+
+def _breaker_lines(breakers: object) -> list[str]:
+    """Models skipped after failing repeatedly (their circuit breaker), in words."""
+    lines = []
+    for model, state in (breakers.items() if isinstance(breakers, dict) else ()):
+        if not isinstance(state, dict):
+            continue
+        if state.get("state") == "open":
+            left = int(float(state.get("retry_in") or 0))
+            failures = _plural(int(state.get("failures") or 0), "failure")
+            lines.append(f"  {model}: skipped after {failures} in a row; tried again in {left // 60}m {left % 60}s")
+        elif state.get("state") == "half_open":
+            lines.append(f"  {model}: skipped until now; the next message tries it again")
+    return lines
 
 
 def _tool_lines(gw: "Gateway") -> list[str]:

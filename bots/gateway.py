@@ -973,7 +973,9 @@ class Gateway:
                 return
             if await self._hand_over(inbound, reply, turn_id, result):
                 return
-            delivery = await reply.finish(final_text=result.text, interrupted=result.interrupted)
+            delivery = await reply.finish(
+                final_text=result.text, interrupted=result.interrupted, notice=self._fallback_note(result)
+            )
             status = "interrupted" if result.interrupted else "ok"
             await self._finish_turn(
                 turn_id, result.messages, status=status,
@@ -986,6 +988,8 @@ class Gateway:
             self._turn_ended(inbound, outcome)
             for cause in result.fallback_causes:
                 self.metrics.fallbacks.labels(cause).inc()
+            if result.fallback_model:
+                self.metrics.failovers.labels(result.asked, result.fallback_model).inc()
             if result.first_token_latency is not None:
                 self.metrics.time_to_first_token.observe(result.first_token_latency)
             if not delivery.complete:
@@ -995,6 +999,13 @@ class Gateway:
                 turn_id, outcome, result.steps, "~" if result.usage.estimated else "", result.usage.total_tokens,
                 f", fell back ({', '.join(result.fallback_causes)})" if result.fell_back else "",
             )
+
+    def _fallback_note(self, result: Any) -> str | None:
+        """The small print under a reply another model gave, because the chosen one failed."""
+        if not result.fallback_model or not self.defaults.show_fallback_model or result.interrupted:
+            return None
+        label = self.model_choice.label
+        return f"_↪️ Answered by {label(result.fallback_model)}: {label(result.asked)} is unavailable right now._"
 
     async def _caller_role(self, inbound: Inbound) -> Role:
         """The role of the person whose message this turn answers: it decides the tools offered.

@@ -111,6 +111,19 @@ class Metrics:
         )
         self.active_turns = Gauge("parley_active_turns", "Turns running now", registry=r)
         self.queue_depth = Gauge("parley_queue_depth", "Messages waiting in chat queues", registry=r)
+        self.failovers = Counter(
+            "parley_model_failovers",
+            "Model calls answered by another model of the chain after the chosen one failed",
+            ["from_model", "to_model"],
+            registry=r,
+        )
+        self.breaker_open = Gauge(
+            "parley_model_breaker_open",
+            "1 while a model is skipped after failing repeatedly (its circuit breaker is open), else 0",
+            ["model"],
+            registry=r,
+        )
+        self._breakers: Callable[[], dict[str, dict[str, object]]] | None = None
         self._transport_429: set[str] = set()
 
     def count_429_at_transport(self, platform: str) -> None:
@@ -136,7 +149,14 @@ class Metrics:
         self.active_turns.set_function(lambda: float(active()))
         self.queue_depth.set_function(lambda: float(queued()))
 
+    def watch_breakers(self, snapshot: Callable[[], dict[str, dict[str, object]]]) -> None:
+        """Read the models' circuit breakers (`agent.providers.Breaker.snapshot`) at scrape time."""
+        self._breakers = snapshot
+
     def exposition(self) -> bytes:
+        if self._breakers is not None:
+            for model, state in self._breakers().items():
+                self.breaker_open.labels(model).set(1.0 if state.get("state") == "open" else 0.0)
         return generate_latest(self.registry)
 
 
