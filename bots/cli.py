@@ -283,7 +283,11 @@ async def _checks(settings: Settings) -> list[Row]:
 
     probes: list[Awaitable[Row]] = [
         attempt("store", lambda: _probe_store(settings)),
-        attempt("provider", lambda: _probe_provider(settings)),
+        *(
+            [attempt(f"provider {name}", lambda name=name: _probe_named_provider(settings, name))
+             for name in settings.providers]
+            if settings.providers else [attempt("provider", lambda: _probe_provider(settings))]
+        ),
         attempt("tools", lambda: _probe_tools(settings)),
     ]
     for server in settings.tools.mcp_servers:
@@ -349,6 +353,27 @@ async def _probe_provider(settings: Settings) -> str:
     return detail
 
 
+async def _probe_named_provider(settings: Settings, name: str) -> str:
+    """Reach one of `providers` and make sure it serves every model `models` names for it."""
+    from agent import Agent
+
+    endpoint = settings.providers[name]
+    served = [(i, m) for i, m in enumerate(settings.models) if m.provider == name]
+    ids = [m.id or m.name for _, m in served]
+    agent = Agent(endpoint.agent_config(ids[0] if ids else "unused"))
+    try:
+        result = await agent.probe(ids or ())
+    finally:
+        await agent.aclose()
+    detail = f"{endpoint.base_url}: {result}"
+    if result.missing:
+        keys = [f"models[{i}].id" for i, m in served if (m.id or m.name) in result.missing]
+        raise _Verdict(FAIL, f"{detail} -- check {' and '.join(keys)}")
+    if result.listed is None:
+        raise _Verdict(WARN, detail)
+    return detail
+
+
 async def _probe_tools(settings: Settings) -> str:
     """Load the built-ins, the config's modules and the entry points, as `parley run` would.
 
@@ -403,12 +428,14 @@ def _hint(name: str, exc: BaseException | None, settings: Settings) -> str:
     from agent import errors as agent_errors
 
     text = str(exc or "").lower()
-    if name == "provider":
+    if name == "provider" or name.startswith("provider "):
+        key = f"providers.{name.split(' ', 1)[1]}" if " " in name else "provider"
+        base_url = settings.providers[name.split(" ", 1)[1]].base_url if " " in name else settings.provider.base_url
         if isinstance(exc, agent_errors.ProviderAuthError):
-            return " -- check provider.api_key"
+            return f" -- check {key}.api_key"
         if isinstance(exc, agent_errors.ProviderBadRequest):
-            return " -- check provider.model"
-        return f" -- is provider.base_url ({settings.provider.base_url}) right and reachable?"
+            return " -- check provider.model" if key == "provider" else " -- check models"
+        return f" -- is {key}.base_url ({base_url}) right and reachable?"
     if name in ("telegram", "discord"):
         if "token" in text or "unauthorized" in text:
             return f" -- check {name}.token"
