@@ -1005,7 +1005,7 @@ class Gateway:
         if not result.fallback_model or not self.defaults.show_fallback_model or result.interrupted:
             return None
         label = self.model_choice.label
-        return f"_↪️ Answered by {label(result.fallback_model)}: {label(result.asked)} is unavailable right now._"
+        return f"↪️ Answered by {label(result.fallback_model)}: {label(result.asked)} is unavailable right now."
 
     async def _caller_role(self, inbound: Inbound) -> Role:
         """The role of the person whose message this turn answers: it decides the tools offered.
