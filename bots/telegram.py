@@ -12,6 +12,12 @@ to Telegram only after parley stored it: the next getUpdates offset, or the webh
 capped back-off and reported to `self.health`; a revoked token is reported as fatal. The
 API base is configurable (`telegram.api_base`) for local Bot API servers.
 
+Buttons: a `Button` goes out as an inline keyboard button (one row, `callback_data` = its
+data); an edit states the buttons the message keeps (editMessageText without
+`reply_markup` removes the keyboard). A press arrives as a `callback_query` update: it
+becomes a `ButtonPress` handed to `Gateway.on_button` in a task of its own, never stored
+and never in the way of the messages around it (see `_dispatch_presses`).
+
 Media: photos, files, voice notes, stickers... arrive as `Attachment`s holding the
 Telegram `file_id` (see `message_attachments`); the caption is the message's text.
 `download` fetches the bytes later, when the turn runs: getFile through PTB, then the
@@ -40,6 +46,9 @@ from telegram import (
     BotCommand,
     BotCommandScopeChat,
     BotCommandScopeDefault,
+    CallbackQuery,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
     LinkPreviewOptions,
     Message,
     MessageEntity,
@@ -76,11 +85,11 @@ from bots.errors import (
     Undeliverable,
 )
 from bots.health import WARN_EVERY, PlatformHealth
-from bots.inbound import GroupTrigger, Inbound
+from bots.inbound import ButtonPress, GroupTrigger, Inbound, PressAnswer
 from bots.media import Attachment, MediaTooLarge, MediaUnavailable
 from bots.media_kinds import classify, megabytes, too_large
 from bots.orphans import SendLedger
-from bots.outbox import ChatRef, MessageRef, PlatformLimits
+from bots.outbox import Button, ChatRef, MessageRef, PlatformLimits
 from bots.pacing import Budget, Pacing, PacingPolicy
 from bots.render import text_length
 from bots.store import StoreError
@@ -160,8 +169,22 @@ class TelegramOutbox:
                 }
         return {"text": text}
 
+    @staticmethod
+    def _keyboard(buttons: Sequence[Button]) -> InlineKeyboardMarkup | None:
+        """`buttons` as one row of an inline keyboard (None: no keyboard)."""
+        if not buttons:
+            return None
+        return InlineKeyboardMarkup([[InlineKeyboardButton(b.label, callback_data=b.data) for b in buttons]])
+
     async def send(
-        self, chat: ChatRef, text: str, *, markdown: bool = False, reply_to: str | None = None, private: bool = False
+        self,
+        chat: ChatRef,
+        text: str,
+        *,
+        markdown: bool = False,
+        reply_to: str | None = None,
+        private: bool = False,
+        buttons: Sequence[Button] = (),
     ) -> MessageRef:
         """`private` changes nothing: Telegram cannot show a message to one member of a group only."""
         kwargs = self._text_args(text, markdown)
@@ -169,6 +192,9 @@ class TelegramOutbox:
             kwargs["message_thread_id"] = int(chat.thread_id)
         if reply_to:
             kwargs["reply_parameters"] = ReplyParameters(message_id=int(reply_to), allow_sending_without_reply=True)
+        keyboard = self._keyboard(buttons)
+        if keyboard is not None:
+            kwargs["reply_markup"] = keyboard
         async with self.ledger.sending(chat) as sent:
             msg: Message = await self._call(
                 self._bot.send_message(
@@ -178,12 +204,19 @@ class TelegramOutbox:
             sent.id = msg.message_id
         return MessageRef(chat, str(msg.message_id))
 
-    async def edit(self, ref: MessageRef, text: str, *, markdown: bool = False) -> None:
+    async def edit(
+        self, ref: MessageRef, text: str, *, markdown: bool = False, buttons: Sequence[Button] = ()
+    ) -> None:
+        """The text and the buttons the message has afterwards: without `buttons` the
+        keyboard goes (editMessageText drops a keyboard it is not given again). Telegram
+        answers "message is not modified" only when text, entities and keyboard are all
+        unchanged, so removing the buttons under an unchanged text is a real edit."""
         await self._call(
             self._bot.edit_message_text(
                 chat_id=int(ref.chat.chat_id),
                 message_id=int(ref.message_id),
                 link_preview_options=LinkPreviewOptions(is_disabled=True),
+                reply_markup=self._keyboard(buttons),
                 **self._text_args(text, markdown),
             )
         )
@@ -221,10 +254,16 @@ class WebhookOptions:
     secret_token: str | None = None
 
 
-ALLOWED_UPDATES = ["message", "edited_message"]
+ALLOWED_UPDATES = ["message", "edited_message", "callback_query"]
 """The update types parley reads: Telegram then drops other kinds instead of delivering them.
 An edited message becomes an `Inbound` with `edit_of` set (it can restart its turn:
-`Gateway._edit`)."""
+`Gateway._edit`); a callback query (someone pressed one of parley's buttons) a `ButtonPress`."""
+
+ANSWER_TEXT_LIMIT = 200
+"""answerCallbackQuery's `text` is "0-200 characters" (Bot API); a longer one is refused
+(`MESSAGE_TOO_LONG`), so parley cuts it instead."""
+
+_PRESSES_REMEMBERED = 256  # callback query ids already handed over (a webhook may deliver one twice)
 
 DOWNLOAD_LIMIT = 20 * 1024 * 1024
 """Telegram's cap on what a bot can download ("files of up to 20MB in size", Bot API getFile);
@@ -262,6 +301,9 @@ class TelegramConnector:
     the webhook answers 200 after it returned (503 when it raised `StoreError`, so
     Telegram delivers the update again later). A process killed at any moment loses
     nothing: what was not stored is still on Telegram's side.
+
+    Button presses (callback queries) are no messages: they go to `Gateway.on_button` at
+    once, each in a task of its own, and are acknowledged with the batch they came in.
     """
 
     platform = "telegram"
@@ -311,6 +353,8 @@ class TelegramConnector:
         self._username = ""
         self._max_photo_bytes = max_photo_bytes
         self._addressed_albums: OrderedDict[tuple[str, str], None] = OrderedDict()  # (chat key, media group)
+        self._presses_seen: OrderedDict[str, None] = OrderedDict()  # callback query ids handed over
+        self._press_tasks: set[asyncio.Task[None]] = set()
         self._files: httpx.AsyncClient | None = None  # downloads, opened on first use
         # Receiving state.
         self._stopping = asyncio.Event()
@@ -367,6 +411,7 @@ class TelegramConnector:
         files, self._files = self._files, None
         if files is not None:
             await files.aclose()
+        await self._finish_presses()
         await self._bot.shutdown()
 
     async def _register_commands(self, commands: list[Command]) -> None:
@@ -464,6 +509,9 @@ class TelegramConnector:
         gateway = self._gateway
         if gateway is None:  # stopped meanwhile: leave the batch to the next process
             return False
+        # Presses first, and once: they are answered within seconds or never, so they do
+        # not wait for the messages of the batch to be stored (nor for a store that is down).
+        self._dispatch_presses(gateway, updates)
         inbounds = self._inbounds(updates)
         if not inbounds:
             return True  # nothing for parley in it (e.g. service messages): acknowledged as read
@@ -570,6 +618,9 @@ class TelegramConnector:
         gateway = self._gateway
         if gateway is None or self._stopping.is_set():
             return web.Response(status=503)  # stopping: Telegram keeps it for the next process
+        if update.callback_query is not None:
+            self._dispatch_presses(gateway, [update])  # answered in its own task: 200 at once
+            return web.Response(status=200)
         inbounds = self._inbounds([update])
         if not inbounds:
             return web.Response(status=200)
@@ -665,6 +716,121 @@ class TelegramConnector:
             media_group_id=msg.media_group_id,
             edit_of=edit_of,
         )
+
+    # ---- button presses ------------------------------------------------------------------
+
+    def to_press(self, query: CallbackQuery) -> ButtonPress | None:
+        """A callback query as a press of one of parley's buttons (None: not one).
+
+        Not one: a press under an inline-mode message (no `message`), under a message
+        too old for Telegram to show the bot (an `InaccessibleMessage`), of a button
+        without `callback_data` (a game), or by a bot (ignored like bots' messages). The
+        chat is named as for messages (`to_inbound`): the topic of a forum, if any.
+        """
+        user = query.from_user
+        if user is None or user.is_bot:
+            return None
+        msg = query.message
+        if msg is None or not msg.is_accessible or not query.data:
+            return None
+        assert isinstance(msg, Message)
+        chat = msg.chat
+        thread = str(msg.message_thread_id) if msg.is_topic_message and msg.message_thread_id else None
+        return ButtonPress(
+            chat=ChatRef("telegram", str(chat.id), thread_id=thread, is_private=chat.type == "private"),
+            user_id=str(user.id),
+            message_id=str(msg.message_id),
+            data=query.data,
+            answer=self._answerer(query.id),
+            username=user.username,
+            display_name=user.full_name,
+        )
+
+    def _dispatch_presses(self, gateway: "Gateway", updates: Sequence[Update]) -> None:
+        """Hand every callback query among `updates` to `Gateway.on_button`, each in a task.
+
+        Never blocks: the caller goes on storing (and acknowledging) the messages of the
+        batch. A press is handed over once, even when delivered twice; one that is not
+        for parley (see `to_press`) is only acknowledged, so its button stops spinning.
+        """
+        for update in updates:
+            query = update.callback_query
+            if query is None:
+                continue
+            if query.id in self._presses_seen:
+                continue
+            self._presses_seen[query.id] = None
+            while len(self._presses_seen) > _PRESSES_REMEMBERED:
+                self._presses_seen.popitem(last=False)
+            if query.from_user is None or query.from_user.is_bot:
+                log.debug("telegram: ignored a callback query from a bot (update %s)", update.update_id)
+                continue
+            try:
+                press = self.to_press(query)
+            except Exception:
+                log.exception("telegram: cannot read button press in update %s; acknowledged", update.update_id)
+                press = None
+            if press is None:
+                log.debug("telegram: callback query in update %s is no press of parley's buttons; acknowledged",
+                          update.update_id)
+                self._spawn_press(self._answerer(query.id)(None, False))
+                continue
+            self._spawn_press(self._press(gateway, press))
+
+    def _spawn_press(self, coro: Any) -> None:
+        task = asyncio.create_task(coro, name="telegram-press")
+        self._press_tasks.add(task)
+        task.add_done_callback(self._press_tasks.discard)
+
+    async def _press(self, gateway: "Gateway", press: ButtonPress) -> None:
+        try:
+            await gateway.on_button(press)
+        except Exception:
+            log.exception("telegram: chat %s: handling a button press failed", press.chat.key)
+        finally:
+            await press.answer(None, False)  # does nothing when the gateway answered it
+
+    def _answerer(self, query_id: str) -> PressAnswer:
+        """`ButtonPress.answer` for one callback query: the first call answers it, later ones do nothing."""
+        answered = False
+
+        async def answer(text: str | None, alert: bool) -> None:
+            nonlocal answered
+            if answered:
+                return
+            answered = True
+            await self._answer_query(query_id, text, alert)
+
+        return answer
+
+    async def _answer_query(self, query_id: str, text: str | None, alert: bool) -> None:
+        """answerCallbackQuery, never raising: a press answered too late is only logged.
+
+        Not paced: answerCallbackQuery has no flood limit of its own (an edit it leads to
+        has), and a person is watching a spinning button.
+        """
+        try:
+            await self._bot.answer_callback_query(
+                query_id, text=cut_answer(text) if text else None, show_alert=True if alert and text else None
+            )
+        except BadRequest as exc:
+            reason = exc.message.lower()
+            if "query is too old" in reason or "query id is invalid" in reason:
+                log.info("telegram: a button press was answered too late (%s)", exc.message)
+            else:
+                log.warning("telegram: answering a button press failed: %s", exc.message)
+        except TelegramError as exc:
+            log.warning("telegram: answering a button press failed (%s)", translate_error(exc))
+
+    async def _finish_presses(self) -> None:
+        """Let presses being handled finish (they may unblock a turn), for a while."""
+        tasks = set(self._press_tasks)
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _album_addressed(self, chat_key: str, group: str, addressed: bool) -> bool:
         """Whether an album item in a group is for the bot.
@@ -767,6 +933,24 @@ class TelegramConnector:
                 return bytes(data)
         except httpx.HTTPError as exc:  # never str(exc): httpx may name the URL, and the URL holds the token
             raise _RetryableDownload(f"could not fetch the file from Telegram ({type(exc).__name__})") from None
+
+
+def cut_answer(text: str, limit: int = ANSWER_TEXT_LIMIT) -> str:
+    """`text` within `limit` characters for answerCallbackQuery, cut with "…" when longer.
+
+    Counted in UTF-16 code units, so the text fits whichever way Telegram counts it.
+    """
+    if text_length(text, utf16=True) <= limit:
+        return text
+    kept: list[str] = []
+    used = 0
+    for char in text:
+        size = 2 if ord(char) > 0xFFFF else 1
+        if used + size > limit - 1:
+            break
+        kept.append(char)
+        used += size
+    return "".join(kept).rstrip() + "…"
 
 
 class _RetryableDownload(Exception):

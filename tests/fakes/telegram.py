@@ -15,12 +15,13 @@ Pointing PTB at it needs no monkeypatching::
     await fake.start()                      # 127.0.0.1, free port
     bot = telegram.Bot(fake.token, base_url=fake.base_url, base_file_url=fake.base_file_url)
 
-The test plays the user (``user_says``, ``user_edits``, ``user_deletes``, ``user_clicks``,
+The test plays the user (``user_says``, ``user_edits``, ``user_deletes``, ``user_presses``
+(``user_clicks``), ``user_presses_inline``,
 and for media ``user_sends_photo``, ``user_sends_document``, ``user_sends_voice``,
 ``user_sends_audio``, ``user_sends_video_note``, ``user_sends_video``,
 ``user_sends_animation``, ``user_sends_sticker``, ``user_sends_album``) and inspects the
-chat as a person sees it (``messages``, ``bot_texts``, ``current_draft``) and every API
-call (``calls``, ``count_429``). ``wait_for`` re-checks a predicate on every state
+chat as a person sees it (``messages``, ``bot_texts``, ``current_draft``, ``buttons``) and
+every API call (``calls``, ``count_429``, ``callback_answers``). ``wait_for`` re-checks a predicate on every state
 change, so tests never sleep and hope.
 
 Files people send are kept as ``FakeFile``s: ``getFile`` answers with ``file_path`` and
@@ -33,6 +34,24 @@ else ``Bad Request: wrong file_id or the file is temporarily unavailable`` -- th
 wording bots meet for expired or foreign ids ([3p]: many bot libraries' tests and logs
 quote these three strings; the reference server's own list is not in the shared notes).
 ``expire_file`` makes a file unavailable (getFile as above, downloads 404).
+
+Inline keyboards and button presses. A message keeps the ``reply_markup`` it was sent or
+edited with (``SeenMessage.reply_markup``, ``buttons``); ``editMessageText`` replaces it
+and, like Telegram, *drops* it when no ``reply_markup`` is given ("if you edit a message
+and want the inline keyboard to stay, you'll need to pass it again", PTB maintainers in
+python-telegram-bot#1949; go-telegram-bot-api#158); ``editMessageReplyMarkup`` changes only
+the keyboard (none given: removed). "message is not modified" only when text, entities and
+keyboard are all unchanged [ref ``Client.cpp:108-111``]. Buttons are validated as the Bot
+API does: ``text`` a string, one action field; ``callback_data`` 1-64 bytes, else
+``Bad Request: BUTTON_DATA_INVALID``; an empty or missing action ``Bad Request: can't parse
+inline keyboard button: Text buttons are unallowed in the inline keyboard`` [3p: observed
+against the live API by several client libraries' tests]. ``user_presses`` queues a
+``callback_query`` update (polling and webhook alike) for a button the message shows and
+returns the query id; ``answerCallbackQuery`` records the answer in ``callback_answers``
+and refuses an unknown id, a second answer or one later than ``callback_answer_deadline``
+seconds with ``Bad Request: query is too old and response timeout expired or query ID is
+invalid`` [ref ``Client.cpp:146-148``], and a text over 200 characters with ``Bad Request:
+MESSAGE_TOO_LONG`` [3p].
 
 Decisions where Telegram's behaviour is not documented (all overridable):
 
@@ -55,6 +74,11 @@ Decisions where Telegram's behaviour is not documented (all overridable):
   off by default (``busy_loop_guard``) because it only slows PTB's shutdown.
 * A draft disappears when it expires (30 s after its last update) or when the bot
   sends a message into the same chat and thread.
+* Buttons: a button with several action fields is refused (the Bot API docs say "exactly
+  one"; the reference server would take the first it knows) -- the wording is
+  [unverified]. Empty rows are dropped and an empty keyboard is no keyboard.
+  ``callback_answer_deadline`` (15 s) stands for Telegram's undocumented answer timeout
+  (clients give up on the spinner after about that long [3p]).
 * Media: a photo comes in three sizes (each its own file), the given bytes being the
   largest; file ids are shaped like Telegram's (a type prefix plus base64url) and file
   paths like ``photos/file_3.jpg``; captions carry generated ``caption_entities`` as
@@ -113,6 +137,13 @@ T = TypeVar("T")
 DEFAULT_TOKEN = "123456:TEST-TOKEN"
 
 CONFLICT_OTHER_POLL = "Conflict: terminated by other getUpdates request; make sure that only one bot instance is running"
+QUERY_TOO_OLD = "query is too old and response timeout expired or query ID is invalid"
+TEXT_BUTTONS_UNALLOWED = "can't parse inline keyboard button: Text buttons are unallowed in the inline keyboard"
+# The action fields of an InlineKeyboardButton [doc InlineKeyboardButton]: exactly one is used.
+BUTTON_ACTIONS = (
+    "url", "callback_data", "web_app", "login_url", "switch_inline_query", "switch_inline_query_current_chat",
+    "switch_inline_query_chosen_chat", "copy_text", "callback_game", "pay",
+)  # fmt: skip
 NOT_MODIFIED = (
     "message is not modified: specified new message content and reply markup are exactly the same as a current "
     "content and reply markup of the message"
@@ -318,6 +349,22 @@ class SeenMessage:
     service: dict[str, Any] | None = None
     media: dict[str, Any] | None = None  # e.g. {"photo": [...]}: ``text``/``entities`` are then the caption
     media_group_id: str | None = None
+
+    @property
+    def button_rows(self) -> list[list[tuple[str, str | None]]]:
+        """The inline keyboard as a person sees it: rows of ``(label, callback_data)``
+        (``callback_data`` is None for other buttons, e.g. a URL)."""
+        keyboard = (self.reply_markup or {}).get("inline_keyboard") or []
+        return [[(b["text"], b.get("callback_data")) for b in row] for row in keyboard]
+
+    @property
+    def buttons(self) -> list[tuple[str, str | None]]:
+        """Every button under the message, row after row, as ``(label, callback_data)``."""
+        return [button for row in self.button_rows for button in row]
+
+    @property
+    def has_buttons(self) -> bool:
+        return bool(self.buttons)
 
     @property
     def edit_count(self) -> int:
@@ -616,8 +663,8 @@ class FakeTelegram:
 
     _METHODS = (
         "getMe", "getUpdates", "setWebhook", "deleteWebhook", "getWebhookInfo", "sendMessage", "editMessageText",
-        "deleteMessage", "sendChatAction", "sendMessageDraft", "setMyCommands", "getMyCommands", "deleteMyCommands",
-        "answerCallbackQuery", "getChat", "getFile", "logOut", "close",
+        "editMessageReplyMarkup", "deleteMessage", "sendChatAction", "sendMessageDraft", "setMyCommands",
+        "getMyCommands", "deleteMyCommands", "answerCallbackQuery", "getChat", "getFile", "logOut", "close",
     )  # fmt: skip
 
     def __init__(
@@ -636,6 +683,7 @@ class FakeTelegram:
         busy_loop_guard: bool = False,
         webhook_retry: tuple[float, float] = (0.05, 2.0),
         webhook_timeout: float = 10.0,
+        callback_answer_deadline: float = 15.0,
     ) -> None:
         """Create a stopped server.
 
@@ -643,7 +691,8 @@ class FakeTelegram:
         replies to it (BotFather's default; off here because most LLM bots disable it).
         ``keep_history=False`` (benchmarks) keeps counts, current texts and edit
         timestamps but not every version's text or call parameters. ``max_calls`` bounds
-        ``calls`` to roughly the newest N records.
+        ``calls`` to roughly the newest N records. ``callback_answer_deadline``: seconds
+        (of ``clock``) within which a callback query can be answered; may be changed later.
         """
         self.token = token
         self.clock = clock
@@ -655,6 +704,7 @@ class FakeTelegram:
         self.busy_loop_guard = busy_loop_guard
         self.webhook_retry = webhook_retry
         self.webhook_timeout = webhook_timeout
+        self.callback_answer_deadline = callback_answer_deadline
         self._limits = limits or TelegramLimits()
         self.flood = FloodControl(self._limits, clock)
         bot_id = int(token.split(":", 1)[0]) if _TOKEN_SHAPE.fullmatch(token) else 123456
@@ -673,6 +723,7 @@ class FakeTelegram:
             "getwebhookinfo": self._get_webhook_info,
             "sendmessage": self._send_message,
             "editmessagetext": self._edit_message_text,
+            "editmessagereplymarkup": self._edit_message_reply_markup,
             "deletemessage": self._delete_message,
             "sendchataction": self._send_chat_action,
             "sendmessagedraft": self._send_message_draft,
@@ -1358,27 +1409,83 @@ class FakeTelegram:
         message.deleted_by = "user"
         self._notify()
 
-    def user_clicks(
-        self, chat: FakeChat | int, user: FakeUser | int, message_id: int, data: str
-    ) -> dict[str, Any]:
-        """A person presses an inline button with ``callback_data=data``; returns the
-        CallbackQuery dict (answer it with answerCallbackQuery)."""
+    def user_presses(
+        self,
+        chat: FakeChat | int,
+        user: FakeUser | int,
+        message_id: int,
+        data: str | None,
+        *,
+        stale: bool = False,
+        inaccessible: bool = False,
+    ) -> str:
+        """A person presses the inline button with ``callback_data=data`` under a message;
+        queues a ``callback_query`` update (getUpdates or webhook) and returns its id, to
+        look its answer up in ``callback_answers``.
+
+        The message must show that button now (a ValueError says what it shows), unless
+        ``stale``: the person's app still showed a button the bot just edited away -- the
+        query then carries the message as it is now. ``data=None`` is a button without
+        ``callback_data`` (a game). ``inaccessible`` delivers the message as Telegram does
+        once it is too old for the bot (Bot API 7.0 ``InaccessibleMessage``: chat,
+        message_id and ``date`` 0 only).
+        """
         chat = self._as_chat(chat)
         sender = self._as_user(user)
+        if chat.type == "private" and sender.id != chat.id:
+            raise ValueError(f"user {sender.id} cannot press buttons in the private chat of {chat.id}")
         message = chat.messages.get(message_id)
         if message is None or message.deleted:
             raise ValueError(f"no message {message_id} in chat {chat.id}")
+        if not stale and (data is None or data not in [d for _, d in message.buttons]):
+            raise ValueError(
+                f"message {message_id} in chat {chat.id} shows no button with callback_data={data!r}; "
+                f"it shows {message.buttons}"
+            )
+        query_id = f"{sender.id}{next(self._callback_ids):06d}"
+        query: dict[str, Any] = {
+            "id": query_id,
+            "from": sender.to_dict(),
+            "chat_instance": str(abs(chat.id) * 7919 % 10**12),
+        }
+        if inaccessible:
+            query["message"] = {"chat": chat.to_dict(), "message_id": message.message_id, "date": 0}
+        else:
+            query["message"] = self._message_json(message)
+        if data is not None:
+            query["data"] = data
+        else:
+            query["game_short_name"] = "game"
+        return self._enqueue_query(query)
+
+    def user_presses_inline(
+        self, user: FakeUser | int, data: str, *, inline_message_id: str = "AgAAAFakeInline"
+    ) -> str:
+        """A person presses a button under a message sent in inline mode (no ``message``,
+        an ``inline_message_id`` instead); returns the query id."""
+        sender = self._as_user(user)
         query_id = f"{sender.id}{next(self._callback_ids):06d}"
         query = {
             "id": query_id,
             "from": sender.to_dict(),
-            "chat_instance": str(abs(chat.id) * 7919 % 10**12),
+            "chat_instance": str(sender.id * 7919 % 10**12),
+            "inline_message_id": inline_message_id,
             "data": data,
-            "message": self._message_json(message),
         }
-        self._callbacks[query_id] = {"answered": False, "t": self.clock()}
+        return self._enqueue_query(query)
+
+    def user_clicks(
+        self, chat: FakeChat | int, user: FakeUser | int, message_id: int, data: str
+    ) -> dict[str, Any]:
+        """``user_presses``, returning the whole CallbackQuery dict (as the Discord fake's
+        ``user_clicks`` returns its interaction)."""
+        query_id = self.user_presses(chat, user, message_id, data)
+        return self._callbacks[query_id]["query"]
+
+    def _enqueue_query(self, query: dict[str, Any]) -> str:
+        self._callbacks[query["id"]] = {"answered": False, "t": self.clock(), "query": query}
         self._enqueue("callback_query", query)
-        return query
+        return str(query["id"])
 
     def user_blocks_bot(self, user: FakeUser | int, blocked: bool = True) -> None:
         """The user blocks (or unblocks) the bot: sends to their chat fail with 403."""
@@ -1466,6 +1573,11 @@ class FakeTelegram:
 
     def message(self, chat_id: int, message_id: int) -> SeenMessage:
         return self._chats[chat_id].messages[message_id]
+
+    def buttons(self, chat_id: int, message_id: int) -> list[tuple[str, str | None]]:
+        """The buttons under a message now, as ``(label, callback_data)`` (empty: none;
+        ``message(...).button_rows`` keeps the rows)."""
+        return self.message(chat_id, message_id).buttons
 
     def bot_texts(self, chat_id: int) -> list[str]:
         """Current text of the bot's visible (not deleted) messages, in order."""
@@ -1790,7 +1902,11 @@ class FakeTelegram:
         return target
 
     def _markup(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The inline keyboard to attach (other keyboards are not part of the message)."""
+        """The inline keyboard to attach (other keyboards are not part of the message).
+
+        None: no keyboard (omitted, or one without buttons). Buttons are checked as the
+        Bot API does (see the module docstring) and kept as sent.
+        """
         markup = params.get("reply_markup")
         if markup is None or markup == "":
             return None
@@ -1801,14 +1917,30 @@ class FakeTelegram:
             return None
         if not isinstance(keyboard, list) or not all(isinstance(row, list) for row in keyboard):
             raise _bad("field \"inline_keyboard\" of the InlineKeyboardMarkup must be an Array of Arrays")
+        rows = []
         for row in keyboard:
             for button in row:
-                if not isinstance(button, Mapping) or not isinstance(button.get("text"), str):
-                    raise _bad("can't parse inline keyboard button: Field \"text\" must be of type String")
-                data = button.get("callback_data")
-                if data is not None and not 1 <= len(str(data).encode()) <= 64:
-                    raise _bad("BUTTON_DATA_INVALID")
-        return {"inline_keyboard": keyboard}
+                self._check_button(button)
+            if row:
+                rows.append([dict(button) for button in row])
+        return {"inline_keyboard": rows} if rows else None
+
+    @staticmethod
+    def _check_button(button: Any) -> None:
+        if not isinstance(button, Mapping):
+            raise _bad("can't parse inline keyboard button: InlineKeyboardButton must be an Object")
+        if "text" not in button:
+            raise _bad("can't parse inline keyboard button: Can't find field \"text\"")
+        if not isinstance(button["text"], str):
+            raise _bad("can't parse inline keyboard button: Field \"text\" must be of type String")
+        actions = [key for key in BUTTON_ACTIONS if button.get(key) not in (None, "")]
+        if not actions:
+            raise _bad(TEXT_BUTTONS_UNALLOWED)
+        if len(actions) > 1:
+            raise _bad("can't parse inline keyboard button: exactly one of the optional fields must be used")
+        data = button.get("callback_data")
+        if data is not None and (not isinstance(data, str) or not 1 <= len(data.encode()) <= 64):
+            raise _bad("BUTTON_DATA_INVALID")
 
     def _format(self, params: Mapping[str, Any], text: str, *, allow_empty: bool = False) -> FormattedText:
         try:
@@ -1988,6 +2120,27 @@ class FakeTelegram:
             message.edits.append((now, None, None))
         return self._message_json(message)
 
+    def _edit_message_reply_markup(self, params: dict[str, Any], record: CallRecord) -> dict[str, Any]:
+        """editMessageReplyMarkup: only the keyboard changes (none given: it is removed)."""
+        if params.get("inline_message_id") and params.get("chat_id") is None:
+            raise _bad("MESSAGE_ID_INVALID")
+        chat = self._resolve_chat(params)
+        message_id = _int_param(params, "message_id")
+        if not message_id:
+            raise _bad("message identifier is not specified")
+        message = chat.messages.get(message_id)
+        if message is None or message.deleted:
+            raise _bad("message to edit not found")
+        if not message.from_bot or message.service is not None:
+            raise _bad("message can't be edited")
+        markup = self._markup(params)
+        self._take_flood(chat)
+        if markup == message.reply_markup:
+            raise _bad(NOT_MODIFIED)
+        message.reply_markup = markup
+        message.edit_date = int(time.time())
+        return self._message_json(message)
+
     def _delete_message(self, params: dict[str, Any], record: CallRecord) -> bool:
         chat = self._resolve_chat(params)
         message_id = _int_param(params, "message_id")
@@ -2083,7 +2236,9 @@ class FakeTelegram:
         query_id = str(params.get("callback_query_id") or "")
         state = self._callbacks.get(query_id)
         if state is None or state["answered"]:
-            raise _bad("query is too old and response timeout expired or query ID is invalid")
+            raise _bad(QUERY_TOO_OLD)
+        if self.clock() - state["t"] > self.callback_answer_deadline:
+            raise _bad(QUERY_TOO_OLD)
         text = params.get("text")
         if isinstance(text, str) and len(text) > 200:
             raise _bad("MESSAGE_TOO_LONG")
@@ -2092,6 +2247,7 @@ class FakeTelegram:
             "text": text,
             "show_alert": _bool_param(params, "show_alert"),
             "url": params.get("url"),
+            "t": self.clock(),
         }
         return True
 
@@ -2295,6 +2451,12 @@ class FakeTelegram:
                 options = {k: v for k, v in body.items()
                            if k in ("caption", "size", "file_name", "mime_type", "duration", "reply_to")}
                 result = sender(chat, user, data, **options)
+            elif action == "user_presses" and request.method == "POST":
+                # {"chat_id", "user", "message_id", "data"} -> the callback query id
+                user = body.get("user") or body.get("user_id")
+                result = self.user_presses(int(body["chat_id"]), user, int(body["message_id"]), body.get("data"))
+            elif action == "callback_answers":
+                result = self.callback_answers
             elif action == "messages":
                 result = [m.to_dict() for m in self.messages(int(query["chat_id"]))]
             elif action == "calls":

@@ -22,6 +22,13 @@ returned ``File.download_as_bytearray()`` fetch it back::
     sent = fake_telegram.user_sends_photo(chat, chat.user, b"...", caption="what is this?")
     file = await telegram_bot.get_file(sent["photo"][-1]["file_id"])
 
+Buttons: a message keeps its inline keyboard (``fake_telegram.buttons(chat_id, message_id)``
+gives ``[(label, callback_data), ...]``); a person presses one with ``user_presses``, which
+returns the callback query id whose answer lands in ``callback_answers``::
+
+    query_id = fake_telegram.user_presses(chat, chat.user, message_id, "ap:1:y")
+    answer = await fake_telegram.wait_for(lambda: fake_telegram.callback_answers.get(query_id))
+
 For an ``Application``::
 
     app = (ApplicationBuilder().token(fake.token).base_url(fake.base_url)
