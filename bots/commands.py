@@ -409,8 +409,6 @@ async def _model(ctx: CommandContext) -> str:
         settings = await gw.store.chat_settings(chat.key)
         current = await choice.current(chat, ctx.inbound.user_key, settings.model)
         text, ctx.buttons = choice.picker(current, ctx.role, chat)
-        if not ctx.buttons:
-            return f"{text}\nAvailable: {available}"
         return text
     typed = ctx.args
     name = None if typed == "default" else choice.resolve(typed, ctx.role)

@@ -116,11 +116,14 @@ class ModelChoice:
             raise ChoiceRefused(f"You can't use {self.label(name)}.")
         if mode == "per_user":
             await store.set_model_choice(chat.key, user_key, name)
+            default = self.label(self._gw.defaults.model)
+            if chat.is_private:  # the person's model is the chat's
+                return f"Model reset to the default, {default}." if name is None else f"Model for this chat set to {self.label(name)}."
             if name is None:
-                return f"Your model here is back to the default, {self.label(self._gw.defaults.model)}."
-            return f"Your model here is now {self.label(name)}."
+                return f"Your model in this chat is back to the default, {default}."
+            return f"Your model in this chat is now {self.label(name)}."
         if mode == "admins_only" and role < Role.ADMIN:
-            raise ChoiceRefused("Only an admin can switch this chat's model.")
+            raise ChoiceRefused("Only admins can switch the model.")
         settings = await store.chat_settings(chat.key)
         setter = settings.set_by.get("model")
         if setter is not None and setter != user_key:
@@ -138,16 +141,15 @@ class ModelChoice:
 
     def picker(self, current: Current, role: Role, chat: ChatRef) -> tuple[str, list[Button]]:
         """The /model answer: what is in use, and a button per model this person may pick."""
-        whose = "Your model here" if self.mode(chat) == "per_user" else "Model in this chat"
+        whose = "Your model in this chat" if self.mode(chat) == "per_user" and not chat.is_private else "Model in this chat"
         suffix = " (default)" if current.source == "default" else ""
-        text = f"{whose}: {self.label(current.name)}{suffix}"
+        allowed = self.allowed(role)
+        text = f"{whose}: {self.label(current.name)}{suffix}\nAvailable: {', '.join(self.label(m) for m in allowed)}"
         buttons = [
             Button(("✓ " if name == current.name else "") + self.label(name)[:60], f"{PREFIX}:{model_token(name)}")
-            for name in self.allowed(role)
+            for name in allowed
         ]
-        if len(buttons) < 2:
-            return text, []  # nothing to choose
-        return text + "\nPick one:", buttons[:25]
+        return text, buttons[:25] if len(buttons) > 1 else []  # one model: nothing to choose
 
     async def press(self, press: ButtonPress, rest: str) -> bool:
         """A press on a picker button: choose that model for the presser, as they may."""

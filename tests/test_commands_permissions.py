@@ -51,9 +51,12 @@ REQUIRED_ROLES: dict[str, Role] = {
 }
 
 # Parts of a command that need more power than the command itself: (text, caller, refusal).
-SUBCOMMANDS: list[tuple[str, Role, str]] = [
+# In groups only: in private chats each person picks their own model (chat.model_choice: auto).
+GROUP_SUBCOMMANDS: list[tuple[str, Role, str]] = [
     ("/model other-model", Role.USER, "⛔ Only admins can switch the model."),
     ("/model default", Role.USER, "⛔ Only admins can switch the model."),
+]
+SUBCOMMANDS: list[tuple[str, Role, str]] = [
     ("/usage chat", Role.USER, "⛔ Only admins can see a chat's usage."),
     ("/usage all", Role.USER, "⛔ Only admins can see everyone's usage."),
     (f"/usage {TARGET_USER}", Role.USER, "⛔ Only admins can see another user's usage."),
@@ -95,6 +98,8 @@ def cases() -> list[Case]:
             out.append(Case(f"/{name} {what}".strip(), Role.USER, "group", f"⛔ /{name} is for admins only."))
     for text, caller, refusal in SUBCOMMANDS:
         out.append(Case(text, caller, "private", refusal))
+        out.append(Case(text, caller, "group", refusal))
+    for text, caller, refusal in GROUP_SUBCOMMANDS:
         out.append(Case(text, caller, "group", refusal))
     return out
 
@@ -164,7 +169,7 @@ async def test_roles_are_checked_on_the_busy_path_too(fast_telegram, fake_llm, p
     s.say(chat, user, "go")
     await fast_telegram.wait_for(lambda: s.bot_texts(chat) == ["A long,"], timeout=10)
     before = s.state()
-    for text in ("/mode interrupt", "/system pwned", "/stream off", "/model other-model", f"/promote {USER_ID}"):
+    for text in ("/mode interrupt", "/system pwned", "/stream off", f"/promote {USER_ID}"):
         assert (await s.ask(chat, user, text)).startswith("⛔"), text
     assert s.gateway.lanes.is_busy(f"telegram:{chat.id}")
     after = s.state()

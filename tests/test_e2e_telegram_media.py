@@ -290,4 +290,4 @@ async def test_an_edited_message_arrives_with_edit_of_and_starts_no_turn(
     assert len(fake_llm.requests) == 1 and fast_telegram.bot_texts(chat.id) == ["You said: helo"]
     polls = fast_telegram.calls_to("getUpdates")
     assert polls and all(c.params.get("allowed_updates") == ALLOWED_UPDATES for c in polls)
-    assert ALLOWED_UPDATES == ["message", "edited_message"]
+    assert ALLOWED_UPDATES == ["message", "edited_message", "callback_query"]

@@ -95,10 +95,10 @@ async def test_in_a_private_chat_each_person_picks_their_own_model(stack: Any, f
     gateway, connector = stack
     await ask(gateway, message(PRIVATE, USER, "/model", command="model"))
     shown = await picker(connector)
-    assert shown.text == "Your model here: Main Model (default)\nPick one:"
+    assert shown.text == "Model in this chat: Main Model (default)\nAvailable: Main Model, Backup Model"
     assert [b.label for b in shown.buttons] == ["✓ Main Model", "Backup Model"]  # "big" is for admins
     answers = await press(gateway, PRIVATE, USER, shown.id, shown.buttons[1].data)
-    assert answers == [("Your model here is now Backup Model.", False)]
+    assert answers == [("Model for this chat set to Backup Model.", False)]
     backup_llm.script(Reply.text("From the backup."))
     await ask(gateway, message(PRIVATE, USER, "hi"))
     assert backup_llm.requests[-1].model == "backup-model" and fake_llm.requests == []
@@ -109,15 +109,15 @@ async def test_in_a_group_only_admins_switch_and_the_mark_moves(stack: Any, fake
     gateway, connector = stack
     await ask(gateway, message(GROUP, ADMIN, "/model", command="model"))
     shown = await picker(connector)
-    assert shown.text == "Model in this chat: Main Model (default)\nPick one:"
+    assert shown.text == "Model in this chat: Main Model (default)\nAvailable: Main Model, Backup Model, Big Model"
     assert [b.label for b in shown.buttons] == ["✓ Main Model", "Backup Model", "Big Model"]
     big = shown.buttons[2].data
     assert await press(gateway, GROUP, USER, shown.id, big) == [("You can't use Big Model.", True)]
     backup = shown.buttons[1].data
-    assert await press(gateway, GROUP, USER, shown.id, backup) == [("Only an admin can switch this chat's model.", True)]
+    assert await press(gateway, GROUP, USER, shown.id, backup) == [("Only admins can switch the model.", True)]
     assert await press(gateway, GROUP, ADMIN, shown.id, big) == [("Model for this chat set to Big Model.", False)]
     edited = connector.outbox.messages[shown.id]
-    assert edited.text == "Model in this chat: Big Model\nPick one:"
+    assert edited.text == "Model in this chat: Big Model\nAvailable: Main Model, Backup Model, Big Model"
     assert [b.label for b in edited.buttons] == ["Main Model", "Backup Model", "✓ Big Model"]
     fake_llm.script(Reply.text("Big answer."))
     await ask(gateway, message(GROUP, USER, "hi"))
@@ -127,11 +127,11 @@ async def test_in_a_group_only_admins_switch_and_the_mark_moves(stack: Any, fake
 async def test_model_by_display_name_and_refusals(stack: Any) -> None:
     gateway, connector = stack
     await ask(gateway, message(PRIVATE, USER, "/model backup model", command="model", args="backup model"))
-    assert connector.texts()[-1] == "Your model here is now Backup Model."
+    assert connector.texts()[-1] == "Model for this chat set to Backup Model."
     await ask(gateway, message(PRIVATE, USER, "/model big", command="model", args="big"))
     assert connector.texts()[-1] == "Unknown model 'big'. Available: Main Model, Backup Model"
     await ask(gateway, message(PRIVATE, USER, "/model default", command="model", args="default"))
-    assert connector.texts()[-1] == "Your model here is back to the default, Main Model."
+    assert connector.texts()[-1] == "Model reset to the default, Main Model."
 
 
 async def test_a_stale_button_for_a_removed_model_says_so(stack: Any) -> None:
