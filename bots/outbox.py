@@ -72,8 +72,9 @@ class Outbox(Protocol):
     `markdown=True` asks the connector to render the text's Markdown natively
     (Telegram: entities; Discord: as-is). `markdown=False` sends it verbatim.
 
-    `buttons` go under the message, in one row, in order; pressing one reaches
-    `Gateway.on_button` as a `bots.inbound.ButtonPress`.
+    `buttons` go under the message, in order, laid out as the platform suits (Telegram:
+    up to three in a row, more one per row; Discord: rows of five, 25 at most); pressing
+    one reaches `Gateway.on_button` as a `bots.inbound.ButtonPress`.
 
     `private=True` marks an answer that concerns the person who asked alone (an access
     denial, a usage error, their /usage): a connector that can show a message to one

@@ -171,10 +171,13 @@ class TelegramOutbox:
 
     @staticmethod
     def _keyboard(buttons: Sequence[Button]) -> InlineKeyboardMarkup | None:
-        """`buttons` as one row of an inline keyboard (None: no keyboard)."""
+        """`buttons` as an inline keyboard (None: no keyboard): up to three side by side in
+        one row (Approve / Deny), more one per row (a list of models to pick from reads
+        better down than across a phone's width)."""
         if not buttons:
             return None
-        return InlineKeyboardMarkup([[InlineKeyboardButton(b.label, callback_data=b.data) for b in buttons]])
+        keys = [InlineKeyboardButton(b.label, callback_data=b.data) for b in buttons]
+        return InlineKeyboardMarkup([keys] if len(keys) <= 3 else [[key] for key in keys])
 
     async def send(
         self,
