@@ -25,6 +25,7 @@ from tests.fakes.mcp_fixtures import Make, fake_mcp_children, run, started, stdi
 pytest_plugins = ["tests.fakes.mcp_fixtures"]  # make_servers, mcp_http
 
 SECRET = "sk-SECRET123"
+FAKE_TOOLS = 11  # the fake's own tools
 
 
 def warnings_about(caplog: pytest.LogCaptureFixture, server: str) -> list[str]:
@@ -84,9 +85,9 @@ async def test_a_crash_withdraws_the_tools_is_logged_once_and_the_server_comes_b
     assert failed_seen[0].error == "the server process exited" and failed_seen[0].tools == 0
     assert failed_seen[0].retry_in is not None and 0 < failed_seen[0].retry_in <= 0.5
     assert warnings_about(caplog, "fake") == [
-        "MCP server 'fake' failed: the server process exited; its tools are withdrawn, retrying in 0.5 s"
+        f"MCP server 'fake' failed: the server process exited; {FAKE_TOOLS} tools withdrawn, retrying in 0.5 s"
     ]
-    assert any("is ready again after 1 restart(s)" in r.getMessage() for r in caplog.records)
+    assert any("MCP server 'fake' is ready again: 11 tools (restarts so far: 1)" in r.getMessage() for r in caplog.records)
     assert (await run(registry, "fake__echo", text="back")).content == "back"
 
 
@@ -126,6 +127,28 @@ async def test_a_server_that_exits_at_once_or_never_answers_fails_and_leaves_no_
     assert children == []  # the silent one was killed when its startup timed out
 
 
+@pytest.mark.parametrize(("stable_after", "second_delay"), [(600.0, 0.6), (0.0, 0.3)])
+async def test_back_off_starts_over_only_after_a_stable_period(
+    make_servers: Make, stable_after: float, second_delay: float
+) -> None:
+    servers, registry, watch = await started(make_servers, stdio_config("fake"), backoff_base=0.3, stable_after=stable_after)
+    for _ in range(2):
+        await run(registry, "fake__crash")
+        await watch.until(lambda: servers.status()[0].state == "failed", timeout=10)
+        await watch.until(lambda: servers.status()[0].state == "ready", timeout=20)
+    delays = [s.retry_in for s in watch.statuses if s.state == "failed"]
+    assert delays == pytest.approx([0.3, second_delay], abs=0.05)
+
+
+async def test_not_started_is_stopped_and_a_bad_working_directory_is_named(make_servers: Make) -> None:
+    servers, _ = make_servers([stdio_config("fake", cwd="/nonexistent/dir")], backoff_base=30.0)
+    assert [s.state for s in await servers.ready(0.1)] == ["stopped"]  # returns at once: nothing started
+    await servers.start()
+    (status,) = await servers.ready(20)
+    assert status.state == "failed"
+    assert status.error == f"cannot start {sys.executable!r}: No such file or directory: /nonexistent/dir"
+
+
 async def test_a_killed_http_server_is_withdrawn_and_used_again_when_it_returns(
     make_servers: Make, mcp_http: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -154,8 +177,10 @@ async def test_a_call_to_a_server_that_is_down_says_so(make_servers: Make) -> No
     assert result.content == "Error: McpServerUnavailable: MCP server 'fake' is not available right now"
 
 
-async def test_a_cancelled_call_leaves_the_session_usable(make_servers: Make) -> None:
-    servers, registry, _ = await started(make_servers, stdio_config("fake"))
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+async def test_a_cancelled_call_leaves_the_session_usable(make_servers: Make, mcp_http: Any, transport: str) -> None:
+    config = McpServerConfig(name="fake", url=(await mcp_http()).url) if transport == "http" else stdio_config("fake")
+    servers, registry, _ = await started(make_servers, config)
     call = asyncio.create_task(run(registry, "fake__hang", seconds=30))
     await asyncio.sleep(0.3)  # any moment will do: the call is in flight or about to be
     call.cancel()

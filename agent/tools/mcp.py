@@ -235,6 +235,8 @@ def _display_url(url: str) -> str:
     """`scheme://host[:port]/path`: what may be shown of a configured URL."""
     parts = urlsplit(url)
     host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
     try:
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
@@ -484,7 +486,8 @@ class McpServers:
         try:
             async with asyncio.timeout(timeout):
                 for s in self._servers.values():
-                    await s.settled.wait()
+                    if s.task is not None:  # not started: nothing to wait for
+                        await s.settled.wait()
         except TimeoutError:
             pass
         return self.status()
@@ -545,6 +548,7 @@ class McpServers:
                     except Exception as exc:
                         reason = self._reason(s, link, exc)
                     s.link = None
+                    withdrawn = len(s.offered)
                     self._withdraw(s)
                     if ready_at is not None and time.monotonic() - ready_at >= self._stable_after:
                         failures = 0
@@ -554,9 +558,8 @@ class McpServers:
                     s.retry_at = time.monotonic() + delay
                     if not s.failing:
                         s.failing = True
-                        log.warning(
-                            "MCP server %r failed: %s; its tools are withdrawn, retrying in %.3g s", cfg.name, s.error, delay
-                        )
+                        tools = f"{withdrawn} tools withdrawn, " if withdrawn else ""
+                        log.warning("MCP server %r failed: %s; %sretrying in %.3g s", cfg.name, s.error, tools, delay)
                     else:
                         log.debug("MCP server %r failed again: %s; retrying in %.3g s", cfg.name, s.error, delay)
                     self._set(s, "failed")
@@ -625,6 +628,7 @@ class McpServers:
     async def _watch(self, s: _Server, link: _Link) -> str:
         """Serve a ready connection until it is lost or stops answering; return why."""
         from mcp.shared.exceptions import MCPError
+        from mcp.types import CONNECTION_CLOSED
 
         assert link.session is not None
         cfg = s.config
@@ -640,11 +644,11 @@ class McpServers:
                 except TimeoutError:
                     return f"no answer to tools/list within {cfg.startup_timeout:g} s"
                 except MCPError as exc:
-                    log.warning(
-                        "MCP server %r: re-listing its tools failed (%s); keeping the previous list",
-                        cfg.name,
-                        s.redact(_one_line(exc.message, _ERROR_CHARS)),
-                    )
+                    if exc.code == CONNECTION_CLOSED:
+                        continue  # the stream's end is noticed above
+                    self._relist_failed(s, exc.message)
+                except Exception as exc:  # e.g. a listing the SDK finds invalid
+                    self._relist_failed(s, f"{type(exc).__name__}: {exc}")
                 else:
                     self._publish(s, self._usable(s, tools))
                 continue
@@ -660,6 +664,10 @@ class McpServers:
             if idle.cancelled_caught and not link.calls and (why := await self._unresponsive(link)) is not None:
                 return why
 
+    def _relist_failed(self, s: _Server, why: str) -> None:
+        reason = s.redact(_one_line(why, _ERROR_CHARS))
+        log.warning("MCP server %r: re-listing its tools failed (%s); keeping the previous list", s.config.name, reason)
+
     async def _unresponsive(self, link: _Link) -> str | None:
         """None if the server answers a ping (an error answer is an answer), else why not."""
         from mcp.shared.exceptions import MCPError
@@ -674,6 +682,8 @@ class McpServers:
         except MCPError as exc:
             if exc.code == CONNECTION_CLOSED:
                 return "the connection closed"
+        except Exception:  # an answer the SDK did not like is still an answer
+            pass
         return None
 
     async def _check_one(self, s: _Server) -> McpServerStatus:
@@ -728,11 +738,11 @@ class McpServers:
         for exposed, tool in s.offered.items():
             if fresh.get(exposed) is not tool and registry.get(exposed) is tool:
                 registry.remove(exposed)
-        for tool in fresh.values():
-            if registry.get(tool.name) is not tool:
-                registry.add(tool)
-        if s.offered and s.offered.keys() != fresh.keys():
-            log.info("MCP server %r: its tools changed, now %d", s.config.name, len(fresh))
+        added = [tool for tool in fresh.values() if registry.get(tool.name) is not tool]
+        for tool in added:
+            registry.add(tool)
+        if s.offered and (added or s.offered.keys() != fresh.keys()):
+            log.info("MCP server %r: its tools changed (%d new or updated), now %d", s.config.name, len(added), len(fresh))
         s.offered = fresh
         self._changed(s)
 
@@ -802,6 +812,8 @@ class McpServers:
             text = f"{phase}cannot reach {_display_url(cfg.url)}: {type(first).__name__}: {first}"
         elif isinstance(first, OSError) and cfg.command and link.phase == "start":
             text = f"cannot start {cfg.command!r}: {first.strerror or first}"
+            if first.filename not in (None, cfg.command):  # e.g. the working directory
+                text += f": {first.filename}"
         else:
             detail = str(first)
             text = f"{phase}{type(first).__name__}" + (f": {detail}" if detail else "")
@@ -812,7 +824,7 @@ class McpServers:
     def _became_ready(self, s: _Server) -> None:
         if s.failing:
             log.info(
-                "MCP server %r is ready again after %d restart(s): %d tools", s.config.name, s.restarts, len(s.offered)
+                "MCP server %r is ready again: %d tools (restarts so far: %d)", s.config.name, len(s.offered), s.restarts
             )
             s.failing = False
         else:

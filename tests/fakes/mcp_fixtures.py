@@ -49,9 +49,8 @@ def fake_argv(transport: str, *options: str) -> list[str]:
 
 def stdio_config(name: str = "fake", *options: str, **fields: Any) -> McpServerConfig:
     """An `McpServerConfig` that runs the fake over stdio; `fields` override the rest."""
-    return McpServerConfig(
-        name=name, command=sys.executable, args=tuple(fake_argv("stdio", *options)), cwd=str(REPO), **fields
-    )
+    fields = {"command": sys.executable, "args": tuple(fake_argv("stdio", *options)), "cwd": str(REPO), **fields}
+    return McpServerConfig(name=name, **fields)
 
 
 def fake_mcp_children() -> list[int]:
