@@ -419,6 +419,7 @@ class _Server:
     restarts: int = 0
     retry_at: float | None = None
     failing: bool = False  # in a failure streak whose start was logged
+    stopping: bool = False  # aclose() asked a ready connection to close itself
     link: _Link | None = None
     names: dict[str, str] = field(default_factory=dict)  # server's tool name -> registry name (kept stable)
     offered: dict[str, Tool] = field(default_factory=dict)  # registry name -> the Tool we added
@@ -508,20 +509,31 @@ class McpServers:
 
     async def aclose(self) -> None:
         """Stop every server: stdio children are terminated (the SDK closes stdin, then
-        SIGTERM, then SIGKILL) and reaped; their tools leave the registry."""
-        tasks = [s.task for s in self._servers.values() if s.task is not None]
-        for s in self._servers.values():
-            if s.scope is not None:
-                s.scope.cancel()
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=30.0)
+        SIGTERM, then SIGKILL) and reaped; their tools leave the registry.
+
+        A ready connection is asked to close itself first, so an HTTP server gets its
+        session DELETE; one that is still connecting or waiting to retry is cancelled.
+        """
+        running = {s.task: s for s in self._servers.values() if s.task is not None and s.scope is not None}
+        for s in running.values():
+            s.stopping = True
+            if s.link is not None and s.link.session is not None:
+                s.link.wake.set()
+            else:
+                s.scope.cancel()  # type: ignore[union-attr]
+        pending: set[asyncio.Task[None]] = set()
+        if running:
+            _, pending = await asyncio.wait(running, timeout=5.0)
+            for task in pending:  # a polite close that takes too long: cancel it
+                running[task].scope.cancel()  # type: ignore[union-attr]
+            if pending:
+                _, pending = await asyncio.wait(pending, timeout=30.0)
             for task in pending:  # cannot happen unless the SDK's bounded shutdown hangs
                 log.warning("MCP server task %s did not stop in time; cancelling it", task.get_name())
                 task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=5.0)
         for s in self._servers.values():
             s.task = s.scope = None
+            s.stopping = False
             self._withdraw(s)
             self._set(s, "stopped")
         self._release_secrets()
@@ -547,6 +559,8 @@ class McpServers:
                             reason = await self._watch(s, link)
                     except Exception as exc:
                         reason = self._reason(s, link, exc)
+                    if s.stopping:
+                        return
                     s.link = None
                     withdrawn = len(s.offered)
                     self._withdraw(s)
@@ -634,6 +648,8 @@ class McpServers:
         cfg = s.config
         while True:
             link.wake.clear()
+            if s.stopping:
+                return "stopping"
             if link.lost:
                 return "the server process exited" if cfg.command else "the connection closed"
             if link.relist:
