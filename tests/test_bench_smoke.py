@@ -265,3 +265,19 @@ async def test_coalesce_benchmark_runs() -> None:
     # The seam measures the hold itself: a long message is held at least the window (a clock
     # lower bound, not a judgement of speed).
     assert result["long"]["added_ms"]["median"] >= 200
+
+
+async def test_tools_benchmark_runs() -> None:
+    result = await run_script("bench/tools.py", "--calls", "20", "--warmup", "5", "--tools", "20")
+    has_fields(
+        result, "bench", "params", "targets", "in_process", "mcp_stdio", "mcp_http", "sdk_stdio",
+        "overhead_stdio_p50_ms", "overhead_http_p50_ms", "parley_share_stdio_p50_ms", "pass", "per_turn", "machine",
+    )  # fmt: skip
+    has_fields(result["machine"], *MACHINE)
+    for variant in ("in_process", "mcp_stdio", "mcp_http", "sdk_stdio"):
+        has_fields(result[variant], "p50_ms", "p90_ms", "p99_ms")
+        assert is_number(result[variant]["p50_ms"]), variant
+    # An MCP round trip through a child process cannot beat a Python function call.
+    assert result["mcp_stdio"]["p50_ms"] > result["in_process"]["p50_ms"]
+    assert result["per_turn"]["tools"] == 20 + 11  # the numbered tools and the fake's own
+    assert is_number(result["per_turn"]["schemas_us"]) and result["per_turn"]["json_bytes"] > 0
