@@ -284,7 +284,7 @@ async def _checks(settings: Settings) -> list[Row]:
     probes: list[Awaitable[Row]] = [
         attempt("store", lambda: _probe_store(settings)),
         *(
-            [attempt(f"provider {name}", lambda name=name: _probe_named_provider(settings, name))
+            [attempt(f"provider:{name}", lambda name=name: _probe_named_provider(settings, name))
              for name in settings.providers]
             if settings.providers else [attempt("provider", lambda: _probe_provider(settings))]
         ),
@@ -292,7 +292,7 @@ async def _checks(settings: Settings) -> list[Row]:
     ]
     for server in settings.tools.mcp_servers:
         if server.enabled:
-            probes.append(attempt(f"mcp {server.name}", lambda server=server: _probe_mcp(server)))
+            probes.append(attempt(f"mcp:{server.name}", lambda server=server: _probe_mcp(server)))
     skipped: list[Row] = []
     for platform in ("telegram", "discord"):
         section = getattr(settings, platform)
@@ -428,9 +428,10 @@ def _hint(name: str, exc: BaseException | None, settings: Settings) -> str:
     from agent import errors as agent_errors
 
     text = str(exc or "").lower()
-    if name == "provider" or name.startswith("provider "):
-        key = f"providers.{name.split(' ', 1)[1]}" if " " in name else "provider"
-        base_url = settings.providers[name.split(" ", 1)[1]].base_url if " " in name else settings.provider.base_url
+    if name == "provider" or name.startswith("provider:"):
+        named = name.partition(":")[2]
+        key = f"providers.{named}" if named else "provider"
+        base_url = settings.providers[named].base_url if named else settings.provider.base_url
         if isinstance(exc, agent_errors.ProviderAuthError):
             return f" -- check {key}.api_key"
         if isinstance(exc, agent_errors.ProviderBadRequest):

@@ -276,3 +276,45 @@ def test_every_command_takes_the_same_options(command: str) -> None:
 
     args = _parser().parse_args([command, "--config", "x.yaml", "--log-format", "json", "--log-level", "debug"])
     assert (args.command, args.config, args.log_format, args.log_level) == (command, "x.yaml", "json", "DEBUG")
+
+
+async def test_check_starts_each_mcp_server_once_and_names_a_broken_one(tmp_path: Path, fake_llm) -> None:
+    tools = {
+        "mcp_servers": [
+            {"name": "fake", "command": sys.executable, "args": ["-m", "tests.fakes.mcp_server", "stdio"],
+             "cwd": str(REPO), "env": {"FAKE_TOKEN": "env:FAKE_MCP_TOKEN"}},
+            {"name": "broken", "command": str(tmp_path / "no-such-program"), "startup_timeout": 5},
+        ],
+        "policy": {"nothing_by_this_name": {"allow": "user"}},
+    }
+    path = write_config(tmp_path, parley_config(tmp_path, fake_llm, overrides={"tools": tools}))
+    env = {"FAKE_MCP_TOKEN": "sk-mcp-secret-value-123"}
+    result = await run_cli(["check", "--config", str(path)], cwd=tmp_path, env=env)
+    assert result.returncode == 1, result.output
+    table = rows(result)
+    assert table["mcp:fake"][0] == "PASS" and re.fullmatch(r"stdio: \d+ tool\(s\)", table["mcp:fake"][1])
+    assert table["mcp:broken"][0] == "FAIL" and "no-such-program" in table["mcp:broken"][1]
+    assert table["tools"] == ("WARN", "1 tool(s): current_time; tools.policy names no such tool: nothing_by_this_name")
+    assert "sk-mcp-secret-value-123" not in result.output
+
+
+async def test_check_reaches_every_named_provider(tmp_path: Path, fake_llm) -> None:
+    config = parley_config(tmp_path, fake_llm)
+    del config["provider"]
+    config["providers"] = {
+        "main": {"base_url": fake_llm.base_url, "api_key": fake_llm.api_key, "max_retries": 0},
+        "spare": {"base_url": "http://127.0.0.1:9/v1", "max_retries": 0},
+    }
+    config["models"] = [
+        {"name": "fake-model", "provider": "main"},
+        {"name": "ghost", "provider": "main", "id": "not-served"},
+        {"name": "backup", "provider": "spare"},
+    ]
+    config["fallback"] = ["backup"]
+    path = write_config(tmp_path, config)
+    result = await run_cli(["check", "--config", str(path)], cwd=tmp_path)
+    assert result.returncode == 1, result.output
+    table = rows(result)
+    assert table["provider:main"][0] == "FAIL" and table["provider:main"][1].endswith("-- check models[1].id")
+    assert table["provider:spare"][0] == "FAIL"
+    assert "is providers.spare.base_url (http://127.0.0.1:9/v1) right and reachable?" in table["provider:spare"][1]
