@@ -281,3 +281,13 @@ async def test_tools_benchmark_runs() -> None:
     assert result["mcp_stdio"]["p50_ms"] > result["in_process"]["p50_ms"]
     assert result["per_turn"]["tools"] == 20 + 11  # the numbered tools and the fake's own
     assert is_number(result["per_turn"]["schemas_us"]) and result["per_turn"]["json_bytes"] > 0
+
+
+async def test_failover_benchmark_runs() -> None:
+    result = await run_script("bench/failover.py", "--runs", "1", "--streams", "2", "--tokens", "20", "--cpu-runs", "1")
+    has_fields(result, "bench", "params", "failover", "steady", "targets", "machine")
+    for scenario in ("connection_refused", "http_500", "stall_30s_timeout_5s"):
+        has_fields(result["failover"][scenario], "first_token_ms", "added_ms", "skipped_ms", "runs")
+    # The stall is only left after the 5 s first-token clock (a lower bound, not a speed judgement).
+    assert result["failover"]["stall_30s_timeout_5s"]["first_token_ms"] >= 5000
+    has_fields(result["steady"], "single_cpu_us_per_token", "chain_cpu_us_per_token", "chain_over_single")
