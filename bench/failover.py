@@ -186,7 +186,7 @@ async def main() -> None:
         "targets": {"steady_chain_over_single_max": 1.01},
         "machine": machine_info(),
     }
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
