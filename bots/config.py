@@ -1317,7 +1317,7 @@ class Settings(BaseSettings):
         by a named provider, every fallback a known model, no cycles; keys where needed."""
         problems: list[tuple[str, str]] = []
         if self.providers:
-            if "provider" in self.model_fields_set:
+            if self.provider.model_fields_set:  # keys of the short form, not just an empty section
                 problems.append(("provider", "set either provider (one provider) or providers + models, not both"))
             if not self.models:
                 problems.append(("models", "list the models the providers serve, each with a name and a provider"))

@@ -88,6 +88,8 @@ def parley_config(
         config["discord"] = {"token": discord.token, "api_base": discord.api_base, "gateway_url": discord.gateway_url}
         if fast:
             config["discord"]["pacing"] = FAST_PACING
+    if overrides and "providers" in overrides:
+        del config["provider"]  # the long form replaces the short one
     return deep_merge(config, overrides or {})
 
 
