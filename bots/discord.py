@@ -19,6 +19,12 @@ are read: the bot's own messages (echoed back by the Gateway), other bots, webho
 and system messages never reach the gateway. `bots.discord_endpoints` points
 discord.py at the configured REST base and Gateway URL (proxies, the test fake).
 
+Buttons (`bots.outbox.Button`) go under a message as one action row of button
+components (more than five wrap into further rows, at most 25); an edit always states
+the components the message has afterwards (`components: []` removes them). A press is a
+component interaction: it becomes a `ButtonPress` for `Gateway.on_button`, and the
+connector makes sure it is acknowledged exactly once (see `_Press`).
+
 Media: a message's attachments (and stickers) reach the gateway as `Attachment`s whose
 `ref` is the attachment's signed CDN URL (see `message_attachments`); `download` fetches
 it through discord.py's HTTP client, bounded in bytes and time, in memory only.
@@ -31,6 +37,7 @@ import inspect
 import logging
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -51,11 +58,11 @@ from bots.errors import (
     Undeliverable,
 )
 from bots.health import PlatformHealth
-from bots.inbound import GroupTrigger, Inbound
+from bots.inbound import ButtonPress, GroupTrigger, Inbound
 from bots.media import Attachment, MediaUnavailable
 from bots.media_kinds import bare_mime, classify, too_large
 from bots.orphans import send_key, without_key
-from bots.outbox import ChatRef, MessageRef, PlatformLimits
+from bots.outbox import Button, ChatRef, MessageRef, PlatformLimits
 from bots.pacing import Budget, Pacing, PacingPolicy
 
 if TYPE_CHECKING:
@@ -85,6 +92,73 @@ _INTERACTION_TTL = 15 * 60  # interaction tokens stay valid 15 minutes
 _THINKING, _PRIVATE, _PUBLIC = "thinking", "private", "public"  # what an interaction's @original is now
 _NONCE_TTL = 120.0  # Discord de-duplicates an enforced nonce for "a few minutes"
 _DOWNLOAD_ATTEMPTS = 2  # a network failure or 5xx from the CDN is retried once, within the time limit
+_BUTTON_STYLES = {
+    "primary": discord.ButtonStyle.primary,
+    "secondary": discord.ButtonStyle.secondary,
+    "success": discord.ButtonStyle.success,
+    "danger": discord.ButtonStyle.danger,
+}
+_LABEL_MAX = 80  # Discord's limit for a button label
+_MAX_BUTTONS = 25  # 5 action rows of 5 buttons
+_PRESS_ACK_AFTER = 2.0  # seconds: an unanswered press is deferred well inside Discord's 3 s
+_LATE_OR_TAKEN = (10062, 40060)  # Unknown interaction, Interaction has already been acknowledged
+_NETWORK_ERRORS = (discord.DiscordException, aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+class _ButtonRow(discord.ui.View):
+    """parley's buttons as Discord components: a `discord.ui.View` in form only.
+
+    discord.py takes components only as a View, and keeps every *dispatchable* view it
+    sends (any with a custom_id button) in its ViewStore, running the view's item callback
+    for each press on that message -- next to the `on_interaction` event parley handles.
+    That is a second handler per press: one that acknowledges collides with parley's
+    answer (40060), and one that does nothing (discord.py 2.7's default) still keeps the
+    view in memory per message until its timeout -- forever with `timeout=None` -- while
+    after a restart the buttons stay on screen with no view behind them anyway. So this
+    view declares itself not dispatchable: discord.py renders it (`to_components`: action
+    rows of buttons, five per row) and never stores it, and every press reaches
+    `DiscordConnector.on_interaction` alone, whose `_Press` acknowledges it exactly once.
+    Building the component payload by hand instead would mean bypassing discord.py's
+    message methods (nonce, rate limits, webhook follow-ups, `components: []` on
+    `view=None`); this keeps all of them.
+    """
+
+    def __init__(self, buttons: Sequence[Button]) -> None:
+        super().__init__(timeout=None)
+        for button in buttons:
+            self.add_item(
+                discord.ui.Button(style=_BUTTON_STYLES[button.style], label=_label(button.label), custom_id=button.data)
+            )
+
+    def is_dispatchable(self) -> bool:
+        return False  # never stored in discord.py's ViewStore: on_interaction answers presses
+
+
+def _label(label: str) -> str:
+    return label if len(label) <= _LABEL_MAX else label[: _LABEL_MAX - 1] + "…"
+
+
+def button_view(buttons: Sequence[Button]) -> _ButtonRow | None:
+    """The components for `buttons`; None (no components, `components: []` on an edit) for none."""
+    if not buttons:
+        return None
+    if len(buttons) > _MAX_BUTTONS:
+        raise Undeliverable(f"Discord shows at most {_MAX_BUTTONS} buttons under a message, not {len(buttons)}")
+    return _ButtonRow(buttons)
+
+
+def shown_buttons(message: discord.Message) -> list[tuple[str | None, str | None, int]]:
+    """(label, custom_id, style) of the buttons a message shows, for comparing with `wanted_buttons`."""
+    return [
+        (c.label, c.custom_id, c.style.value)
+        for row in message.components
+        for c in getattr(row, "children", ())
+        if isinstance(c, discord.Button)
+    ]
+
+
+def wanted_buttons(buttons: Sequence[Button]) -> list[tuple[str | None, str | None, int]]:
+    return [(_label(b.label), b.data, _BUTTON_STYLES[b.style].value) for b in buttons]
 
 
 def translate_error(exc: BaseException) -> OutboxError:
@@ -131,6 +205,90 @@ class _Answering:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+class _Press:
+    """One button press (a component interaction) being acknowledged -- exactly once.
+
+    Discord wants the initial response within 3 s, and exactly one. Two parties may give
+    it: the gateway, through `answer` (`ButtonPress.answer`), and the connector's timer
+    (`defer_after`), which defers (type 6, DEFERRED_UPDATE_MESSAGE) if the gateway has
+    not answered after `DiscordConnector.press_ack_after` seconds. Both decide under one
+    lock and mark `acked` *before* calling Discord, so whichever comes second never sends
+    a second initial response:
+
+    - `answer(None, _)` first: type 6; `answer(text, _)` first: type 4, ephemeral
+      (flags 64: only the presser sees it; Discord has no alert, so `alert` is moot);
+    - after the timer's deferral, `answer(text, _)` is an ephemeral follow-up on the
+      interaction's webhook and `answer(None, _)` does nothing;
+    - a second `answer` does nothing.
+
+    Nothing here raises: "Unknown interaction" (10062, too late) and "Interaction has
+    already been acknowledged" (40060) are logged at INFO, anything else at WARNING.
+    """
+
+    def __init__(self, interaction: discord.Interaction) -> None:
+        self.interaction = interaction
+        self.lock = asyncio.Lock()
+        self.acked = False  # an initial response was sent or attempted: never another
+        self.ack_ok = False  # ... and Discord took it (follow-ups need that)
+        self.answered = False  # the gateway's answer was given; later ones are no-ops
+        self.timer: asyncio.Task[None] | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.interaction.id}"
+
+    async def answer(self, text: str | None, alert: bool = False) -> None:
+        async with self.lock:
+            if self.answered:
+                log.debug("discord: button press %s was answered already; ignoring another answer", self.key)
+                return
+            self.answered = True
+            if self.timer is not None and self.timer is not asyncio.current_task():
+                self.timer.cancel()  # it waits for the lock or sleeps: it has not acknowledged
+            if text is not None and len(text) > DISCORD_LIMITS.max_message_len:
+                text = text[: DISCORD_LIMITS.max_message_len - 1] + "…"
+            response = self.interaction.response
+            if not self.acked:
+                self.acked = True
+                if text:
+                    self.ack_ok = await self._call(
+                        "answer", response.send_message(content=text, ephemeral=True, allowed_mentions=_NO_PINGS)
+                    )
+                else:
+                    self.ack_ok = await self._call("acknowledge", response.defer())
+            elif text and self.ack_ok:
+                await self._call(
+                    "answer (follow-up)",
+                    self.interaction.followup.send(content=text, ephemeral=True, allowed_mentions=_NO_PINGS),
+                )
+            elif text:
+                log.info("discord: button press %s was never acknowledged; its answer is dropped", self.key)
+
+    async def defer_after(self, seconds: float) -> None:
+        """Defer the press if nothing acknowledged it within `seconds`."""
+        await asyncio.sleep(seconds)
+        async with self.lock:
+            if self.acked:
+                return
+            self.acked = True
+            log.info("discord: button press %s not answered within %.1fs; deferring it", self.key, seconds)
+            self.ack_ok = await self._call("defer", self.interaction.response.defer())
+
+    async def _call(self, what: str, coro: Any) -> bool:
+        try:
+            await coro
+            return True
+        except discord.InteractionResponded:  # discord.py's own guard: something answered it already
+            log.info("discord: button press %s: %s skipped, already acknowledged", self.key, what)
+        except discord.HTTPException as exc:
+            level = logging.INFO if exc.code in _LATE_OR_TAKEN else logging.WARNING
+            log.log(level, "discord: button press %s: %s failed (%s, code %s: %s)",
+                    self.key, what, exc.status, exc.code, exc.text)
+        except _NETWORK_ERRORS as exc:
+            log.warning("discord: button press %s: %s failed (%s)", self.key, what, translate_error(exc))
+        return False
+
+
 class DiscordOutbox:
     """Send, edit, delete and typing through a discord.py `Client`."""
 
@@ -162,12 +320,20 @@ class DiscordOutbox:
         return self._client.get_partial_messageable(int(chat.chat_id))
 
     async def send(
-        self, chat: ChatRef, text: str, *, markdown: bool = False, reply_to: str | None = None, private: bool = False
+        self,
+        chat: ChatRef,
+        text: str,
+        *,
+        markdown: bool = False,
+        reply_to: str | None = None,
+        private: bool = False,
+        buttons: Sequence[Button] = (),
     ) -> MessageRef:
         """Post a new message, replying to `reply_to` (a message id, or a deferred interaction).
 
         Only the answer to a slash command can be `private` (ephemeral, see
         `_send_interaction`); any other message is seen by everyone in the channel.
+        `buttons` go under it (`button_view`), on an ephemeral answer too.
 
         Sends are idempotent across retries. A send whose outcome is unknown (the
         connection dropped after Discord may have created the message) leaves its nonce
@@ -178,7 +344,10 @@ class DiscordOutbox:
         its journal) gets it as the nonce instead, so this holds across a restart too.
         """
         if reply_to and reply_to.startswith(_INTERACTION):
-            return await self._send_interaction(chat, text, reply_to[len(_INTERACTION) :], private=private)
+            return await self._send_interaction(
+                chat, text, reply_to[len(_INTERACTION) :], private=private, buttons=buttons
+            )
+        view = button_view(buttons)
         reference = None
         if reply_to:
             reference = discord.MessageReference(
@@ -196,22 +365,23 @@ class DiscordOutbox:
         channel = self._channel(chat)
         try:
             msg = await self._call(
-                channel.send(content=text, reference=reference, allowed_mentions=_NO_PINGS, nonce=nonce)
+                channel.send(content=text, reference=reference, allowed_mentions=_NO_PINGS, nonce=nonce, view=view)
             )
         except TargetGone:
             if unsure is None and given is None:
                 raise Undeliverable("Discord refused the message as gone") from None
             # The message the earlier attempt created was deleted meanwhile: start afresh.
             with without_key():
-                return await self.send(chat, text, reply_to=reply_to)
+                return await self.send(chat, text, reply_to=reply_to, buttons=buttons)
         except OutboxError:
             if given is None:
                 self._keep_nonce(slot, nonce, unsure[1] if unsure is not None else now)
             raise
         ref = MessageRef(chat, str(msg.id))
-        if (unsure is not None or given is not None) and msg.content != text:
+        came_back = unsure is not None or given is not None
+        if came_back and (msg.content != text or shown_buttons(msg) != wanted_buttons(buttons)):
             try:  # an earlier attempt's message came back: update it
-                await self.edit(ref, text)
+                await self.edit(ref, text, buttons=buttons)
             except OutboxError:
                 if unsure is not None:
                     self._keep_nonce(slot, nonce, unsure[1])
@@ -226,7 +396,9 @@ class DiscordOutbox:
                 del self._unsure[stale]
         self._unsure[slot] = (nonce, since)
 
-    async def _send_interaction(self, chat: ChatRef, text: str, key: str, *, private: bool) -> MessageRef:
+    async def _send_interaction(
+        self, chat: ChatRef, text: str, key: str, *, private: bool, buttons: Sequence[Button] = ()
+    ) -> MessageRef:
         """Answer a slash command, which `DiscordConnector._on_slash` deferred ephemerally.
 
         A private answer replaces the ephemeral "thinking…", or follows up ephemerally
@@ -239,15 +411,21 @@ class DiscordOutbox:
         never acknowledged, parley restarted since), a public answer becomes a plain
         message in the channel; so does a private one in a DM, while in a server channel
         it is dropped rather than shown to everyone.
+
+        Buttons ride along either way: on the edited `@original` (an ephemeral message
+        with buttons: pressing them is an interaction like any other) or on the follow-up.
         """
         answering = self._interactions.get(key)
         if answering is None:  # expired or unknown
-            return await self._without_interaction(chat, text, private=private)
+            return await self._without_interaction(chat, text, private=private, buttons=buttons)
         interaction = answering.interaction
+        view = button_view(buttons)
         try:
             async with answering.lock:
                 if private and answering.original == _THINKING:
-                    msg = await self._call(interaction.edit_original_response(content=text, allowed_mentions=_NO_PINGS))
+                    msg = await self._call(
+                        interaction.edit_original_response(content=text, allowed_mentions=_NO_PINGS, view=view)
+                    )
                     answering.original = _PRIVATE
                     return MessageRef(chat, str(msg.id), handle=("original", interaction))
                 if not private and answering.original == _THINKING:
@@ -257,29 +435,43 @@ class DiscordOutbox:
                         pass  # dismissed by the caller, or never acknowledged: the follow-up tells
                     answering.original = _PUBLIC
                 msg = await self._call(
-                    interaction.followup.send(content=text, allowed_mentions=_NO_PINGS, ephemeral=private, wait=True)
+                    interaction.followup.send(
+                        content=text,
+                        allowed_mentions=_NO_PINGS,
+                        ephemeral=private,
+                        wait=True,
+                        # a follow-up refuses view=None: no components is "not given"
+                        view=view if view is not None else discord.utils.MISSING,
+                    )
                 )
                 return MessageRef(chat, str(msg.id), handle=("followup", msg))
         except TargetGone as exc:
             log.info("discord: interaction %s cannot carry the answer (%s)", key, exc)
             self._interactions.pop(key, None)
-            return await self._without_interaction(chat, text, private=private)
+            return await self._without_interaction(chat, text, private=private, buttons=buttons)
 
-    async def _without_interaction(self, chat: ChatRef, text: str, *, private: bool) -> MessageRef:
+    async def _without_interaction(
+        self, chat: ChatRef, text: str, *, private: bool, buttons: Sequence[Button] = ()
+    ) -> MessageRef:
         """A slash command's answer without its interaction: a plain message, never a public private one."""
         if private and not chat.is_private:
             raise Undeliverable("a private answer to a slash command cannot reach its caller alone; not posted")
-        return await self.send(chat, text)
+        return await self.send(chat, text, buttons=buttons)
 
-    async def edit(self, ref: MessageRef, text: str, *, markdown: bool = False) -> None:
+    async def edit(self, ref: MessageRef, text: str, *, markdown: bool = False, buttons: Sequence[Button] = ()) -> None:
+        """Replace the text and the buttons: `view=None` makes discord.py send `components: []`,
+        so an edit without buttons removes any the message had (Discord keeps components
+        an edit does not mention). Discord accepts an edit that changes nothing, so this
+        never raises `NotModified`."""
+        view = button_view(buttons)
         kind, obj = ref.handle if ref.handle else ("message", None)
         if kind == "original":
-            await self._call(obj.edit_original_response(content=text, allowed_mentions=_NO_PINGS))
+            await self._call(obj.edit_original_response(content=text, allowed_mentions=_NO_PINGS, view=view))
         elif kind == "followup":
-            await self._call(obj.edit(content=text, allowed_mentions=_NO_PINGS))
+            await self._call(obj.edit(content=text, allowed_mentions=_NO_PINGS, view=view))
         else:
             partial = self._channel(ref.chat).get_partial_message(int(ref.message_id))
-            await self._call(partial.edit(content=text, allowed_mentions=_NO_PINGS))
+            await self._call(partial.edit(content=text, allowed_mentions=_NO_PINGS, view=view))
 
     async def delete(self, ref: MessageRef) -> None:
         kind, obj = ref.handle if ref.handle else ("message", None)
@@ -344,7 +536,7 @@ def fatal_close(exc: BaseException) -> str | None:
 
 
 class DiscordConnector:
-    """Receives Discord messages and slash commands and offers the Discord outbox.
+    """Receives Discord messages, slash commands and button presses and offers the Discord outbox.
 
     The Gateway connection is supervised: discord.py reconnects and resumes by itself
     after most closes; when `Client.connect` ends anyway, a close code no reconnect can
@@ -402,9 +594,13 @@ class DiscordConnector:
         self._ready = asyncio.Event()
         self._awaited_guilds: set[int] = set()
         self._task: asyncio.Task[None] | None = None
+        self.press_ack_after = _PRESS_ACK_AFTER
+        """Seconds after which a button press the gateway has not answered is deferred by
+        the connector (Discord invalidates an interaction not acknowledged within 3 s)."""
+        self._press_tasks: set[asyncio.Task[None]] = set()
         for handler in (
             self.on_connect, self.on_resumed, self.on_disconnect, self.on_guild_available, self.on_guild_join,
-            self.on_ready, self.on_message, self.on_raw_message_edit,
+            self.on_ready, self.on_message, self.on_raw_message_edit, self.on_interaction,
         ):
             self.client.event(handler)
 
@@ -508,6 +704,10 @@ class DiscordConnector:
         self._closing = True
         self._gateway = None
         self._ready.clear()
+        presses = list(self._press_tasks)
+        for task in presses:
+            task.cancel()
+        await asyncio.gather(*presses, return_exceptions=True)
         await self.client.close()
         task, self._task = self._task, None
         if task is not None:
@@ -583,6 +783,54 @@ class DiscordConnector:
             await self._gateway.handle(
                 replace(inbound, update_id=f"edit:{message.id}:{stamp}", edit_of=str(message.id))
             )
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        """A button under one of parley's messages was pressed: hand it to `Gateway.on_button`.
+
+        Slash commands come through the command tree, not here; other components (select
+        menus) are not parley's. A bot's press is ignored like a bot's message. The
+        gateway's handling runs in a task of its own, next to the timer that defers the
+        press if the gateway has not answered in time (`_Press`).
+        """
+        if interaction.type is not discord.InteractionType.component:
+            return
+        data: Any = interaction.data or {}
+        if data.get("component_type") != discord.ComponentType.button.value:
+            return
+        gateway = self._gateway
+        if gateway is None or interaction.user.bot:
+            return
+        pending = _Press(interaction)
+        press = self.to_press(interaction, pending)
+        pending.timer = self._spawn_press(pending.defer_after(self.press_ack_after), f"press-ack-{interaction.id}")
+        self._spawn_press(self._run_press(gateway, press), f"press-{interaction.id}")
+
+    def to_press(self, interaction: discord.Interaction, pending: _Press) -> ButtonPress:
+        """The platform-neutral press; `chat` is built as for messages (a thread is its own chat)."""
+        data: Any = interaction.data or {}
+        is_private = isinstance(interaction.channel, discord.DMChannel) or interaction.guild_id is None
+        message = interaction.message
+        return ButtonPress(
+            chat=ChatRef("discord", str(interaction.channel_id), is_private=is_private),
+            user_id=str(interaction.user.id),
+            message_id=str(message.id) if message is not None else "",
+            data=str(data.get("custom_id", "")),
+            answer=pending.answer,
+            username=interaction.user.name,
+            display_name=interaction.user.display_name,
+        )
+
+    async def _run_press(self, gateway: "Gateway", press: ButtonPress) -> None:
+        try:
+            await gateway.on_button(press)
+        except Exception:  # on_button answers whatever happens; the timer still acknowledges
+            log.exception("discord: a button press in %s failed", press.chat.key)
+
+    def _spawn_press(self, coro: Any, name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+        self._press_tasks.add(task)
+        task.add_done_callback(self._press_tasks.discard)
+        return task
 
     def from_a_person(self, message: discord.Message) -> bool:
         """Only what people write is handled: never a bot's message (parley's own output is

@@ -13,7 +13,15 @@ What a test gets:
 * **People acting**: `user_says()`, `user_edits()`, `user_deletes()`, `redeliver()`,
   `user_runs_command()`, `user_clicks()` dispatch Gateway events to every connected bot.
 * **The channel as a person sees it**: `messages(channel)` (`SeenMessage` with edit
-  history, deletion, flags, replies), `bot_texts()`, `typing_events()`, `interaction()`.
+  history, deletion, flags, replies, `buttons`), `messages_seen_by(channel, user)` and
+  `visible_to()` (ephemeral messages are their interaction user's alone), `buttons()`,
+  `bot_texts()`, `typing_events()`, `interaction()` (`FakeInteraction`: the ack, its
+  type and time, ephemeral replies, follow-ups, every callback tried).
+* **Components**: message components are validated on every create and edit (rows of
+  at most 5 buttons, at most 5 rows, custom_id <= 100, label <= 80, link buttons need a
+  url: 400 50035 otherwise); an edit without `components` keeps them, `components: []`
+  removes them. A click answers with type 4 (flags 64: ephemeral), 6 (deferred
+  update) or 7 (update the clicked message), within 3 s, once.
 * **The wire**: `calls` (every REST call with timings and status), `count_429()`.
 * **Knobs**: `latency`, `limits` (`DiscordLimits`: per-route buckets and the global
   limit, with the real headers), `inject()` (5xx, timeouts, dropped connections, forced
@@ -90,6 +98,7 @@ __all__ = [
     "FakeUser",
     "GatewaySession",
     "Injection",
+    "SeenButton",
     "SeenMessage",
     "Intents",
     "Upload",
@@ -231,6 +240,85 @@ def _form_error(path: str, code: str, message: str) -> ApiError:
 
 def _too_long(path: str, limit: int) -> ApiError:
     return _form_error(path, "BASE_TYPE_MAX_LENGTH", f"Must be {limit} or fewer in length.")
+
+
+BUTTON_LABEL_MAX = 80
+CUSTOM_ID_MAX = 100
+ROW_MAX = 5  # components per action row
+ROWS_MAX = 5  # action rows per message
+_SELECT_TYPES = (3, 5, 6, 7, 8)
+
+
+def _validate_components(rows: Any) -> None:
+    """Check message components as Discord does for a bot's message (400 50035 on a violation).
+
+    Classic (non-v2) layout: up to 5 action rows (type 1), each with 1-5 buttons (type 2)
+    or exactly one select menu. A button of style 1-4 needs a `custom_id` of 1-100
+    characters and has a label of at most 80; style 5 (link) needs a `url` and no
+    `custom_id`; style 6 (premium) a `sku_id`. Custom ids are unique in a message
+    (`COMPONENT_CUSTOM_ID_DUPLICATED`, discord-api-docs#3673). Limits per dc-doc
+    components/reference.mdx; the `_errors` codes other than BASE_TYPE_* and the
+    duplicate are [unverified].
+    """
+    if not isinstance(rows, list):
+        raise _form_error("components", "LIST_TYPE_CONVERT", "Only iterables may be used in a ListType")
+    if len(rows) > ROWS_MAX:
+        raise _too_long("components", ROWS_MAX)
+    seen: set[str] = set()
+    for r, row in enumerate(rows):
+        where = f"components.{r}"
+        if not isinstance(row, dict) or row.get("type") != 1:
+            raise _form_error(f"{where}.type", "UNION_TYPE_CHOICES",
+                              "Value of field \"type\" must be one of (1,).")  # [unverified] top level: rows only
+        items = row.get("components")
+        if not isinstance(items, list) or not items:
+            raise _form_error(f"{where}.components", "BASE_TYPE_MIN_LENGTH", "Must be 1 or more in length.")
+        if len(items) > ROW_MAX:
+            raise _too_long(f"{where}.components", ROW_MAX)
+        for i, item in enumerate(items):
+            at = f"{where}.components.{i}"
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind in _SELECT_TYPES:
+                if len(items) != 1:
+                    raise _form_error(at, "COMPONENT_LAYOUT_WIDTH_EXCEEDED",
+                                      "The specified component exceeds the maximum width")  # [unverified]
+            elif kind != 2:
+                raise _form_error(f"{at}.type", "UNION_TYPE_CHOICES",
+                                  "Value of field \"type\" must be one of (2, 3, 5, 6, 7, 8).")  # [unverified]
+            else:
+                _validate_button(item, at)
+            custom_id = item.get("custom_id")
+            if kind in _SELECT_TYPES and not custom_id:
+                raise _form_error(f"{at}.custom_id", "BASE_TYPE_REQUIRED", "This field is required")
+            if custom_id is not None:
+                if len(str(custom_id)) > CUSTOM_ID_MAX:
+                    raise _too_long(f"{at}.custom_id", CUSTOM_ID_MAX)
+                if custom_id in seen:
+                    raise _form_error(f"{at}.custom_id", "COMPONENT_CUSTOM_ID_DUPLICATED",
+                                      "Component custom id was already specified")
+                seen.add(custom_id)
+
+
+def _validate_button(item: dict[str, Any], at: str) -> None:
+    style = item.get("style")
+    if style not in BUTTON_STYLES:
+        raise _form_error(f"{at}.style", "BASE_TYPE_CHOICES", "Value must be one of {1, 2, 3, 4, 5, 6}.")
+    label = item.get("label")
+    if label is not None and len(str(label)) > BUTTON_LABEL_MAX:
+        raise _too_long(f"{at}.label", BUTTON_LABEL_MAX)
+    if style == 5:
+        if not item.get("url"):
+            raise _form_error(f"{at}.url", "BASE_TYPE_REQUIRED", "This field is required")
+        if item.get("custom_id") is not None:  # [unverified] code
+            raise _form_error(f"{at}.custom_id", "COMPONENT_INVALID_FIELD", "A link button cannot have a custom id")
+    elif style == 6:
+        if not item.get("sku_id"):
+            raise _form_error(f"{at}.sku_id", "BASE_TYPE_REQUIRED", "This field is required")
+    else:
+        if not item.get("custom_id"):
+            raise _form_error(f"{at}.custom_id", "BASE_TYPE_REQUIRED", "This field is required")
+        if not label and not item.get("emoji"):  # [unverified] code
+            raise _form_error(f"{at}.label", "BASE_TYPE_REQUIRED", "A button needs a label or an emoji")
 
 
 UNAUTHORIZED = lambda: ApiError(401, 0, "401: Unauthorized")  # noqa: E731
@@ -481,6 +569,25 @@ class FakeChannel:
         return self.type == CH_PUBLIC_THREAD
 
 
+BUTTON_STYLES = {1: "primary", 2: "secondary", 3: "success", 4: "danger", 5: "link", 6: "premium"}
+
+
+@dataclass(frozen=True)
+class SeenButton:
+    """One button under a message, as a person sees it (`SeenMessage.buttons`).
+
+    `style` is Discord's name for the style number (1 primary, 2 secondary, 3 success,
+    4 danger, 5 link, 6 premium); `row` the action row it sits in (0-4).
+    """
+
+    label: str | None
+    custom_id: str | None
+    style: str
+    row: int = 0
+    url: str | None = None
+    disabled: bool = False
+
+
 @dataclass
 class SeenMessage:
     """A message as a person in the channel sees it, with its history.
@@ -490,7 +597,9 @@ class SeenMessage:
     message id; `allowed_mentions` and `flags` are as the sender sent them.
     Interaction responses appear here too (`interaction_id` set; ephemeral ones have the
     EPHEMERAL flag and are seen only by the invoking user; a deferred response shows the
-    LOADING flag until its first edit).
+    LOADING flag until its first edit). `components` are the action rows shown now;
+    `buttons` reads them as `SeenButton`s and `component_versions` keeps every set of
+    rows the message showed, first to last (an edit that leaves them alone adds none).
     """
 
     id: str
@@ -520,6 +629,21 @@ class SeenMessage:
     webhook_id: str | None = None
     edited_wall: float | None = None
     sticker_items: list[dict[str, Any]] = field(default_factory=list)
+    component_versions: list[list[dict[str, Any]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.component_versions:
+            self.component_versions.append(list(self.components))
+
+    @property
+    def buttons(self) -> list[SeenButton]:
+        """The buttons the message shows now, row by row, left to right."""
+        return _buttons_of(self.components)
+
+    @property
+    def button_versions(self) -> list[list[SeenButton]]:
+        """Every set of buttons the message showed, first to last (see `component_versions`)."""
+        return [_buttons_of(rows) for rows in self.component_versions]
 
     @property
     def ephemeral(self) -> bool:
@@ -536,6 +660,15 @@ class SeenMessage:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _buttons_of(rows: list[dict[str, Any]]) -> list[SeenButton]:
+    return [
+        SeenButton(label=c.get("label"), custom_id=c.get("custom_id"),
+                   style=BUTTON_STYLES.get(c.get("style"), str(c.get("style"))), row=i, url=c.get("url"),
+                   disabled=bool(c.get("disabled")))
+        for i, row in enumerate(rows) for c in row.get("components") or [] if c.get("type") == 2
+    ]
 
 
 @dataclass
@@ -583,6 +716,15 @@ class FakeInteraction:
     6 deferred update, 7 update), `original` the `@original` message (its `edits` are the
     streamed edits), `followups` the follow-up messages, `rejected` the error codes the
     fake returned for this interaction (e.g. 10062 late ack, 40060 double ack).
+    `callbacks` lists every callback the bot attempted, accepted or not, as
+    (clock time, requested type, HTTP status): exactly one acknowledgement is
+    `len(callbacks) == 1 and not rejected`.
+
+    For a component interaction (`type` 3, a click: `message_id` and `custom_id` set),
+    `@original` is the clicked message after a type 6/7 response and the new message
+    after a type 4; `response_message` tells them apart, `replies` lists the messages the
+    click produced (its type 4/5 response and its follow-ups) and `ephemeral_texts`
+    what of them only the clicker saw.
     """
 
     id: str
@@ -601,10 +743,39 @@ class FakeInteraction:
     original: SeenMessage | None = None
     followups: list[SeenMessage] = field(default_factory=list)
     rejected: list[int] = field(default_factory=list)
+    callbacks: list[tuple[float, int, int]] = field(default_factory=list)
 
     @property
     def acknowledged(self) -> bool:
         return self.response_type is not None
+
+    @property
+    def custom_id(self) -> str | None:
+        """The clicked component's custom_id (component interactions only)."""
+        return (self.payload.get("data") or {}).get("custom_id") if self.type == 3 else None
+
+    @property
+    def ack_delay(self) -> float | None:
+        """Clock seconds from the interaction to its accepted acknowledgement."""
+        return None if self.acked_at is None else self.acked_at - self.created_at
+
+    @property
+    def response_message(self) -> SeenMessage | None:
+        """The message the initial response created (types 4 and 5), else None."""
+        if self.response_type in (4, 5) and self.original is not None and self.original.interaction_id == self.id:
+            return self.original
+        return None
+
+    @property
+    def replies(self) -> list[SeenMessage]:
+        """Messages this interaction produced: its type 4/5 response, then its follow-ups."""
+        first = self.response_message
+        return ([first] if first is not None else []) + list(self.followups)
+
+    @property
+    def ephemeral_texts(self) -> list[str]:
+        """What this interaction's ephemeral replies say now (seen by the user alone)."""
+        return [m.content for m in self.replies if m.ephemeral and not m.deleted]
 
     @property
     def deferred(self) -> bool:
@@ -1526,11 +1697,26 @@ class FakeDiscord:
         return self._register_interaction(payload, name=name, options=options, ch=ch, u=u)
 
     def user_clicks(self, channel: Any, user: Any, message_id: Any, custom_id: str, *,
-                    component_type: int = 2) -> FakeInteraction:
-        """A person clicks a component (button) on a message; INTERACTION_CREATE type 3."""
+                    component_type: int = 2, check: bool = True) -> FakeInteraction:
+        """A person clicks a component (button) on a message; INTERACTION_CREATE type 3.
+
+        People click what they see: with `check` (the default) the message must be in
+        `channel`, not deleted, visible to `user` (`visible_to`) and show an enabled
+        button with this `custom_id`, else ValueError. `check=False` plays a client that
+        still shows buttons the bot has removed since. The returned record fills in as
+        the bot answers: `response_type` (4 message, 6 deferred update, 7 update),
+        `ephemeral_texts`, `followups`, `callbacks` -- within the 3 s acknowledgement
+        clock (10062 after) and the 15 min token.
+        """
         ch = self._channel(channel)
         u = self._user(user)
         m = self._messages[_id(message_id)]
+        if check:
+            if m.channel_id != ch.id or m.deleted or not self.visible_to(m, u):
+                raise ValueError(f"{u.username} cannot see message {m.id} in channel {ch.id}")
+            if not any(b.custom_id == custom_id and not b.disabled for b in m.buttons):
+                shown = [b.custom_id for b in m.buttons]
+                raise ValueError(f"message {m.id} shows no enabled button {custom_id!r} (it shows {shown})")
         payload = self._interaction_base(3, ch, u)
         payload["message"] = self._message_payload(m, gateway=False)
         payload["data"] = {"custom_id": custom_id, "component_type": component_type}
@@ -1544,6 +1730,25 @@ class FakeDiscord:
 
     def message(self, message_id: Any) -> SeenMessage:
         return self._messages[_id(message_id)]
+
+    def buttons(self, message_id: Any) -> list[SeenButton]:
+        """The buttons a message shows now (`SeenMessage.buttons`)."""
+        return self.message(message_id).buttons
+
+    def visible_to(self, message: SeenMessage | Any, user: Any) -> bool:
+        """Whether `user` sees the message: everyone sees a normal one; an ephemeral one
+        only the user whose interaction it answers."""
+        m = message if isinstance(message, SeenMessage) else self.message(message)
+        if m.deleted:
+            return False
+        if not m.ephemeral:
+            return True
+        inter = self._interactions.get(m.interaction_id or "")
+        return inter is not None and inter.user_id == self._user(user).id
+
+    def messages_seen_by(self, channel: Any, user: Any) -> list[SeenMessage]:
+        """The channel as `user` sees it now: not deleted, ephemeral ones only if theirs."""
+        return [m for m in self.messages(channel) if self.visible_to(m, user)]
 
     def bot_texts(self, channel: Any) -> list[str]:
         """What the bot's visible (not deleted) messages in the channel say now."""
@@ -1772,6 +1977,7 @@ class FakeDiscord:
         app.router.add_post("/_fake/text_channel", self._c_text_channel)
         app.router.add_post("/_fake/user_deletes", self._c_user_deletes)
         app.router.add_post("/_fake/user_runs_command", self._c_user_runs_command)
+        app.router.add_post("/_fake/user_clicks", self._c_user_clicks)
         app.router.add_get("/_fake/messages", self._c_messages)
         app.router.add_get("/_fake/typing", self._c_typing)
         app.router.add_get("/_fake/calls", self._c_calls)
@@ -1937,8 +2143,10 @@ class FakeDiscord:
         return ch
 
     def _require_message(self, ch: FakeChannel, message_id: str) -> SeenMessage:
+        """A message reachable through the channel routes: an ephemeral one is not (only its
+        interaction's webhook reaches it) [unverified: observed as 10008 by bot authors]."""
         m = self._messages.get(message_id)
-        if m is None or m.deleted or m.channel_id != ch.id:
+        if m is None or m.deleted or m.channel_id != ch.id or m.ephemeral:
             raise UNKNOWN_MESSAGE()
         return m
 
@@ -1996,6 +2204,8 @@ class FakeDiscord:
             desc = (embed or {}).get("description") or ""
             if len(desc) > 4096:
                 raise _too_long(f"embeds.{i}.description", 4096)
+        if body.get("components") is not None:
+            _validate_components(body["components"])
         if creating and not (content or body.get("embeds") or body.get("_files") or body.get("sticker_ids")
                              or body.get("components") or body.get("poll")):
             raise EMPTY_MESSAGE()
@@ -2058,6 +2268,8 @@ class FakeDiscord:
             m.embeds = list(body["embeds"])
         if "components" in body and body["components"] is not None:
             m.components = list(body["components"])
+            if m.components != m.component_versions[-1]:
+                m.component_versions.append(list(m.components))
         if not (m.content or m.embeds or m.attachments or m.components) and not m.loading:
             raise EMPTY_MESSAGE()
 
@@ -2149,6 +2361,10 @@ class FakeDiscord:
         body = request[_BODY] or {}
         now = self.clock()
         try:
+            requested = int(body.get("type", 0))
+        except (TypeError, ValueError):
+            requested = 0
+        try:
             if rec.acknowledged:
                 raise ALREADY_ACKED()
             if now - rec.created_at > self._limits.ack_deadline:
@@ -2177,11 +2393,14 @@ class FakeDiscord:
                 resource["message"] = self._message_payload(target, gateway=False)
         except ApiError as exc:
             rec.rejected.append(exc.code)
+            rec.callbacks.append((now, requested, exc.status))
             self._changed()
             raise
         rec.response_type, rec.acked_at = rtype, now
+        with_response = request.query.get("with_response", "").lower() in ("1", "true")
+        rec.callbacks.append((now, requested, 200 if with_response else 204))
         self._changed()
-        if request.query.get("with_response", "").lower() not in ("1", "true"):
+        if not with_response:
             return web.Response(status=204)
         original = rec.original
         return _json_response({
@@ -2499,6 +2718,15 @@ class FakeDiscord:
     async def _c_user_runs_command(self, request: web.Request) -> web.Response:
         b = await request.json()
         rec = self.user_runs_command(b.get("channel_id"), b.get("user_id"), b["name"], b.get("options"))
+        return _json_response(rec.to_dict())
+
+    async def _c_user_clicks(self, request: web.Request) -> web.Response:
+        b = await request.json()
+        try:
+            rec = self.user_clicks(b.get("channel_id"), b.get("user_id"), b["message_id"], b["custom_id"],
+                                   check=bool(b.get("check", True)))
+        except ValueError as exc:
+            return _json_response({"error": str(exc)}, status=400)
         return _json_response(rec.to_dict())
 
     async def _c_messages(self, request: web.Request) -> web.Response:
