@@ -133,6 +133,10 @@ async def test_a_cdn_failure_is_retried_once_and_a_stalled_one_times_out(
     fast_discord.user_says(dm, owner, "", attachments=[Upload(PNG, "a.png", "image/png")])
     (inbound,) = await seen.wait(1)
     attachment = inbound.attachments[0]
+    # The turn for this message downloads the image too: let it finish first, so the
+    # failures armed below meet only this test's own downloads.
+    await p.gateway.settle(f"discord:{dm.id}")
+    fast_discord.cdn_requests.clear()
     fast_discord.fail_cdn(502, times=1)
     assert await connector.download(attachment, max_bytes=MB, timeout=10) == PNG
     assert [status for _, _, status in fast_discord.cdn_requests] == [502, 200]
