@@ -629,6 +629,9 @@ class Price(_Section):
     completion: float = Field(ge=0)
 
 
+_LONG_FORM: ContextVar[bool] = ContextVar("parley_config_long_form", default=False)
+"""True while a `Settings` with `providers` is validated (see `Settings._note_long_form`)."""
+
 _REF_IN_TEXT = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -739,7 +742,9 @@ class ProviderSettings(EndpointSettings):
         return super().agent_config(model or self.model)
 
     def _cross_check(self) -> list[tuple[str, str]]:
-        return []  # the key is checked by `Settings`, only when this section is the one in use
+        if _LONG_FORM.get():
+            return []  # `providers` is in use: this section's defaults are not
+        return super()._cross_check()
 
 
 class ModelSettings(_Section):
@@ -1311,6 +1316,17 @@ class Settings(BaseSettings):
             _YamlSource(settings_cls, opts.yaml_data),
         )
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _note_long_form(cls, data: Any, handler: Callable[[Any], Any]) -> Any:
+        """While validating, tell the `provider` section whether `providers` replaces it (its
+        default OpenAI key is then not needed)."""
+        token = _LONG_FORM.set(bool(isinstance(data, Mapping) and data.get("providers")))
+        try:
+            return handler(data)
+        finally:
+            _LONG_FORM.reset(token)
+
     @model_validator(mode="after")
     def _check_models(self) -> "Settings":
         """The providers and models fit together: one form or the other, every model served
@@ -1332,12 +1348,8 @@ class Settings(BaseSettings):
                     problems.append(
                         (f"models.{i}.provider", f"no provider named {model.provider!r} (providers: {', '.join(names)})")
                     )
-        else:
-            if self.models:
-                problems.append(("models", "models go with providers; a single provider lists them in provider.models"))
-            key = self.provider.key_problem()
-            if key:
-                problems.append(("provider.api_key", key))
+        elif self.models:
+            problems.append(("models", "models go with providers; a single provider lists them in provider.models"))
         seen: dict[str, int] = {}
         for i, model in enumerate(self.models):
             if model.name in seen:
