@@ -108,6 +108,11 @@ CHAT_EXPECTED: dict[str, tuple[Any, ...]] = {
     "tool_int_id": TOOLS,
     "tool_args_dict": TOOLS,
     "hermes_xml": ("text", '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'),
+    # the answer in one chunk, or under `message` in the last chunk: reconciled, streamed, complete
+    "whole_message_chunk": OK,
+    "message_only_chunk": OK,
+    "message_in_last_chunk": OK,
+    "tool_calls_in_last_chunk": TOOLS,
 }
 
 RESPONSES_EXPECTED: dict[str, tuple[Any, ...]] = {
@@ -121,6 +126,17 @@ RESPONSES_EXPECTED: dict[str, tuple[Any, ...]] = {
     "done_marker": OK,
     "seq_dup": OK,
     "delta_before_item": OK,
+    # the answer only (or partly) in closing events: reconciled with the deltas, shown, no fallback
+    "text_in_done": OK,
+    "text_in_part_done": OK,
+    "text_in_item_done": OK,
+    "text_in_completed": OK,
+    "text_tail_in_done": OK,
+    "text_done_differs": OK,  # the deltas count
+    "call_in_completed": TOOLS,
+    "call_tail_in_completed": TOOLS,
+    "reasoning_in_done": REASONING,
+    "reasoning_in_completed": REASONING,
 }
 
 # Timings shortened for the suite (seconds); stall uses the default 30 s and must be cut by idle.

@@ -164,6 +164,13 @@ CHAT_FAULTS: dict[str, str] = {
     "tool_int_id": "integer tool call ids (Poolside)",
     "tool_args_dict": "function.arguments as a JSON object, not a string (litellm)",
     "hermes_xml": "a <tool_call> written as content text",
+    # The answer in closing objects (agent/stream.py reconciles them with the deltas):
+    "whole_message_chunk": "the whole answer (role, content, reasoning, tool calls with full arguments) in one "
+                           "delta, with finish_reason",
+    "message_only_chunk": "no deltas: one chunk with the whole message under choices[0].message, with finish_reason",
+    "message_in_last_chunk": "deltas short of the last text piece, then a last chunk with the whole message under "
+                             "choices[0].message (no delta) and finish_reason (proxies)",
+    "tool_calls_in_last_chunk": "text deltas, then every tool call whole (id, name, arguments) in the finish chunk",
 }
 
 RESPONSES_FAULTS: dict[str, str] = {
@@ -177,6 +184,18 @@ RESPONSES_FAULTS: dict[str, str] = {
     "done_marker": "a 'data: [DONE]' after the terminal event",
     "seq_dup": "duplicate and out-of-order sequence numbers",
     "delta_before_item": "output_text.delta before its output_item.added",
+    # The answer in closing events only (agent/stream.py reconciles them with the deltas):
+    "text_in_done": "no text deltas; the text only in response.output_text.done",
+    "text_in_part_done": "no text deltas; the text only in response.content_part.done",
+    "text_in_item_done": "no text deltas; the text only in the message's response.output_item.done",
+    "text_in_completed": "no text deltas; the text only in response.completed's output",
+    "text_tail_in_done": "each message's last text delta missing; the closing events have the whole text",
+    "text_done_differs": "the closing events carry a text that contradicts the deltas (the deltas count)",
+    "call_in_completed": "function calls only in response.completed's output (no output_item or argument events)",
+    "call_tail_in_completed": "function calls announced with argument deltas short of the last piece, no "
+                              "arguments.done / output_item.done; only response.completed has them whole",
+    "reasoning_in_done": "no reasoning deltas; the reasoning only in response.reasoning_summary_text.done",
+    "reasoning_in_completed": "no reasoning deltas; the reasoning only in response.completed's output",
 }
 
 _NONSTREAM_FAULTS = {"nonstream_500", "nonstream_400", "nonstream_429", "nonstream_200_error"}
@@ -191,8 +210,23 @@ _TOOL_MODES = {
     "tool_ollama_index0",
     "tool_int_id",
     "tool_args_dict",
+    "tool_calls_in_last_chunk",
+    "call_in_completed",
+    "call_tail_in_completed",
 }
-_REASONING_MODES = {"reasoning", "reasoning_openrouter", "reasoning_mirrored"}
+_REASONING_MODES = {"reasoning", "reasoning_openrouter", "reasoning_mirrored", "reasoning_in_done", "reasoning_in_completed"}
+# Responses closing-only modes: the one event that carries the text / the reasoning.
+_TEXT_CARRIERS = {
+    "text_in_done": "response.output_text.done",
+    "text_in_part_done": "response.content_part.done",
+    "text_in_item_done": "response.output_item.done",
+    "text_in_completed": "response.completed",
+}
+_REASONING_CARRIERS = {
+    "reasoning_in_done": "response.reasoning_summary_text.done",
+    "reasoning_in_completed": "response.completed",
+}
+_COMPLETED_CARRIES = {"text_in_completed", "reasoning_in_completed", "call_in_completed", "call_tail_in_completed"}
 _PARAM_DEFAULTS: dict[str, float] = {
     "stall": 30.0,
     "drip": 0.05,
@@ -613,6 +647,8 @@ class _Builder:
             reply, messages, len(self.pieces) + len(self.after_pieces) + arg_pieces, len(self.reasoning_pieces)
         )
         self.finish = reply.finish_reason or ("tool_calls" if reply.calls else "stop")
+        self.text_carrier = next((event for mode, event in _TEXT_CARRIERS.items() if mode in modes), None)
+        self.reasoning_carrier = next((event for mode, event in _REASONING_CARRIERS.items() if mode in modes), None)
 
     # -- chat completions ----------------------------------------------------
 
@@ -630,6 +666,14 @@ class _Builder:
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         }
 
+    def _message_chunk(self, finish: str) -> dict[str, Any]:
+        """A chunk carrying the whole message under `message` instead of `delta` (proxies)."""
+        chunk = self._chunk({}, finish)
+        choice = chunk["choices"][0]
+        del choice["delta"]
+        choice["message"] = self._chat_message()
+        return chunk
+
     def chat_frames(self, include_usage: bool) -> list[_Frame]:
         modes, reply = self.modes, self.reply
         frames: list[_Frame] = []
@@ -638,20 +682,41 @@ class _Builder:
                 _Frame(_dumps({"id": "", "object": "", "created": 0, "model": "", "choices": [],
                                "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]}))
             )
-        frames.append(_Frame(_dumps(self._chunk({"role": "assistant", "content": ""}))))
-        for piece in self.reasoning_pieces:
-            if reply.reasoning_field == "both":
-                delta = {"reasoning_content": piece, "reasoning": piece}
-            else:
-                delta = {reply.reasoning_field: piece}
-            frames.append(_Frame(_dumps(self._chunk(delta)), content=True))
-        for piece in self.pieces:
-            frames.append(_Frame(_dumps(self._chunk({"content": piece})), content=True))
-        frames.extend(self._chat_tool_frames())
-        for piece in self.after_pieces:
-            frames.append(_Frame(_dumps(self._chunk({"content": piece})), content=True))
         finish = "stop" if "stop_with_tools" in modes else self.finish
-        frames.append(_Frame(_dumps(self._chunk({}, finish)), final=True))
+        if "whole_message_chunk" in modes:
+            message = self._chat_message()
+            delta: dict[str, Any] = {"role": "assistant", "content": message["content"]}
+            delta.update((k, v) for k, v in message.items() if k in ("reasoning_content", "reasoning"))
+            if reply.calls:
+                delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(message["tool_calls"])]
+            frames.append(_Frame(_dumps(self._chunk(delta, finish)), content=True, final=True))
+        elif "message_only_chunk" in modes:
+            frames.append(_Frame(_dumps(self._message_chunk(finish)), content=True, final=True))
+        else:
+            frames.append(_Frame(_dumps(self._chunk({"role": "assistant", "content": ""}))))
+            for piece in self.reasoning_pieces:
+                if reply.reasoning_field == "both":
+                    delta = {"reasoning_content": piece, "reasoning": piece}
+                else:
+                    delta = {reply.reasoning_field: piece}
+                frames.append(_Frame(_dumps(self._chunk(delta)), content=True))
+            # message_in_last_chunk: the last text piece comes only in the message
+            short = "message_in_last_chunk" in modes
+            pieces = self.pieces[:-1] if short and not self.after_pieces else self.pieces
+            after = self.after_pieces[:-1] if short else self.after_pieces
+            for piece in pieces:
+                frames.append(_Frame(_dumps(self._chunk({"content": piece})), content=True))
+            if "tool_calls_in_last_chunk" not in modes:
+                frames.extend(self._chat_tool_frames())
+            for piece in after:
+                frames.append(_Frame(_dumps(self._chunk({"content": piece})), content=True))
+            if "message_in_last_chunk" in modes:
+                frames.append(_Frame(_dumps(self._message_chunk(finish)), content=True, final=True))
+            elif "tool_calls_in_last_chunk" in modes and reply.calls:
+                calls = [dict(call, index=i) for i, call in enumerate(self._chat_message()["tool_calls"])]
+                frames.append(_Frame(_dumps(self._chunk({"tool_calls": calls}, finish)), content=True, final=True))
+            else:
+                frames.append(_Frame(_dumps(self._chunk({}, finish)), final=True))
         if "double_finish" in modes:
             frames.append(_Frame(_dumps(self._chunk({}, "stop")), final=True))
         if include_usage or "usage_every_chunk" in modes:
@@ -714,7 +779,7 @@ class _Builder:
             delta = {k: v for k, v in delta.items() if k != "index"}
         return _Frame(_dumps(self._chunk({"tool_calls": [delta]})), content=True)
 
-    def chat_completion(self) -> dict[str, Any]:
+    def _chat_message(self) -> dict[str, Any]:
         reply = self.reply
         message: dict[str, Any] = {"role": "assistant", "content": _full_text(reply) or None, "refusal": None}
         if reply.calls:
@@ -726,6 +791,10 @@ class _Builder:
             fields = ("reasoning_content", "reasoning") if reply.reasoning_field == "both" else (reply.reasoning_field,)
             for name in fields:
                 message[name] = reply.reasoning
+        return message
+
+    def chat_completion(self) -> dict[str, Any]:
+        message = self._chat_message()
         return {
             "id": self.cid,
             "object": "chat.completion",
@@ -737,25 +806,37 @@ class _Builder:
 
     # -- responses -------------------------------------------------------------
 
-    def _output_items(self) -> list[dict[str, Any]]:
+    def _output_items(self, streamed: bool = False) -> list[dict[str, Any]]:
+        """The response's output; `streamed`: as `response.completed` carries it in this mode."""
         reply = self.reply
         items: list[dict[str, Any]] = []
         if reply.reasoning:
-            items.append({"id": "rs_1", "type": "reasoning", "summary": [{"type": "summary_text", "text": reply.reasoning}]})
+            items.append(self._reasoning_item(not streamed or self.reasoning_carrier in (None, "response.completed")))
         text = "".join(self.pieces)
         if text:
-            items.append(self._message_item("msg_1", text))
+            items.append(self._message_item("msg_1", self._closing_text(text) if streamed else text,
+                                            not streamed or self.text_carrier in (None, "response.completed")))
         for i, spec in enumerate(reply.calls):
             items.append({"id": f"fc_{i + 1}", "type": "function_call", "status": "completed",
                           "call_id": self.call_ids[i], "name": spec.name, "arguments": spec.arguments})
         if reply.text_after:
-            items.append(self._message_item("msg_2", reply.text_after))
+            text = reply.text_after
+            items.append(self._message_item("msg_2", self._closing_text(text) if streamed else text,
+                                            not streamed or self.text_carrier in (None, "response.completed")))
         return items
 
+    def _reasoning_item(self, with_text: bool) -> dict[str, Any]:
+        summary = [{"type": "summary_text", "text": self.reply.reasoning}] if with_text else []
+        return {"id": "rs_1", "type": "reasoning", "summary": summary}
+
+    def _closing_text(self, text: str) -> str:
+        """The text closing events carry: the text, or one contradicting the deltas (text_done_differs)."""
+        return "(revised) " + text if "text_done_differs" in self.modes else text
+
     @staticmethod
-    def _message_item(item_id: str, text: str) -> dict[str, Any]:
-        return {"id": item_id, "type": "message", "status": "completed", "role": "assistant",
-                "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    def _message_item(item_id: str, text: str, with_text: bool = True) -> dict[str, Any]:
+        content = [{"type": "output_text", "text": text, "annotations": []}] if with_text else []
+        return {"id": item_id, "type": "message", "status": "completed", "role": "assistant", "content": content}
 
     def response_object(self, status: str, output: list[dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
         obj = {
@@ -787,31 +868,43 @@ class _Builder:
             add("response.in_progress", response=self.response_object("in_progress"))
         index = 0
         if reply.reasoning:
+            carrier = self.reasoning_carrier
             add("response.output_item.added", output_index=index, item={"id": "rs_1", "type": "reasoning", "summary": []})
             add("response.reasoning_summary_part.added", item_id="rs_1", output_index=index, summary_index=0,
                 part={"type": "summary_text", "text": ""})
-            for piece in self.reasoning_pieces:
-                add("response.reasoning_summary_text.delta", True, item_id="rs_1", output_index=index,
-                    summary_index=0, delta=piece)
-            add("response.reasoning_summary_text.done", item_id="rs_1", output_index=index, summary_index=0,
-                text=reply.reasoning)
-            add("response.reasoning_summary_part.done", item_id="rs_1", output_index=index, summary_index=0,
-                part={"type": "summary_text", "text": reply.reasoning})
-            add("response.output_item.done", output_index=index, item=self._output_items()[0])
+            if carrier is None:
+                for piece in self.reasoning_pieces:
+                    add("response.reasoning_summary_text.delta", True, item_id="rs_1", output_index=index,
+                        summary_index=0, delta=piece)
+            if carrier in (None, "response.reasoning_summary_text.done"):
+                add("response.reasoning_summary_text.done", carrier is not None, item_id="rs_1", output_index=index,
+                    summary_index=0, text=reply.reasoning)
+            if carrier is None:
+                add("response.reasoning_summary_part.done", item_id="rs_1", output_index=index, summary_index=0,
+                    part={"type": "summary_text", "text": reply.reasoning})
+            add("response.output_item.done", output_index=index, item=self._reasoning_item(carrier is None))
             index += 1
         if self.pieces:
             index = self._message_frames(add, "msg_1", index, self.pieces)
         for i, spec in enumerate(reply.calls):
             item_id = f"fc_{i + 1}"
+            if "call_in_completed" in modes:
+                index += 1
+                continue
             add("response.output_item.added", True, output_index=index,
                 item={"id": item_id, "type": "function_call", "status": "in_progress",
                       "call_id": self.call_ids[i], "name": spec.name, "arguments": ""})
-            for piece in reply.text_pieces(spec.arguments):
+            arg_pieces = reply.text_pieces(spec.arguments)
+            if "call_tail_in_completed" in modes:
+                arg_pieces = arg_pieces[:-1]
+            for piece in arg_pieces:
                 add("response.function_call_arguments.delta", True, item_id=item_id, output_index=index, delta=piece)
-            add("response.function_call_arguments.done", item_id=item_id, output_index=index, arguments=spec.arguments)
-            add("response.output_item.done", output_index=index,
-                item={"id": item_id, "type": "function_call", "status": "completed",
-                      "call_id": self.call_ids[i], "name": spec.name, "arguments": spec.arguments})
+            if "call_tail_in_completed" not in modes:
+                add("response.function_call_arguments.done", item_id=item_id, output_index=index,
+                    arguments=spec.arguments)
+                add("response.output_item.done", output_index=index,
+                    item={"id": item_id, "type": "function_call", "status": "completed",
+                          "call_id": self.call_ids[i], "name": spec.name, "arguments": spec.arguments})
             index += 1
         if self.after_pieces:
             index = self._message_frames(add, "msg_2", index, self.after_pieces)
@@ -820,7 +913,8 @@ class _Builder:
             add("response.incomplete", final=True,
                 response=self.response_object("incomplete", incomplete_details={"reason": "max_output_tokens"}))
         elif "eof" not in modes:
-            add("response.completed", final=True, response=self.response_object("completed", self._output_items()))
+            add("response.completed", bool(modes & _COMPLETED_CARRIES), final=True,
+                response=self.response_object("completed", self._output_items(streamed=True)))
         if "delta_before_item" in modes:
             frames = self._delta_first(frames)
         for n, frame in enumerate(frames):
@@ -830,18 +924,25 @@ class _Builder:
         return frames
 
     def _message_frames(self, add: Callable[..., None], item_id: str, index: int, pieces: list[str]) -> int:
-        text = "".join(pieces)
+        carrier = self.text_carrier
+        text = self._closing_text("".join(pieces))
         add("response.output_item.added", output_index=index,
             item={"id": item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []})
         add("response.content_part.added", item_id=item_id, output_index=index, content_index=0,
             part={"type": "output_text", "text": "", "annotations": []})
-        for piece in pieces:
-            add("response.output_text.delta", True, item_id=item_id, output_index=index, content_index=0,
-                delta=piece, logprobs=[])
-        add("response.output_text.done", item_id=item_id, output_index=index, content_index=0, text=text, logprobs=[])
-        add("response.content_part.done", item_id=item_id, output_index=index, content_index=0,
-            part={"type": "output_text", "text": text, "annotations": []})
-        add("response.output_item.done", output_index=index, item=self._message_item(item_id, text))
+        if carrier is None:
+            for piece in pieces[:-1] if "text_tail_in_done" in self.modes else pieces:
+                add("response.output_text.delta", True, item_id=item_id, output_index=index, content_index=0,
+                    delta=piece, logprobs=[])
+        if carrier in (None, "response.output_text.done"):
+            add("response.output_text.done", carrier is not None, item_id=item_id, output_index=index, content_index=0,
+                text=text, logprobs=[])
+        if carrier in (None, "response.content_part.done"):
+            add("response.content_part.done", carrier is not None, item_id=item_id, output_index=index,
+                content_index=0, part={"type": "output_text", "text": text, "annotations": []})
+        item_done = carrier == "response.output_item.done"
+        add("response.output_item.done", item_done, output_index=index,
+            item=self._message_item(item_id, text, carrier is None or item_done))
         return index + 1
 
     @staticmethod
@@ -1630,6 +1731,9 @@ _QUIRKS = {
     "usage_every_chunk", "empty_finish_reason", "think_in_content", "tool_all_at_once", "stop_with_tools",
     "double_finish", "tool_repeat_id_name", "tool_no_index", "tool_ollama_index0", "tool_int_id", "tool_args_dict",
     "hermes_xml", "no_created", "done_marker", "seq_dup", "delta_before_item", "slow_cancel", "incomplete",
+    "whole_message_chunk", "message_only_chunk", "message_in_last_chunk", "tool_calls_in_last_chunk",
+    *_TEXT_CARRIERS, "text_tail_in_done", "text_done_differs", "call_in_completed", "call_tail_in_completed",
+    *_REASONING_CARRIERS,
 }
 
 
