@@ -763,8 +763,25 @@ class ModelSettings(_Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _just_a_name(cls, data: Any) -> Any:
-        return {"name": data} if isinstance(data, str) else data
+    def _other_spellings(cls, data: Any) -> Any:
+        """`- gpt-4.1-mini` (just a name); `model:` for `id:`; `capabilities: [images, tools]`
+        for the three flags (those listed on, the others off)."""
+        if isinstance(data, str):
+            return {"name": data}
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        if "model" in data and "id" not in data:
+            data["id"] = data.pop("model")
+        caps = data.pop("capabilities", None)
+        if caps is not None:
+            if isinstance(caps, str):
+                caps = [c.strip() for c in caps.split(",") if c.strip()]
+            if not isinstance(caps, (list, tuple)) or not set(caps) <= {"images", "tools", "reasoning"}:
+                raise ValueError(f"capabilities: a list of images, tools, reasoning (got {caps!r})")
+            for flag in ("images", "tools", "reasoning"):
+                data.setdefault(flag, flag in caps)
+        return data
 
 
 class FetchUrlTool(_Section):

@@ -652,6 +652,20 @@ breaker_cooldown: 15
     assert {"sk-test-key-123", "org-secret-123"} <= set(settings.secrets())
 
 
+def test_models_take_other_spellings(tmp_path: Path) -> None:
+    settings = _load_yaml(tmp_path, """
+providers:
+  local: {base_url: "http://127.0.0.1:11434/v1"}
+models:
+  - llama
+  - {name: vision, model: "llava:7b", capabilities: [images]}
+""")
+    cat = settings.catalogue()
+    assert cat.get("llama").provider == "local" and cat.get("llama").id == "llama"
+    vision = cat.get("vision")
+    assert (vision.id, vision.images, vision.tools, vision.reasoning) == ("llava:7b", True, False, False)
+
+
 def test_an_old_single_provider_config_still_loads(tmp_path: Path) -> None:
     settings = _load_yaml(tmp_path, """
 provider:
