@@ -181,7 +181,7 @@ class ModelChoice:
         settings = await self._gw.store.chat_settings(press.chat.key)
         text, buttons = self.picker(await self.current(press.chat, press.user_key, settings.model), role, press.chat)
         try:
-            await connector.pacing.for_chat(press.chat).acquire(Priority.FINAL)
-            await connector.outbox.edit(MessageRef(press.chat, press.message_id), text, buttons=buttons)
+            async with connector.pacing.for_chat(press.chat).sending(Priority.FINAL):
+                await connector.outbox.edit(MessageRef(press.chat, press.message_id), text, buttons=buttons)
         except Exception as exc:  # the choice is made; a stale mark is cosmetic
             log.info("chat %s: could not update the model picker: %s", press.chat.key, exc)
