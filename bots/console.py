@@ -98,11 +98,14 @@ class ConsoleOutbox:
 
     @staticmethod
     def _choices(buttons: tuple[Button, ...]) -> str:
-        if _yes_no(buttons) is not None:
-            return "Type y to approve, anything else to deny [y/N]:"
-        return "Type a number: " + "   ".join(f"[{i}] {b.label}" for i, b in enumerate(buttons, 1))
+        return "Type y to approve, anything else to deny [y/N]:"
 
     def _set_buttons(self, mid: str, buttons: Sequence[Button]) -> None:
+        """Approve / Deny buttons become a [y/N] question the next line answers. Other
+        buttons (the /model picker) are not: their answer already lists the choices, and a
+        terminal has the command (`/model NAME`) to make one."""
+        if buttons and _yes_no(tuple(buttons)) is None:
+            buttons = ()
         if buttons:
             self.question = (mid, tuple(buttons))
         elif self.question is not None and self.question[0] == mid:
@@ -123,9 +126,6 @@ class ConsoleOutbox:
         if pair is not None:
             yes, no = pair
             return mid, yes if line.strip().lower() in ("y", "yes") else no
-        choice = line.strip()
-        if choice.isdigit() and 1 <= int(choice) <= len(buttons):
-            return mid, buttons[int(choice) - 1]
         return None
 
     def _show(self) -> None:
@@ -149,6 +149,7 @@ class ConsoleOutbox:
                     # would pad every rendered line to the console's width.
                     self._console.print(Text(text), soft_wrap=True)
         self._messages.clear()
+        self.question = None  # a question outlives neither its exchange nor its reply
 
     async def send(
         self,
@@ -406,7 +407,6 @@ class ConsoleConnector:
         """Answer the open question with what was typed, as a press of its button."""
         found = self.outbox.answer_for(typed)
         if found is None:
-            self.console.print(Text("Please type one of the numbers shown."))
             return
         mid, button = found
 

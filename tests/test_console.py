@@ -313,3 +313,14 @@ async def test_piped_approval_is_a_y_n_prompt(tmp_path: Path, fake_llm, typed: s
         assert "UTC" in tool_result["content"] and not tool_result["content"].startswith("Not run")
     else:
         assert tool_result["content"] == "Not run: the user denied it."
+
+
+async def test_a_model_picker_in_the_console_is_a_list_and_catches_no_later_line(tmp_path: Path, fake_llm) -> None:
+    path = write_config(tmp_path, parley_config(tmp_path, fake_llm))
+    fake_llm.script(Reply.text("Two is a number."))
+    result = await run_cli(["chat", "--config", str(path)], cwd=tmp_path, stdin=b"/model\n2\n")
+    assert result.returncode == 0, result.output
+    assert result.stdout.splitlines() == [
+        "Model in this chat: fake-model (default)", "Available: fake-model, other-model", "Two is a number.",
+    ]
+    assert fake_llm.requests[-1].messages[-1] == {"role": "user", "content": "2"}  # a message, not a choice
