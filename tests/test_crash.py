@@ -311,6 +311,48 @@ async def test_kill_in_the_model_step_after_a_tool_answers_after_the_restart(
     assert_replied(tg, chat, [q], rig=rig)
 
 
+async def test_kill_while_an_approval_waits_asks_again_after_the_restart(
+    tmp_path: Path, store_url: str, llm: CrashLLM, fast_telegram, rigs
+) -> None:
+    tg = fast_telegram
+    llm.tool = ("current_time", {"timezone": "UTC"})
+    rig = telegram_rig(
+        rigs, tmp_path, llm, tg, store_url, overrides={"tools": {"policy": {"current_time": {"approval": "always"}}}}
+    )
+    owner, chat = owner_chat(tg)
+    q = f"{TOOL_QUESTION} to tell the time, once someone approves"
+    await rig.start()
+
+    def question_in(message_id: int | None = None, not_data: str | None = None) -> Any:
+        for m in tg.messages(chat.id):
+            if m.from_bot and not m.deleted and m.has_buttons and (message_id is None or m.message_id == message_id):
+                if not_data is None or m.buttons[0][1] != not_data:
+                    return m
+        return None
+
+    tg.user_says(chat, owner, q)
+    asked = await tg.wait_for(question_in, timeout=30, what="the approval question")
+    shown = message_showing(tg, chat, "Run current_time")
+    assert shown is not None
+    await wait_noted(store_url, [shown.id])
+    before = asked.buttons[0][1]
+    await rig.kill()
+
+    await rig.start()
+    # The turn runs again in the same message and asks again, with buttons of its own.
+    again = await tg.wait_for(lambda: question_in(asked.message_id, before), timeout=30, what="the question again")
+    stale = tg.user_presses(chat, owner, asked.message_id, before, stale=True)
+    await tg.wait_for(lambda: stale in tg.callback_answers, timeout=10)
+    assert tg.callback_answers[stale]["text"] == "This is no longer waiting for an answer."
+    tg.user_presses(chat, owner, again.message_id, again.buttons[0][1])
+    await wait_replied(tg, chat, [q], rig=rig)
+    assert_continued_in_place(tg, chat, q, shown, rig)
+    assert question_in() is None, "a question was left with its buttons"
+    assert llm.turn_starts(q) == 2
+    await finish(rig, store_url)
+    assert_replied(tg, chat, [q], rig=rig)
+
+
 # ---------------------------------------------------------------------------- queued messages
 
 
