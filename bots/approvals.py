@@ -36,7 +36,7 @@ __all__ = ["ApprovalView", "Approvals", "ChatApprover", "describe_call"]
 log = logging.getLogger(__name__)
 
 PREFIX = "ap"
-NOT_YOURS = "Only the person who asked, or an admin, can answer this."
+NOT_YOURS = "Not yours to answer: only the person who asked, or an admin, can."
 Outcome = Literal["approved", "denied", "timed out", "stopped"]
 
 

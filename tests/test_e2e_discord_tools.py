@@ -51,7 +51,7 @@ async def test_approval_on_discord_granted_after_a_bystander_was_refused(fast_di
     approve = asked.buttons[0].custom_id
     bystander = fast_discord.user_clicks(channel, other, asked.id, approve)
     await fast_discord.wait_for(lambda: bystander.acknowledged, timeout=5)
-    assert bystander.ephemeral_texts == ["Only the person who asked, or an admin, can answer this."]
+    assert bystander.ephemeral_texts == ["Not yours to answer: only the person who asked, or an admin, can."]
     click = fast_discord.user_clicks(channel, user, asked.id, approve)
     await fast_discord.wait_for(lambda: public_texts(fast_discord, channel)[-1:] == ["22 °C and cloudy in Lima."], timeout=10)
     await p.gateway.settle(f"discord:{channel.id}")

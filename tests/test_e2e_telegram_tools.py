@@ -49,7 +49,7 @@ async def test_approval_granted_by_the_asker_after_a_stranger_was_refused(fast_t
     approve = asked.buttons[0][1]
     stranger = fast_telegram.user_presses(group, other, asked.message_id, approve)
     await fast_telegram.wait_for(lambda: stranger in fast_telegram.callback_answers, timeout=10)
-    assert fast_telegram.callback_answers[stranger]["text"] == "Only the person who asked, or an admin, can answer this."
+    assert fast_telegram.callback_answers[stranger]["text"] == "Not yours to answer: only the person who asked, or an admin, can."
     assert fast_telegram.callback_answers[stranger]["show_alert"] is True
     mine = fast_telegram.user_presses(group, user, asked.message_id, approve)
     await s.settle(group)
