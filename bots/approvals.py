@@ -20,12 +20,12 @@ import asyncio
 import json
 import logging
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from agent.events import Approval, ToolCall
 from bots.access import Access, Role
+from bots.ids import one_line
 from bots.inbound import ButtonPress
 from bots.outbox import Button
 from bots.store import Store
@@ -69,8 +69,7 @@ def describe_call(arguments: dict[str, Any], *, limit: int = 300, value_limit: i
 
 
 def _flat(text: str, limit: int) -> str:
-    flat = " ".join("".join(ch if ch.isprintable() else " " for ch in text).split()).replace("`", "'")
-    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
+    return one_line(text.replace("`", "'"), limit)
 
 
 @dataclass(slots=True)
@@ -136,7 +135,6 @@ class ChatApprover:
         self.requester = requester
         self.policy = policy
         self.view = view
-        self.on_decided: Callable[[str, Outcome, str | None], None] | None = None  # (tool, outcome, by): for tests/metrics
 
     async def _approved_before(self, tool: str) -> bool:
         try:
@@ -172,8 +170,6 @@ class ChatApprover:
                 pending.future.cancel()
             self.view.end_approval(call, outcome)
         log.info("chat %s: tool call %s (%s) %s%s", self.chat_key, call.id, call.name, outcome, f" by {by}" if by else "")
-        if self.on_decided is not None:
-            self.on_decided(call.name, outcome, by)
         if outcome == "approved":
             if mode == "ask_once_per_chat" and by is not None:
                 try:

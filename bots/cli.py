@@ -329,7 +329,21 @@ async def _probe_store(settings: Settings) -> str:
 
 
 async def _probe_provider(settings: Settings) -> str:
-    """Reach the provider and make sure it serves `provider.model` and every `provider.models`.
+    """Reach the provider and make sure it serves `provider.model` and every `provider.models`."""
+    provider = settings.provider
+    keys = [("provider.model", provider.model), *(("provider.models", m) for m in provider.models)]
+    return await _probe_endpoint(provider, provider.model, keys)
+
+
+async def _probe_named_provider(settings: Settings, name: str) -> str:
+    """Reach one of `providers` and make sure it serves every model `models` names for it."""
+    keys = [(f"models[{i}].id", m.id or m.name) for i, m in enumerate(settings.models) if m.provider == name]
+    return await _probe_endpoint(settings.providers[name], keys[0][1] if keys else "unused", keys)
+
+
+async def _probe_endpoint(endpoint: Any, default: str, keys: list[tuple[str, str]]) -> str:
+    """Reach an endpoint with its key; FAIL naming the key (`keys`: (key, model id)) of each
+    model its listing lacks.
 
     A model the provider does not serve passes every other check and then fails each turn
     ("model not found"), so a listing without it is a FAIL naming the key to fix; a
@@ -337,38 +351,15 @@ async def _probe_provider(settings: Settings) -> str:
     """
     from agent import Agent
 
-    provider = settings.provider
-    agent = Agent(provider.agent_config())
+    agent = Agent(endpoint.agent_config(default))
     try:
-        result = await agent.probe(provider.allowed_models)
-    finally:
-        await agent.aclose()
-    detail = f"{provider.base_url}: {result}"
-    if result.missing:
-        keys = [key for key, models in (("provider.model", [provider.model]), ("provider.models", provider.models))
-                if any(m in result.missing for m in models)]
-        raise _Verdict(FAIL, f"{detail} -- check {' and '.join(keys)}")
-    if result.listed is None:
-        raise _Verdict(WARN, detail)
-    return detail
-
-
-async def _probe_named_provider(settings: Settings, name: str) -> str:
-    """Reach one of `providers` and make sure it serves every model `models` names for it."""
-    from agent import Agent
-
-    endpoint = settings.providers[name]
-    served = [(i, m) for i, m in enumerate(settings.models) if m.provider == name]
-    ids = [m.id or m.name for _, m in served]
-    agent = Agent(endpoint.agent_config(ids[0] if ids else "unused"))
-    try:
-        result = await agent.probe(ids or ())
+        result = await agent.probe(list(dict.fromkeys(model for _, model in keys)))
     finally:
         await agent.aclose()
     detail = f"{endpoint.base_url}: {result}"
     if result.missing:
-        keys = [f"models[{i}].id" for i, m in served if (m.id or m.name) in result.missing]
-        raise _Verdict(FAIL, f"{detail} -- check {' and '.join(keys)}")
+        named = dict.fromkeys(key for key, model in keys if model in result.missing)
+        raise _Verdict(FAIL, f"{detail} -- check {' and '.join(named)}")
     if result.listed is None:
         raise _Verdict(WARN, detail)
     return detail

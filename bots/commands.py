@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 
 from bots.access import Role
 from bots.errors import ParleyError
-from bots.ids import quote_input, user_id_problem
+from bots.ids import one_line, quote_input, user_id_problem
 from bots.inbound import Inbound
 from bots.logs import url_without_secrets
 from bots.model_choice import ChoiceRefused
@@ -676,7 +676,7 @@ def _tool_lines(gw: "Gateway") -> list[str]:
         if server.state == "ready":
             state = f"ready, {_plural(server.tools, 'tool')}"
         elif server.state == "failed":
-            why = f" ({quote_input(server.error, 50)[1:-1]})" if server.error else ""
+            why = f" ({one_line(server.error, 50)})" if server.error else ""
             left = int(server.retry_in or 0)
             retry = f", retrying in {left // 60}m {left % 60}s" if server.retry_in is not None else ""
             state = f"failed{why}{retry}"

@@ -1473,17 +1473,17 @@ class Settings(BaseSettings):
             _, _, secret_part = self.telegram.token.get_secret_value().partition(":")
             if len(secret_part) >= 8:
                 values.append(secret_part)
+        from agent.tools.mcp import secret_values
+
+        headers = [h for e in (self.provider, *self.providers.values()) for h in e.headers.values()]
         for endpoint in self.providers.values():
             if endpoint.api_key is not None:
                 values.append(endpoint.api_key.get_secret_value())
-            for secret in endpoint.headers.values():
-                text = secret.get_secret_value()
-                values.extend(v for v in (text, *text.split()) if len(v) >= 8)
-        for server in self.tools.mcp_servers:
-            for secret in (*server.env.values(), *server.headers.values()):
-                text = secret.get_secret_value()
-                # "Bearer <token>": the token may show up on its own too
-                values.extend(v for v in (text, *text.split()) if len(v) >= 8)
+        for secret in headers:
+            text = secret.get_secret_value()
+            values.extend(v for v in (text, *text.split()) if len(v) >= 8)  # "Bearer <token>": the token alone too
+        # MCP servers: env and header values, the credential after "Bearer ", URL userinfo and query
+        values.extend(secret_values(server.server_config() for server in self.tools.mcp_servers))
         password = self.store.password
         if password:
             values.append(password)

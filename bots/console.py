@@ -52,6 +52,7 @@ CONSOLE_CHAT = ChatRef("console", "local", is_private=True)
 BANNER = "[bold]parley chat[/bold] — type a message, /help for commands; Ctrl-C stops a reply, Ctrl-D quits."
 PROMPT = "[bold cyan]you>[/bold cyan] "
 QUIT_COMMANDS = ("/quit", "/exit")
+YES_NO_PROMPT = "Type y to approve, anything else to deny [y/N]:"
 _PACING = PacingPolicy(private=Budget(20.0, 20), group=Budget(20.0, 20), platform=Budget(50.0, 50))
 
 
@@ -81,7 +82,7 @@ class ConsoleOutbox:
         self._live: Live | None = None
         self._messages: dict[str, tuple[str, bool]] = {}  # this exchange, in send order: id -> (text, markdown)
         # The buttons under a message: a question the next line typed answers (`answer_for`).
-        self.question: tuple[str, tuple[Button, ...]] | None = None
+        self.question: tuple[str, Button, Button] | None = None  # (message id, yes, no)
         self.question_changed = asyncio.Event()
 
     @property
@@ -93,21 +94,16 @@ class ConsoleOutbox:
             Markdown(text) if markdown else Text(text) for text, markdown in self._messages.values() if text
         ]
         if self.question is not None:
-            parts.append(Text(self._choices(self.question[1]), style="bold"))
+            parts.append(Text(YES_NO_PROMPT, style="bold"))
         return Group(*parts)
-
-    @staticmethod
-    def _choices(buttons: tuple[Button, ...]) -> str:
-        return "Type y to approve, anything else to deny [y/N]:"
 
     def _set_buttons(self, mid: str, buttons: Sequence[Button]) -> None:
         """Approve / Deny buttons become a [y/N] question the next line answers. Other
         buttons (the /model picker) are not: their answer already lists the choices, and a
         terminal has the command (`/model NAME`) to make one."""
-        if buttons and _yes_no(tuple(buttons)) is None:
-            buttons = ()
-        if buttons:
-            self.question = (mid, tuple(buttons))
+        pair = _yes_no(tuple(buttons))
+        if pair is not None:
+            self.question = (mid, *pair)
         elif self.question is not None and self.question[0] == mid:
             self.question = None
         else:
@@ -115,18 +111,14 @@ class ConsoleOutbox:
         self.question_changed.set()
         if not self.interactive and self.question is not None:
             # Off a terminal nothing is shown until the exchange ends: the question must be.
-            self._console.print(Text(f"{self._messages[mid][0]}\n{self._choices(self.question[1])}"), soft_wrap=True)
+            self._console.print(Text(f"{self._messages[mid][0]}\n{YES_NO_PROMPT}"), soft_wrap=True)
 
     def answer_for(self, line: str) -> tuple[str, Button] | None:
         """The button a typed line presses on the open question (message id, button), if any."""
         if self.question is None:
             return None
-        mid, buttons = self.question
-        pair = _yes_no(buttons)
-        if pair is not None:
-            yes, no = pair
-            return mid, yes if line.strip().lower() in ("y", "yes") else no
-        return None
+        mid, yes, no = self.question
+        return mid, yes if line.strip().lower() in ("y", "yes") else no
 
     def _show(self) -> None:
         if not self.interactive:

@@ -47,6 +47,16 @@ def chat_id_problem(platform: str, ident: str) -> str | None:
     return user_id_problem(platform, ident)
 
 
+def one_line(text: str, limit: int) -> str:
+    """`text` on one line -- control characters and runs of whitespace become one space --
+    cut to `limit` characters with "…": what a chat may show of text it does not control
+    (someone's input, a tool's arguments or error)."""
+    flat = " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
+    if len(flat) > limit:
+        flat = flat[: limit - 1].rstrip() + "…"
+    return flat
+
+
 def quote_input(text: str, limit: int = 40) -> str:
     """A short, single-line, quoted piece of what someone typed, safe to echo in a chat.
 
@@ -54,7 +64,4 @@ def quote_input(text: str, limit: int = 40) -> str:
     than `limit` characters of it, and never its line breaks or control characters: a
     5,000-character argument is not echoed back, and nothing typed can shape the reply.
     """
-    flat = " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
-    if len(flat) > limit:
-        flat = flat[: limit - 1].rstrip() + "…"
-    return f"'{flat}'"
+    return f"'{one_line(text, limit)}'"

@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol
 
 from agent.events import ToolCall, ToolResult
 from bots.clock import REAL_CLOCK, Clock, TimerHandle
+from bots.ids import one_line
 from bots.errors import (
     BadFormatting,
     NotModified,
@@ -217,11 +218,7 @@ def _progress_line(line: _ToolLine) -> str:
 def _short_reason(content: str, limit: int = 80) -> str:
     """A failed tool's result, cut to one short line for the chat (the model gets it all)."""
     text = content.strip().removeprefix("Error:").strip()
-    head = text.splitlines()[0] if text else ""
-    first = " ".join("".join(ch if ch.isprintable() else " " for ch in head).split())
-    if len(first) > limit:
-        first = first[: limit - 1].rstrip() + "…"
-    return first or "failed"
+    return one_line(text.splitlines()[0] if text else "", limit) or "failed"
 
 
 class LiveReply:

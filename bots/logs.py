@@ -30,7 +30,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Any, Literal, TextIO
-from urllib.parse import urlsplit
+
+from agent.urls import url_without_secrets
 
 __all__ = [
     "CONTEXT_FIELDS",
@@ -45,6 +46,7 @@ __all__ = [
     "redact",
     "reset_logging",
     "setup_logging",
+    "url_without_secrets",  # (from agent.urls: what may be shown of a URL)
     "turn_context",
 ]
 
@@ -169,24 +171,6 @@ def redact(text: str) -> str:
     """Redact `text` with the secrets `setup_logging` was given (for output outside logging,
     e.g. `parley check` printing an error that quotes a URL)."""
     return _ACTIVE.redact(text)
-
-
-def url_without_secrets(url: str) -> str:
-    """`scheme://host[:port]/path` of `url`: no user, password, query or fragment.
-
-    What chat output may show of a configured URL. Credentials hide in the userinfo
-    (`https://user:pass@host`) and in query parameters (`?api-key=...`); redacting known
-    shapes is not enough there, so those parts are dropped whole.
-    """
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        port = ""
-    return f"{parts.scheme}://{host}{port}{parts.path}".rstrip("/") if parts.scheme else "(not a URL)"
 
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.

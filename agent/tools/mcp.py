@@ -69,6 +69,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import anyio
 import httpx2
 
+from ..urls import url_without_secrets
 from .registry import Tool, ToolRegistry
 
 if TYPE_CHECKING:
@@ -229,19 +230,6 @@ _SDK_LOG_REDACTION = _SdkLogRedaction()
 def _one_line(text: str, limit: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _display_url(url: str) -> str:
-    """`scheme://host[:port]/path`: what may be shown of a configured URL."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        port = ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def _size(base64_text: str) -> str:
@@ -825,7 +813,7 @@ class McpServers:
         elif isinstance(first, MCPError):
             text = f"{phase}{first.message}"
         elif isinstance(first, httpx2.TransportError) and cfg.url:
-            text = f"{phase}cannot reach {_display_url(cfg.url)}: {type(first).__name__}: {first}"
+            text = f"{phase}cannot reach {url_without_secrets(cfg.url)}: {type(first).__name__}: {first}"
         elif isinstance(first, OSError) and cfg.command and link.phase == "start":
             text = f"cannot start {cfg.command!r}: {first.strerror or first}"
             if first.filename not in (None, cfg.command):  # e.g. the working directory
