@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from agent import Agent, UsageMeter
+from agent import Agent, TurnResult, UsageMeter
 from agent import Usage as TurnUsage
 from agent.errors import (
     AgentError,
@@ -817,9 +817,9 @@ class Gateway:
         """A reply outside a turn (command output, notices), paced like everything else.
 
         Plain text; one that does not fit one message (a long system prompt shown by
-        /system) goes out as several, never truncated; `buttons` go under the last. A `private` reply concerns the
-        caller alone (`Outbox.send`); to a slash command every piece of it answers the
-        command, so none of it lands in the channel for everyone.
+        /system) goes out as several, never truncated; `buttons` go under the last. A
+        `private` reply concerns the caller alone (`Outbox.send`); to a slash command every
+        piece of it answers the command, so none of it lands in the channel for everyone.
         """
         connector = self.connectors.get(inbound.platform)
         if connector is None:
@@ -1000,7 +1000,7 @@ class Gateway:
                 f", fell back ({', '.join(result.fallback_causes)})" if result.fell_back else "",
             )
 
-    def _fallback_note(self, result: Any) -> str | None:
+    def _fallback_note(self, result: TurnResult) -> str | None:
         """The small print under a reply another model gave, because the chosen one failed."""
         if not result.fallback_model or not self.defaults.show_fallback_model or result.interrupted:
             return None
