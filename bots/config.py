@@ -1193,6 +1193,40 @@ class HealthSettings(_Section):
     unready_after: Seconds = 30.0
 
 
+class ClusterSettings(_Section):
+    """Several replicas of `parley run` sharing one PostgreSQL store and one Redis (`bots.cluster`).
+
+    Off by default: one process with its SQLite file is the whole deployment. On, every
+    replica runs the same `parley run` and the same configuration; a conversation's
+    messages are queued in PostgreSQL (procrastinate jobs locked per conversation) and the
+    platforms' rate budgets are shared through Redis.
+    """
+
+    enabled: bool = False
+    # Where the replicas share their outbound budgets (`limits`' Redis storage), e.g.
+    # redis://127.0.0.1:6379/0 or env:REDIS_URL. Required when enabled.
+    redis_url: OptionalSecret = None
+    # This replica's name in logs, /status and /readyz; default: <hostname>-<pid>.
+    replica_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] | None = None
+    # Seconds after which a replica that stopped sending heartbeats (killed, frozen, cut
+    # off) is taken for dead: its conversations move to another replica.
+    lease_timeout: Annotated[float, Field(ge=3)] = 30.0
+    # Conversations this replica runs at once (its procrastinate worker's concurrency);
+    # more wait in the queue for any replica.
+    concurrency: int = Field(default=100, ge=1, le=10_000)
+
+    def _cross_check(self) -> list[tuple[str, str]]:
+        if self.enabled and self.redis_url is None:
+            return [
+                (
+                    "redis_url",
+                    "required when cluster.enabled is true: the replicas share the platforms' rate budgets through "
+                    "Redis (e.g. redis://127.0.0.1:6379/0)",
+                )
+            ]
+        return []
+
+
 class LoggingSettings(_Section):
     level: LogLevel = "INFO"
     format: Literal["text", "json"] = "text"
@@ -1305,6 +1339,7 @@ class Settings(BaseSettings):
     health: HealthSettings = Field(default_factory=dict)
     logging: LoggingSettings = Field(default_factory=dict)
     shutdown_timeout: Seconds = 20.0
+    cluster: ClusterSettings = Field(default_factory=dict)
 
     _config_file: Path | None = PrivateAttr(default=None)
 
@@ -1436,6 +1471,21 @@ class Settings(BaseSettings):
         return prices
 
     @model_validator(mode="after")
+    def _check_cluster(self) -> "Settings":
+        """Cluster mode needs a store every replica reaches: PostgreSQL, never a SQLite file."""
+        if self.cluster.enabled and self.store.kind == "sqlite":
+            raise _SectionProblems(
+                [
+                    (
+                        "cluster.enabled",
+                        "needs a PostgreSQL store (store: postgresql://...): the replicas share their message queue, "
+                        "locks and history through it, and a SQLite file belongs to one process",
+                    )
+                ]
+            )
+        return self
+
+    @model_validator(mode="after")
     def _tools_from_agent_section(self) -> "Settings":
         """Files written before `tools:` was a section of its own set `agent.tools`: read it."""
         old = self.agent.tools
@@ -1464,6 +1514,7 @@ class Settings(BaseSettings):
             self.telegram.token,
             self.telegram.webhook.secret_token,
             self.discord.token,
+            self.cluster.redis_url,
         ):
             if secret is not None:
                 values.append(secret.get_secret_value())
@@ -1484,6 +1535,10 @@ class Settings(BaseSettings):
             values.extend(v for v in (text, *text.split()) if len(v) >= 8)  # "Bearer <token>": the token alone too
         # MCP servers: env and header values, the credential after "Bearer ", URL userinfo and query
         values.extend(secret_values(server.server_config() for server in self.tools.mcp_servers))
+        if self.cluster.redis_url is not None:
+            redis_password = urlsplit(self.cluster.redis_url.get_secret_value()).password
+            if redis_password:
+                values.extend((redis_password, quote(redis_password, safe="")))
         password = self.store.password
         if password:
             values.append(password)

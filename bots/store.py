@@ -432,6 +432,15 @@ model_choices = sa.Table(
     sa.PrimaryKeyConstraint("chat_key", "user_key", name="pk_model_choices"),
 )
 
+cluster_state = sa.Table(
+    "cluster_state",
+    metadata,
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("value", sa.Text(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.PrimaryKeyConstraint("name", name="pk_cluster_state"),
+)
+
 
 _NOTE_REPLY = (
     sa.update(inbox)
@@ -867,13 +876,58 @@ class Store:
         )
         return await self._run("revise_message", lambda conn: conn.execute(stmt).rowcount == 1, write=True)
 
-    async def unfinished_messages(self, platforms: Iterable[str] | None = None) -> list[InboxRow]:
-        """Messages not finished yet, oldest first: what an earlier process left to recover."""
+    async def unfinished_messages(
+        self, platforms: Iterable[str] | None = None, *, chat_key: str | None = None, after: int | None = None
+    ) -> list[InboxRow]:
+        """Messages not finished yet, oldest first: what an earlier process left to recover.
+
+        `chat_key`: one conversation's only (cluster mode: what the replica taking it over
+        finds); `after`: only rows with a larger inbox id (what arrived since).
+        """
         query = sa.select(inbox).where(inbox.c.status.in_(INBOX_UNFINISHED)).order_by(inbox.c.id)
         if platforms is not None:
             query = query.where(inbox.c.platform.in_(list(platforms)))
+        if chat_key is not None:
+            query = query.where(inbox.c.chat_key == chat_key)
+        if after is not None:
+            query = query.where(inbox.c.id > after)
         rows = await self._run("unfinished_messages", lambda conn: conn.execute(query).all(), write=False)
         return [_inbox_row(row._mapping) for row in rows]
+
+    async def unfinished_chats(self, *, older_than: timedelta = timedelta(0)) -> list[str]:
+        """The conversations with unfinished messages received at least `older_than` ago
+        (cluster mode: each must have a queued job; a sweep makes sure of it)."""
+        cutoff = self._now() - older_than
+        query = (
+            sa.select(inbox.c.chat_key)
+            .where(inbox.c.status.in_(INBOX_UNFINISHED), inbox.c.received_at <= cutoff)
+            .group_by(inbox.c.chat_key)
+            .order_by(sa.func.min(inbox.c.id))
+        )
+        rows = await self._run("unfinished_chats", lambda conn: conn.scalars(query).all(), write=False)
+        return [str(r) for r in rows]
+
+    async def inbox_backlog(self) -> tuple[int, datetime | None]:
+        """Messages waiting for their turn to begin (pending), and when the oldest came."""
+        query = sa.select(sa.func.count(), sa.func.min(inbox.c.received_at)).where(inbox.c.status == INBOX_PENDING)
+        row = await self._run("inbox_backlog", lambda conn: conn.execute(query).one(), write=False)
+        oldest = row[1]
+        if oldest is not None and oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=UTC)
+        return int(row[0]), oldest
+
+    async def cluster_value(self, name: str) -> str | None:
+        """A fact the replicas of a cluster share (table `cluster_state`), or None."""
+        query = sa.select(cluster_state.c.value).where(cluster_state.c.name == name)
+        return await self._run("cluster_value", lambda conn: conn.scalar(query), write=False)
+
+    async def set_cluster_value(self, name: str, value: str) -> None:
+        """Record a fact the replicas of a cluster share (replacing the old value)."""
+        stmt = self._insert(cluster_state).values(name=name, value=value, updated_at=self._now())
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["name"], set_={"value": stmt.excluded.value, "updated_at": stmt.excluded.updated_at}
+        )
+        await self._run("set_cluster_value", lambda conn: conn.execute(stmt), write=True)
 
     async def inbox_message(self, inbox_id: int) -> InboxRow | None:
         """One inbox row, or None."""
@@ -1190,15 +1244,26 @@ class Store:
         ids = await self._run("running_turns", lambda conn: conn.scalars(query).all(), write=False)
         return [int(turn_id) for turn_id in ids]
 
-    async def mark_stale_turns(self, status: str = "error") -> int:
-        """Give every running turn a final status (at startup, before any new turn); returns how many."""
+    async def mark_stale_turns(self, status: str = "error", *, chat_key: str | None = None) -> int:
+        """Give every running turn a final status (at startup, before any new turn); returns how many.
+
+        `chat_key`: only the turns of that conversation's sessions (cluster mode: the
+        replica taking a conversation over from a dead one; the other replicas' turns run on).
+        """
         if status not in TURN_FINISHED_STATUSES:
             raise ValueError(f"status must be one of {TURN_FINISHED_STATUSES}, got {status!r}")
-        stmt = sa.update(turns).where(turns.c.status == TURN_RUNNING).values(status=status, finished_at=self._now())
+        which = turns.c.status == TURN_RUNNING
+        if chat_key is not None:
+            of_chat = sa.select(sessions.c.id).where(
+                sa.or_(
+                    sessions.c.session_key == chat_key,
+                    sessions.c.session_key.startswith(f"{chat_key}#", autoescape=True),
+                )
+            )
+            which = sa.and_(which, turns.c.session_id.in_(of_chat))
+        stmt = sa.update(turns).where(which).values(status=status, finished_at=self._now())
         # Their budget holds go with them: a turn cut off by a crash uses nothing more.
-        release = sa.delete(budget_holds).where(
-            budget_holds.c.turn_id.in_(sa.select(turns.c.id).where(turns.c.status == TURN_RUNNING))
-        )
+        release = sa.delete(budget_holds).where(budget_holds.c.turn_id.in_(sa.select(turns.c.id).where(which)))
 
         def mark(conn: sa.Connection) -> int:
             conn.execute(release)
