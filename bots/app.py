@@ -16,6 +16,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from agent import Agent, ToolRegistry
 from agent.errors import AgentError
@@ -34,6 +35,9 @@ from bots.inbound_rate import InboundRate
 from bots.metrics import Metrics
 from bots.store import Store
 from bots.tool_policy import ToolPolicy, ToolRuleSpec
+
+if TYPE_CHECKING:
+    from bots.cluster.replica import Replica
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +144,7 @@ class App:
     connectors: list[Connector] = field(default_factory=list)
     health: HealthServer | None = None
     mcp: McpServers | None = None
+    replica: "Replica | None" = None  # cluster mode (`cluster.enabled`): this replica's part
     recover: bool = True
     stopping: bool = field(default=False, init=False)
 
@@ -156,7 +161,9 @@ class App:
         metrics = Metrics()
         store = await Store.open(settings.store.get_secret_value())
         try:
-            if recover:
+            # In a cluster, turns left running belong to conversations other replicas may
+            # still be working on: each is marked when its conversation is taken over.
+            if recover and not settings.cluster.enabled:
                 stale = await store.mark_stale_turns(status="error")
                 if stale:
                     log.info("%d turns were cut off by an earlier process (their messages are recovered at start)", stale)
@@ -190,8 +197,25 @@ class App:
         mcp = mcp_servers(settings, agent.tools)
         if mcp is not None:
             gateway.mcp_status = mcp.status
+        replica = None
+        if settings.cluster.enabled and recover:
+            from bots.cluster.replica import Replica
+            from bots.logs import set_replica
+
+            replica = Replica(settings, store, gateway, metrics)
+            set_replica(replica.id)
+            try:
+                await replica.open()
+            except BaseException as exc:
+                await store.close()
+                await agent.aclose()
+                if isinstance(exc, Exception):
+                    raise StartupFailed(f"cluster: cannot open the job queue: {describe_error(exc)}") from exc
+                raise
+            gateway.cluster_status = replica.status
         return cls(
-            settings=settings, store=store, agent=agent, gateway=gateway, metrics=metrics, recover=recover, mcp=mcp
+            settings=settings, store=store, agent=agent, gateway=gateway, metrics=metrics, recover=recover, mcp=mcp,
+            replica=replica,
         )
 
     def platform_connectors(self) -> list[Connector]:
@@ -256,7 +280,7 @@ class App:
         """
         listen = self.settings.metrics.listen
         if listen is not None and serve_health:
-            health = HealthServer(self.metrics, ready=self.ready)
+            health = HealthServer(self.metrics, ready=self.ready, details=self.details)
             try:
                 await health.start(listen.host, listen.port)
             except OSError as exc:
@@ -266,11 +290,14 @@ class App:
             log.info("health and metrics on http://%s/metrics (also /healthz, /readyz)", where)
         if self.mcp is not None:
             await self.mcp.start()  # connects in the background: a slow server delays no chat
-        if self.recover:
+        if self.recover and self.replica is None:
             # What an earlier process left unfinished keeps its place before anything new.
+            # (In a cluster, each conversation's job finds what was left of it.)
             await self.gateway.load_unfinished([c.platform for c in connectors])
         try:
             await self._connect(connectors)
+            if self.replica is not None:
+                await self.replica.start()  # conversations may run here from now on
         except BaseException:
             self.gateway.resume_unfinished(started=False)
             raise
@@ -304,6 +331,12 @@ class App:
         checks["accepting"] = not self.stopping
         return all(v is True for v in checks.values()) and bool(self.connectors), checks
 
+    async def details(self) -> dict[str, Any]:
+        """What /readyz shows beside its checks (none of it makes the replica unready): the cluster."""
+        if self.replica is None:
+            return {}
+        return {"cluster": await self.replica.status()}
+
     async def stop(self, *, hurry: asyncio.Event | None = None) -> None:
         """Graceful shutdown, in order (see module docstring).
 
@@ -318,6 +351,8 @@ class App:
                 await connector.stop_receiving()
             except Exception as exc:
                 log.warning("%s: error while stopping to receive: %s", connector.platform, describe_error(exc))
+        if self.replica is not None:
+            self.replica.stop_fetching()  # no new conversations here; other replicas take them
         running = self.gateway.lanes.active
         timeout = self.settings.shutdown_timeout
         if running:
@@ -325,6 +360,8 @@ class App:
         elif self.connectors:
             log.info("stopped receiving; no turn is running")
         await self._finish_turns(timeout, hurry)
+        if self.replica is not None:
+            await self.replica.close(FINALIZE_TIMEOUT)
         for connector in self.connectors:
             await self._close_connector(connector)
         if self.health is not None:

@@ -638,6 +638,8 @@ async def _status(ctx: CommandContext) -> str:
         lines += _streaming_lines(str(model), state)
     lines += _breaker_lines(health.get("breaker"))
     lines += _tool_lines(gw)
+    if gw.cluster_status is not None:
+        lines += _cluster_lines(await gw.cluster_status())
     if ctx.role >= Role.OWNER and ctx.inbound.chat.is_private:
         allowed = gw.defaults.allowed_models()
         lines += [
@@ -683,6 +685,30 @@ def _tool_lines(gw: "Gateway") -> list[str]:
         else:
             state = server.state
         lines.append(f"  MCP {server.name}: {state}")
+    return lines
+
+
+def _cluster_lines(info: dict[str, object]) -> list[str]:
+    """Cluster mode: which replica answers, how many run, the shared queue, who polls."""
+    live = int(info.get("live_replicas") or 1)  # type: ignore[call-overload]
+    lines = [
+        f"Cluster: replica {info.get('replica')} of {_plural(live, 'live replica')}; "
+        f"{_plural(int(info.get('conversations_here') or 0), 'conversation')} here"  # type: ignore[call-overload]
+    ]
+    if "waiting_messages" in info:
+        lines.append(
+            f"  queue: {_plural(int(info['waiting_messages']), 'message')} waiting"  # type: ignore[call-overload]
+            f", oldest {info.get('oldest_waiting_seconds', 0)}s; "
+            f"{_plural(int(info.get('jobs_running') or 0), 'conversation')} running, "  # type: ignore[call-overload]
+            f"{int(info.get('jobs_waiting') or 0)} waiting for a replica"  # type: ignore[call-overload]
+        )
+    elif "queue" in info:
+        lines.append(f"  queue: {info['queue']}")
+    for key, value in info.items():
+        if key.endswith("_leader"):
+            lines.append(f"  {key.removesuffix('_leader').replace('_', ' ')}: {value}")
+    if info.get("budgets"):
+        lines.append(f"  shared budgets: {info['budgets']}")
     return lines
 
 

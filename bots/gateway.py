@@ -115,6 +115,12 @@ HISTORY_STATUSES = ("ok", "interrupted", "error")
 """Finished turns the model sees again (failed ones with a note); superseded ones are gone."""
 
 
+class ConversationsHook(Protocol):
+    """Where stored messages go in cluster mode (`bots.cluster.conversations.Conversations`)."""
+
+    async def arrived(self, inbounds: list[Inbound]) -> None: ...
+
+
 class Connector(Protocol):
     """A platform connection: receives messages for the gateway and offers its Outbox."""
 
@@ -286,6 +292,13 @@ class Gateway:
         self._accept_locks: dict[str, asyncio.Lock] = {}  # storing (connectors that deliver concurrently)
         self._last_error_line: dict[str, float] = {}
         self._tasks: set[asyncio.Future[None]] = set()  # replies in flight and messages being routed
+        # The same, by chat: a conversation is idle (cluster mode hands it on) only once
+        # none of its messages is being routed, held, answered or given its status.
+        self._chat_tasks: dict[str, set[asyncio.Future[None]]] = {}
+        # Cluster mode (`bots.cluster.conversations`): stored messages go to the replica
+        # working on their conversation instead of straight to this process's lanes.
+        self.conversations: ConversationsHook | None = None
+        self.cluster_status: Callable[[], Awaitable[dict[str, Any]]] | None = None  # for /status
         self._accepting = True
         self._seen_users: dict[str, tuple[str | None, str | None]] = {}  # skip rewriting unchanged names
         self._next_prune: float | None = None  # first message: prune at once
@@ -333,15 +346,27 @@ class Gateway:
                 self._note_user_later(inbound)  # group chatter: remember who people are, nothing more
         if not addressed:
             return
+        now = self._wall().timestamp()
+        addressed = [replace(i, received_at=now) for i in addressed]
         ids = await self.store.accept(
             [NewMessage(i.platform, i.update_id, i.chat.key, i.user_key, inbound_json(i)) for i in addressed]
         )
+        stored: list[Inbound] = []
         for inbound, inbox_id in zip(addressed, ids):
             if inbox_id is None:
                 self.metrics.duplicates_ignored.labels(inbound.platform).inc()
                 log.info("chat %s: update %s already handled; ignored", inbound.chat.key, inbound.update_id)
                 continue
-            self._dispatch(replace(inbound, inbox_ids=(inbox_id,)))
+            stored.append(replace(inbound, inbox_ids=(inbox_id,)))
+        if self.conversations is not None:
+            await self.conversations.arrived(stored)  # to the replica working on each conversation
+            return
+        for inbound in stored:
+            self._dispatch(inbound)
+
+    def dispatch(self, inbound: Inbound) -> None:
+        """Route a stored message here (cluster mode: this replica works on its conversation)."""
+        self._dispatch(inbound)
 
     async def on_button(self, press: ButtonPress) -> None:
         """Someone pressed a button under one of parley's messages (an approval, a choice).
@@ -424,7 +449,7 @@ class Gateway:
     def _dispatch(self, inbound: Inbound) -> None:
         """Route a stored message in a task; one chat's messages are routed in order."""
         routed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._tasks.add(routed)  # counted until routed, so `settle_all` waits for it too
+        self._track(routed, inbound.chat.key)  # counted until routed, so `settle_all` waits for it too
 
         async def route() -> None:
             try:
@@ -442,9 +467,8 @@ class Gateway:
                         self._chat_locks.pop(inbound.chat.key, None)
             finally:
                 routed.set_result(None)
-                self._tasks.discard(routed)
 
-        self._spawn(route())
+        self._spawn(route(), inbound.chat.key)
 
     async def _route_durably(self, inbound: Inbound) -> None:
         """Route a stored message; while the store is down, wait for it (the message is safe)."""
@@ -592,8 +616,7 @@ class Gateway:
                     self._chat_locks.pop(chat_key, None)
 
         task = asyncio.create_task(hold(), name=f"coalesce:{chat_key}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._track(task, chat_key)
         return task
 
     async def _submit_durably(self, inbound: Inbound) -> None:
@@ -750,7 +773,7 @@ class Gateway:
         """Give a message that needs no turn its final status (in a task: the chat has its answer)."""
         self._forget_parts(inbound)
         if inbound.inbox_ids:
-            self._spawn(self._finish_messages(list(inbound.inbox_ids), status))
+            self._spawn(self._finish_messages(list(inbound.inbox_ids), status), inbound.chat.key)
 
     async def _finish_messages(self, inbox_ids: list[int], status: str, reply: dict[str, Any] | None = None) -> None:
         try:
@@ -782,7 +805,7 @@ class Gateway:
         """Reply in a task, so routing never waits on the platform -- except while
         shutting down, when the reply must be out before the connector closes."""
         if self._accepting:
-            self._spawn(self.reply(inbound, text, private=private, buttons=buttons))
+            self._spawn(self.reply(inbound, text, private=private, buttons=buttons), inbound.chat.key)
         else:
             await self.reply(inbound, text, private=private, buttons=buttons)
 
@@ -916,6 +939,8 @@ class Gateway:
         plan = await self._durably("plan_turn", self._plan_turn, inbound, supersede, prepared)
         if plan is None:
             return
+        if inbound.received_at and not earlier:
+            self.metrics.queue_wait.observe(max(0.0, self._wall().timestamp() - inbound.received_at))
         model, system_prompt, streaming, history, turn_id = plan
         reply = LiveReply(
             connector.outbox,
@@ -1319,10 +1344,37 @@ class Gateway:
 
     # ---- lifecycle ---------------------------------------------------------------------
 
-    def _spawn(self, coro) -> None:  # noqa: ANN001
-        task = asyncio.create_task(coro)
+    def _spawn(self, coro, chat_key: str | None = None) -> None:  # noqa: ANN001
+        self._track(asyncio.create_task(coro), chat_key)
+
+    def _track(self, task: asyncio.Future[None], chat_key: str | None) -> None:
+        """Count a task until it is done: in `_tasks`, and in its chat's when it has one."""
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if chat_key is not None:
+            tasks = self._chat_tasks.setdefault(chat_key, set())
+            tasks.add(task)
+
+            def done(t: asyncio.Future[None]) -> None:
+                tasks.discard(t)
+                if not tasks and self._chat_tasks.get(chat_key) is tasks:
+                    del self._chat_tasks[chat_key]
+
+            task.add_done_callback(done)
+
+    def chat_idle(self, chat_key: str) -> bool:
+        """Nothing of this chat is routed, held, queued, running or being finished here."""
+        return not self.lanes.is_busy(chat_key) and not self._chat_tasks.get(chat_key)
+
+    async def wait_chat_idle(self, chat_key: str) -> None:
+        """Wait until `chat_idle(chat_key)`: its turns done, its replies and statuses written."""
+        while True:
+            await self.lanes.wait_idle(chat_key)
+            pending = [t for t in self._chat_tasks.get(chat_key, ()) if not t.done()]
+            if not pending and not self.lanes.is_busy(chat_key):
+                return
+            if pending:
+                await asyncio.wait(pending)
 
     async def settle(self, chat_key: str) -> None:
         """Wait until a chat has no running turn, nothing queued and no pending reply."""
@@ -1374,11 +1426,7 @@ class Gateway:
         """
         rows = await self.store.unfinished_messages(platforms)
         self._routing_open.clear()
-        rows = await self._apply_left_edits(rows)
-        for row in rows:
-            self._recovered[row.id] = row
-        for inbound in self._regroup(rows):
-            self._dispatch(inbound)
+        rows = await self._recover(rows)
         if rows:
             running = sum(1 for r in rows if r.status == INBOX_RUNNING)
             log.info(
@@ -1387,6 +1435,34 @@ class Gateway:
             )
             self.metrics.recovered.labels("resumed").inc(len(rows))
         return len(rows)
+
+    async def _recover(self, rows: list[InboxRow]) -> list[InboxRow]:
+        """Route messages a process that is gone left unfinished, as they were when it went."""
+        rows = await self._apply_left_edits(rows)
+        for row in rows:
+            self._recovered[row.id] = row
+        for inbound in self._regroup(rows):
+            self._dispatch(inbound)
+        return rows
+
+    async def take_over(self, chat_key: str, rows: list[InboxRow]) -> None:
+        """Cluster mode: this replica begins working on a conversation; `rows` are its unfinished messages.
+
+        When a replica was cut off while working on it (a turn had begun: it died, or lost
+        the database), they are recovered as after a restart -- the cut-off reply
+        continues in the message the chat already shows, the crash-loop and age limits
+        apply. Otherwise they are new messages, routed as they came.
+        """
+        if any(r.status == INBOX_RUNNING or r.attempts or r.reply for r in rows):
+            stale = await self.store.mark_stale_turns(status="error", chat_key=chat_key)
+            log.info(
+                "chat %s: taking over %d unfinished messages (%d turns were cut off)", chat_key, len(rows), stale
+            )
+            self.metrics.recovered.labels("resumed").inc(len(rows))
+            await self._recover(rows)
+            return
+        for row in rows:
+            self._dispatch(inbound_from_json(row.inbound, (row.id,)))
 
     async def _apply_left_edits(self, rows: list[InboxRow]) -> list[InboxRow]:
         """Edits an earlier process stored but did not settle, applied to their unfinished messages.

@@ -124,9 +124,12 @@ READY_TIMEOUT = 5.0
 class HealthServer:
     """`/healthz` (the process is up), `/readyz` (platforms connected and working, store reachable), `/metrics`."""
 
-    def __init__(self, metrics: Metrics, *, ready: ReadyCheck) -> None:
+    def __init__(
+        self, metrics: Metrics, *, ready: ReadyCheck, details: Callable[[], Awaitable[dict]] | None = None
+    ) -> None:
         self._metrics = metrics
         self._ready = ready
+        self._details = details  # shown beside the checks, never deciding readiness (the cluster)
         self._runner: web.AppRunner | None = None
         self.port: int = 0
 
@@ -159,7 +162,13 @@ class HealthServer:
             ok, checks = await asyncio.wait_for(self._ready(), READY_TIMEOUT)
         except Exception:  # a readiness probe answers "not ready", never an error page
             ok, checks = False, {}
-        body = json.dumps({"ready": ok, "checks": checks}) + "\n"
+        answer: dict = {"ready": ok, "checks": checks}
+        if self._details is not None:
+            try:
+                answer.update(await asyncio.wait_for(self._details(), READY_TIMEOUT))
+            except Exception as exc:
+                answer["details"] = f"unavailable ({type(exc).__name__})"
+        body = json.dumps(answer) + "\n"
         return web.Response(text=body, status=200 if ok else 503, content_type="application/json")
 
     async def _metrics_view(self, request: web.Request) -> web.Response:

@@ -39,6 +39,7 @@ class Inbound:
     attachments: tuple[Attachment, ...] = ()  # photos, voice notes, files (references, not bytes)
     media_group_id: str | None = None  # Telegram albums: the updates of one album share it
     edit_of: str | None = None  # an edit of the message with this id (text is the new text)
+    received_at: float = 0.0  # when parley received it (epoch seconds; set by the gateway): queue wait
 
     @property
     def platform(self) -> str:

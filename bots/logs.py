@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 LogFormat = Literal["text", "json"]
-CONTEXT_FIELDS = ("platform", "chat", "turn")
+CONTEXT_FIELDS = ("replica", "platform", "chat", "turn")
 MASK = "***"
 
 # Library loggers that are chatty at INFO: (level when parley runs at INFO or above,
@@ -99,6 +99,15 @@ def turn_context(
         _CONTEXT.reset(token)
 
 
+_REPLICA: str | None = None
+
+
+def set_replica(replica_id: str | None) -> None:
+    """Cluster mode: stamp every record of this process with its replica id (`replica=`)."""
+    global _REPLICA
+    _REPLICA = replica_id
+
+
 def current_context() -> dict[str, str]:
     """The platform/chat/turn bound by the enclosing `turn_context`s (empty outside)."""
     return dict(_CONTEXT.get())
@@ -111,7 +120,7 @@ class TurnContextFilter(logging.Filter):
         context = _CONTEXT.get()
         for key in CONTEXT_FIELDS:
             if getattr(record, key, None) is None:
-                setattr(record, key, context.get(key))
+                setattr(record, key, _REPLICA if key == "replica" else context.get(key))
         return True
 
 
@@ -281,7 +290,10 @@ def _context_label(record: logging.LogRecord) -> str:
     platform = getattr(record, "platform", None)
     chat = getattr(record, "chat", None)
     turn = getattr(record, "turn", None)
-    bits = [str(platform)] if platform else []
+    replica = getattr(record, "replica", None)
+    bits = [f"replica={replica}"] if replica else []
+    if platform:
+        bits.append(str(platform))
     if chat is not None:
         bits.append(f"chat={chat}")
     if turn is not None:

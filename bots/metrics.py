@@ -123,6 +123,36 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.queue_wait = Histogram(
+            "parley_queue_wait_seconds",
+            "Seconds from a message's arrival to the start of the turn answering it",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=r,
+        )
+        # Cluster mode (bots.cluster); zero / absent in a single process.
+        self.takeovers = Counter(
+            "parley_cluster_takeovers",
+            "Conversations taken over from a replica whose heartbeat stopped (its lease ran out)",
+            registry=r,
+        )
+        self.cluster_replicas = Gauge(
+            "parley_cluster_replicas", "Replicas with a fresh heartbeat, as this replica last counted", registry=r
+        )
+        self.cluster_conversations = Gauge(
+            "parley_cluster_conversations", "Conversations this replica works on now", registry=r
+        )
+        self.shared_budget_waits = Counter(
+            "parley_shared_budget_waits",
+            "Platform calls that waited for the budget shared by all replicas (Redis)",
+            ["platform"],
+            registry=r,
+        )
+        self.shared_budget_wait_seconds = Counter(
+            "parley_shared_budget_wait_seconds",
+            "Seconds platform calls waited for the budget shared by all replicas",
+            ["platform"],
+            registry=r,
+        )
         self._breakers: Callable[[], dict[str, dict[str, object]]] | None = None
         self._transport_429: set[str] = set()
 

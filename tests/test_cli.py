@@ -257,7 +257,7 @@ async def test_config_errors_exit_2_naming_key_and_problem_before_contacting_any
 
 async def test_config_error_with_json_logs_is_one_json_line(tmp_path: Path) -> None:
     path = tmp_path / "parley.yaml"
-    path.write_text("provider: {api: chat, base_url: 'http://127.0.0.1:1/v1'}\ncolour: blue\n")
+    path.write_text("provider: {api: chat, base_url: 'http://127.0.0.1:1/v1'}\nflavour: vanilla\n")
     result = await run_cli(["check", "--config", str(path), "--log-format", "json"], cwd=tmp_path)
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()
@@ -266,7 +266,7 @@ async def test_config_error_with_json_logs_is_one_json_line(tmp_path: Path) -> N
     assert record["file"] == str(path)
     assert json.loads(record["problems"]) == [
         "provider.api: Input should be 'chat_completions' or 'responses' (got 'chat')",
-        "colour: unknown key",
+        "flavour: unknown key",
     ]
 
 

@@ -371,7 +371,7 @@ def test_env_reference_must_name_a_variable(tmp_path: Path) -> None:
             id="owner-not-a-string",
         ),
         pytest.param("telegram: {tokn: x}\n", "telegram.tokn", "unknown key (did you mean 'token'?)", id="unknown-key"),
-        pytest.param("colour: blue\n", "colour", "unknown key", id="unknown-top-level-key"),
+        pytest.param("flavour: vanilla\n", "flavour", "unknown key", id="unknown-top-level-key"),
         pytest.param(
             "metrics: {listen: '9464'}\n",
             "metrics.listen",
@@ -492,7 +492,7 @@ def test_every_parley_variable_that_sets_nothing_is_an_error_like_an_unknown_yam
         "PARLEY_PROVIDR__MODEL": "gpt-4.1",  # no such section
         "PARLEY_PROVIDER__MODLE": "gpt-4.1",  # no such key (pydantic caught this one already)
         "PARLEY_STORE__URL": "sqlite:///x.db",  # below a plain value
-        "PARLEY_COLOUR": "blue",  # nothing close
+        "PARLEY_FLAVOUR": "vanilla",  # nothing close
     }
     exc = load_error(env=env, env_file=tmp_path / ".env")
     assert problems_of(exc) == {
@@ -500,7 +500,7 @@ def test_every_parley_variable_that_sets_nothing_is_an_error_like_an_unknown_yam
         "provider.modle": "unknown key (did you mean 'model'?) [set by environment variable PARLEY_PROVIDER__MODLE]",
         "store.url": "unknown key: store is a value, it has no keys (did you mean PARLEY_STORE?) "
         "[set by environment variable PARLEY_STORE__URL]",
-        "colour": "unknown key [set by environment variable PARLEY_COLOUR]",
+        "flavour": "unknown key [set by environment variable PARLEY_FLAVOUR]",
         "log_level": f"unknown key (did you mean PARLEY_LOGGING__LEVEL?) [set by {tmp_path / '.env'} variable "
         "PARLEY_LOG_LEVEL]",
     }

@@ -1,0 +1,220 @@
+"""Which replica works on which conversation, and how its messages reach it.
+
+A replica *owns* a conversation while its worker runs the conversation's job
+(`bots.cluster.queue`; procrastinate's lock guarantees one owner at a time). The owner
+does everything for that conversation exactly as a single process does -- routing,
+commands, coalescing, the lane with its busy policy, turns, recovery -- so every rule of
+the single-process gateway holds per conversation in the cluster too.
+
+Messages arrive at any replica (a webhook behind a load balancer, the Telegram poller).
+The receiving replica stores them (the inbox's unique key makes a redelivery to another
+replica a no-op), then:
+
+- it owns the conversation: the message goes straight to its lanes;
+- otherwise: it queues the conversation's job (a no-op when one waits already) and
+  announces the message on a PostgreSQL NOTIFY channel. The owner, if any, fetches the
+  conversation's messages it has not seen and routes them at once -- so `/stop` and the
+  `interrupt` policy reach a turn running on another replica within milliseconds, and a
+  queued message is acknowledged by the replica that will answer it. With no owner, the
+  job starts the conversation on whichever replica's worker fetches it.
+
+The owner ends the job when the conversation is idle: no turn, nothing queued or routed,
+and no unseen unfinished message in the store (checked after it stopped taking new
+ones, so a message arriving meanwhile is either seen here or has its own job queued).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from bots.cluster.pg import PgTarget
+from bots.cluster.queue import ConversationQueue
+from bots.inbound import Inbound
+from bots.inbound import from_json as inbound_from_json
+
+if TYPE_CHECKING:
+    from bots.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+RECONNECT_AFTER = 1.0
+"""Seconds between attempts to re-open the NOTIFY listener after it lost its connection."""
+
+
+@dataclass(eq=False)
+class _Owned:
+    """A conversation this replica works on."""
+
+    chat_key: str
+    seen: set[int] = field(default_factory=set)  # inbox ids routed here while it is owned
+    ready: bool = False  # what the store held when the job began has been routed
+    closing: bool = False  # ending its job: new messages go to the next job
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one fetch of unseen messages at a time
+
+
+class Conversations:
+    """The conversations this replica owns, and the traffic between replicas about them."""
+
+    def __init__(self, gateway: "Gateway", queue: ConversationQueue, target: PgTarget, *, replica_id: str) -> None:
+        self.gateway = gateway
+        self.queue = queue
+        self.target = target
+        self.replica_id = replica_id
+        self._owned: dict[str, _Owned] = {}
+        self._listener: asyncpg.Connection | None = None
+        self._listening: asyncio.Task[None] | None = None
+        self._pulls: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def owned(self) -> int:
+        """Conversations this replica works on now."""
+        return len(self._owned)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen for other replicas' announcements, then let the worker hand us conversations."""
+        await self._listen()
+        self._listening = asyncio.create_task(self._keep_listening(), name="cluster-listener")
+        self.queue.start(self.own)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._listening is not None:
+            self._listening.cancel()
+            await asyncio.gather(self._listening, return_exceptions=True)
+        for task in list(self._pulls):
+            task.cancel()
+        await asyncio.gather(*self._pulls, return_exceptions=True)
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            try:
+                await asyncio.wait_for(listener.close(), timeout=2)
+            except Exception:
+                listener.terminate()
+
+    async def _listen(self) -> None:
+        settings = {"application_name": f"parley:{self.replica_id}"}
+        if self.target.schema:
+            settings["search_path"] = self.target.schema
+        conn = await asyncpg.connect(self.target.url, server_settings=settings, timeout=10)
+        await conn.add_listener(self.target.inbox_channel, self._on_notify)
+        self._listener = conn
+
+    async def _keep_listening(self) -> None:
+        """Re-open the listener when its connection drops; what was announced meanwhile is fetched."""
+        while not self._closed:
+            await asyncio.sleep(RECONNECT_AFTER)
+            if self._listener is not None and not self._listener.is_closed():
+                continue
+            try:
+                await self._listen()
+            except Exception as exc:
+                log.warning("cluster: cannot listen for other replicas' messages (%s); retrying", type(exc).__name__)
+                continue
+            log.info("cluster: listening for other replicas' messages again")
+            for owned in list(self._owned.values()):
+                self._pull_later(owned)
+
+    # ---- messages arriving here ----------------------------------------------------------
+
+    async def arrived(self, inbounds: list[Inbound]) -> None:
+        """Stored messages this replica received: route them here, or hand them to their conversation's job."""
+        elsewhere: dict[str, int] = {}
+        for inbound in inbounds:
+            owned = self._owned.get(inbound.chat.key)
+            if owned is not None and not owned.closing and self.gateway.accepting:
+                # Through the store, in inbox order: a message another replica stored a
+                # moment earlier (its announcement still on the way) goes first.
+                self._pull_later(owned)
+            else:
+                elsewhere[inbound.chat.key] = max(inbound.inbox_ids)
+        for chat_key, inbox_id in elsewhere.items():
+            try:
+                await self.queue.defer(chat_key)
+                await self.queue.app.connector.execute_query_async(
+                    "SELECT pg_notify(%(channel)s, %(payload)s)",
+                    channel=self.target.inbox_channel,
+                    payload=json.dumps({"chat": chat_key, "id": inbox_id}),
+                )
+            except Exception as exc:
+                # Stored: the sweep queues its conversation (`bots.cluster.queue.UNQUEUED_AFTER`).
+                log.warning("chat %s: could not queue the conversation (%s); the sweep will", chat_key, exc)
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            chat_key = str(json.loads(payload)["chat"])
+        except (ValueError, KeyError, TypeError):
+            return
+        owned = self._owned.get(chat_key)
+        if owned is not None and not owned.closing:
+            self._pull_later(owned)
+
+    def _pull_later(self, owned: _Owned) -> None:
+        task = asyncio.create_task(self._pull(owned), name=f"cluster-pull:{owned.chat_key}")
+        self._pulls.add(task)
+        task.add_done_callback(self._pulls.discard)
+
+    async def _pull(self, owned: _Owned) -> None:
+        """Route the conversation's unfinished messages this replica has not seen yet."""
+        async with owned.lock:
+            if owned.closing or not owned.ready or not self.gateway.accepting:
+                return
+            try:
+                rows = await self.gateway.store.unfinished_messages(chat_key=owned.chat_key)
+            except Exception as exc:
+                log.warning("chat %s: could not fetch new messages (%s); they wait for the next job", owned.chat_key, exc)
+                return
+            self._route_unseen(owned, rows)
+
+    def _route_unseen(self, owned: _Owned, rows: list[Any]) -> int:
+        """Route the rows (in inbox order) not routed here yet; returns how many."""
+        count = 0
+        for row in rows:
+            if row.id not in owned.seen:
+                owned.seen.add(row.id)
+                self.gateway.dispatch(inbound_from_json(row.inbound, (row.id,)))
+                count += 1
+        return count
+
+    # ---- a conversation's job ------------------------------------------------------------
+
+    async def own(self, chat_key: str) -> None:
+        """The job of a conversation: work on it here until it is idle."""
+        if not self.gateway.accepting or chat_key in self._owned:
+            await self.queue.defer(chat_key)  # shutting down (or a duplicate job): for another replica
+            return
+        owned = self._owned[chat_key] = _Owned(chat_key)
+        leftover = False
+        try:
+            async with owned.lock:
+                rows = await self.gateway.store.unfinished_messages(chat_key=chat_key)
+                owned.seen.update(r.id for r in rows)
+                await self.gateway.take_over(chat_key, rows)
+                owned.ready = True
+            while True:
+                await self.gateway.wait_chat_idle(chat_key)
+                async with owned.lock:
+                    owned.closing = True
+                    rows = await self.gateway.store.unfinished_messages(chat_key=chat_key)
+                    if self.gateway.accepting and any(r.id not in owned.seen for r in rows):
+                        owned.closing = False
+                        self._route_unseen(owned, rows)
+                        continue
+                    leftover = bool(rows)
+                    break
+        finally:
+            if self._owned.get(chat_key) is owned:
+                del self._owned[chat_key]
+        if leftover:
+            if self.gateway.accepting:
+                log.warning("chat %s: idle with %d unfinished messages; leaving them to the sweep", chat_key, len(rows))
+            else:
+                await self.queue.defer(chat_key)  # this replica is stopping: another one answers them

@@ -1,0 +1,224 @@
+"""Each conversation's messages, worked through by one replica at a time: procrastinate jobs.
+
+A conversation (a chat, or a forum topic / thread) gets a job whenever a message for it
+is accepted and no replica is working on it: `conversation(chat_key)`, deferred with
+`lock=<chat key>` (procrastinate never runs two jobs with one lock at once, and runs
+them in the order they were queued) and `queueing_lock=<chat key>` (at most one such
+job waits at a time: a burst of messages costs one job, not one per message). The
+replica whose worker fetched the job *owns* the conversation while the job runs
+(`bots.cluster.conversations`): it routes the conversation's messages, runs its turns in
+order and ends the job once nothing is left. Other conversations run in parallel on
+any replica, up to `cluster.concurrency` per replica.
+
+Why procrastinate (https://procrastinate.readthedocs.io): a PostgreSQL job queue that
+already has what this needs -- per-key locks, LISTEN/NOTIFY wake-ups, worker
+heartbeats and a way to find the jobs of workers whose heartbeat stopped. parley adds
+no queue or consensus of its own: it retries the stalled jobs of dead replicas (a
+sweep every `lease_timeout / 3` seconds), and re-queues conversations whose messages
+sit unfinished with no job (a replica died between storing a message and queueing its
+job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+from procrastinate import App, PsycopgConnector
+from procrastinate import exceptions as pexc
+from procrastinate.jobs import Status
+
+from bots.cluster.pg import PgTarget
+from bots.store import Store
+
+log = logging.getLogger(__name__)
+
+TASK = "parley.conversation"
+QUEUE = "parley"
+FETCH_POLL = 1.0
+"""Seconds between a worker's polls for jobs it was not woken for (a job whose lock
+was freed by another job ending is found by this poll; new jobs wake workers at once)."""
+UNQUEUED_AFTER = timedelta(seconds=3)
+"""An unfinished message this old with no job for its conversation is re-queued."""
+
+Handler = Callable[[str], Awaitable[None]]
+
+
+class ConversationQueue:
+    """The procrastinate app of one replica: defers conversation jobs, runs a worker, sweeps."""
+
+    def __init__(
+        self,
+        target: PgTarget,
+        store: Store,
+        *,
+        replica_id: str,
+        lease_timeout: float,
+        concurrency: int,
+        on_takeover: Callable[[str], None] | None = None,
+    ) -> None:
+        self.target = target
+        self.store = store
+        self.replica_id = replica_id
+        self.lease_timeout = lease_timeout
+        self.concurrency = concurrency
+        self.on_takeover = on_takeover
+        self.live_replicas = 1  # replicas with a fresh worker heartbeat, as of the last sweep
+        self.pg_ok_at: float | None = None  # loop time of the last sweep that reached PostgreSQL
+        self.app = App(
+            connector=PsycopgConnector(
+                conninfo=target.url,
+                kwargs={"options": target.options, "application_name": f"parley:{replica_id}"},
+                min_size=1,
+                max_size=max(4, min(20, concurrency // 10 + 2)),
+            )
+        )
+        self._handler: Handler | None = None
+        self._task = self.app.task(name=TASK, queue=QUEUE)(self._run_job)
+        self._worker: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._opened = False
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, and create procrastinate's tables on first use (once, under a lock)."""
+        await self.app.open_async()
+        self._opened = True
+        await self._ensure_schema()
+
+    async def _ensure_schema(self) -> None:
+        """procrastinate's schema, applied by the first replica; the others wait on the lock, then find it."""
+        connector = self.app.connector
+        lock = f"parley.procrastinate-schema:{self.target.schema or ''}"
+        async with connector.pool.connection() as conn:  # type: ignore[attr-defined]
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (lock,))
+                cur = await conn.execute("SELECT to_regclass('procrastinate_jobs') IS NOT NULL")
+                row = await cur.fetchone()
+                if row is not None and row[0]:
+                    return
+                schema_sql = self.app.schema_manager.get_schema()
+                await conn.execute(schema_sql)  # type: ignore[arg-type]
+                log.info("cluster: created procrastinate's tables")
+
+    def start(self, handler: Handler) -> None:
+        """Start this replica's worker (conversations run through `handler(chat_key)`) and the sweeps."""
+        self._handler = handler
+        self._worker = asyncio.create_task(
+            self.app.run_worker_async(
+                queues=[QUEUE],
+                name=self.replica_id,
+                concurrency=self.concurrency,
+                wait=True,
+                install_signal_handlers=False,
+                fetch_job_polling_interval=FETCH_POLL,
+                update_heartbeat_interval=max(1.0, self.lease_timeout / 3),
+                stalled_worker_timeout=self.lease_timeout,
+                delete_jobs="successful",
+                listen_notify=True,
+            ),
+            name="cluster-worker",
+        )
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="cluster-sweeper")
+
+    def stop_fetching(self) -> None:
+        """Take no new conversations (shutdown); the ones running end as their chats go idle."""
+        if self._worker is not None and not self._worker.done():
+            self._worker.cancel()  # procrastinate: stop fetching, wait for the running jobs
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    async def close(self, timeout: float) -> None:
+        """Wait up to `timeout` for the running conversation jobs, then close the connections."""
+        tasks = [t for t in (self._worker, self._sweeper) if t is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._opened:
+            self._opened = False
+            await self.app.close_async()
+
+    # ---- queueing --------------------------------------------------------------------------
+
+    async def defer(self, chat_key: str) -> bool:
+        """Queue a job for the conversation, unless one waits already; True when one was queued."""
+        try:
+            await self._task.configure(lock=chat_key, queueing_lock=chat_key).defer_async(chat_key=chat_key)
+        except pexc.AlreadyEnqueued:
+            return False
+        return True
+
+    async def _run_job(self, chat_key: str) -> None:
+        assert self._handler is not None
+        await self._handler(chat_key)
+
+    # ---- sweeps ----------------------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        interval = max(1.0, self.lease_timeout / 3)
+        while True:
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("cluster: sweep failed (%s: %s); retrying in %.0fs", type(exc).__name__, exc, interval)
+            await asyncio.sleep(interval)
+
+    async def sweep(self) -> None:
+        """Take over the conversations of dead replicas; queue those that lost their job."""
+        manager = self.app.job_manager
+        for job in await manager.get_stalled_jobs(task_name=TASK, seconds_since_heartbeat=self.lease_timeout):
+            chat_key = str(job.task_kwargs.get("chat_key", job.lock or ""))
+            try:
+                await manager.retry_job(job)
+            except (pexc.UniqueViolation, pexc.ConnectorException):
+                # A job for this conversation waits already: it takes over; this one ends.
+                await manager.finish_job_by_id_async(job.id or 0, status=Status.FAILED, delete_job=False)
+            log.warning(
+                "cluster: conversation %s was left running by a replica that stopped answering for %.0fs; "
+                "taking it over", chat_key, self.lease_timeout,
+            )
+            if self.on_takeover is not None:
+                self.on_takeover(chat_key)
+        for chat_key in await self._unqueued_chats():
+            if await self.defer(chat_key):
+                log.info("cluster: conversation %s had unfinished messages and no job; queued", chat_key)
+        self.live_replicas = await self._count_live_replicas()
+        self.pg_ok_at = asyncio.get_running_loop().time()
+
+    async def _unqueued_chats(self) -> list[str]:
+        chats = await self.store.unfinished_chats(older_than=UNQUEUED_AFTER)
+        if not chats:
+            return []
+        rows = await self.app.connector.execute_query_all_async(
+            "SELECT DISTINCT lock FROM procrastinate_jobs WHERE task_name = %(task)s "
+            "AND status IN ('todo', 'doing') AND lock = ANY(%(locks)s)",
+            task=TASK,
+            locks=chats,
+        )
+        queued = {row["lock"] for row in rows}
+        return [c for c in chats if c not in queued]
+
+    async def _count_live_replicas(self) -> int:
+        row = await self.app.connector.execute_query_one_async(
+            "SELECT count(*) AS n FROM procrastinate_workers "
+            "WHERE last_heartbeat > now() - make_interval(secs => %(lease)s)",
+            lease=self.lease_timeout,
+        )
+        return max(1, int(row["n"]))
+
+    async def stats(self) -> dict[str, int]:
+        """Jobs waiting and running (all replicas): for /status and /readyz."""
+        rows = await self.app.connector.execute_query_all_async(
+            "SELECT status::text AS status, count(*) AS n FROM procrastinate_jobs "
+            "WHERE task_name = %(task)s AND status IN ('todo', 'doing') GROUP BY status",
+            task=TASK,
+        )
+        counts = {row["status"]: int(row["n"]) for row in rows}
+        return {"waiting": counts.get("todo", 0), "running": counts.get("doing", 0)}

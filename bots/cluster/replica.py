@@ -1,0 +1,95 @@
+"""This replica's part in the cluster: its queue worker, its conversations, what it reports.
+
+`App` builds one `Replica` when `cluster.enabled` and calls, in order: `open` (connect,
+procrastinate's tables), `attach` (the gateway hands stored messages to the cluster),
+`start` once the platforms are connected (the worker may hand it conversations from
+then on), and at shutdown `stop_fetching` -> the gateway finishes its turns -> `close`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from bots.cluster.conversations import Conversations
+from bots.cluster.pg import PgTarget
+from bots.cluster.queue import ConversationQueue
+
+if TYPE_CHECKING:
+    from bots.config import Settings
+    from bots.gateway import Gateway
+    from bots.metrics import Metrics
+    from bots.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def default_replica_id() -> str:
+    """`<hostname>-<pid>`: unique among live replicas, readable in logs."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Replica:
+    """One `parley run` of a cluster."""
+
+    def __init__(self, settings: "Settings", store: "Store", gateway: "Gateway", metrics: "Metrics") -> None:
+        cluster = settings.cluster
+        self.id = cluster.replica_id or default_replica_id()
+        self.settings = settings
+        self.store = store
+        self.gateway = gateway
+        self.metrics = metrics
+        self.target = PgTarget.from_store_url(settings.store.get_secret_value())
+        self.queue = ConversationQueue(
+            self.target,
+            store,
+            replica_id=self.id,
+            lease_timeout=cluster.lease_timeout,
+            concurrency=cluster.concurrency,
+            on_takeover=lambda _chat: metrics.takeovers.inc(),
+        )
+        self.conversations = Conversations(gateway, self.queue, self.target, replica_id=self.id)
+        # Who does a duty only one replica may do (the Telegram poller): set by the app.
+        self.leaders: dict[str, Any] = {}
+        metrics.cluster_replicas.set_function(lambda: float(self.queue.live_replicas))
+        metrics.cluster_conversations.set_function(lambda: float(self.conversations.owned))
+
+    async def open(self) -> None:
+        await self.queue.open()
+        self.gateway.conversations = self.conversations
+        log.info("cluster: replica %s joined (lease timeout %gs)", self.id, self.settings.cluster.lease_timeout)
+
+    async def start(self) -> None:
+        await self.conversations.start()
+        try:
+            await self.queue.sweep()  # live replicas, and anything left without a job, at once
+        except Exception as exc:
+            log.warning("cluster: first sweep failed (%s); the periodic one retries", exc)
+
+    def stop_fetching(self) -> None:
+        self.queue.stop_fetching()
+
+    async def close(self, timeout: float) -> None:
+        await self.queue.close(timeout)
+        await self.conversations.close()
+
+    async def status(self) -> dict[str, Any]:
+        """This replica, the live replicas, the queue and the leaders: for /status and /readyz."""
+        info: dict[str, Any] = {"replica": self.id, "live_replicas": self.queue.live_replicas,
+                                "conversations_here": self.conversations.owned}
+        try:
+            backlog, oldest = await self.store.inbox_backlog()
+            info["waiting_messages"] = backlog
+            info["oldest_waiting_seconds"] = round(max(0.0, time.time() - oldest.timestamp()), 1) if oldest else 0.0
+            info.update({f"jobs_{k}": v for k, v in (await self.queue.stats()).items()})
+        except Exception as exc:
+            info["queue"] = f"unknown ({type(exc).__name__})"
+        for duty, leadership in self.leaders.items():
+            try:
+                info[f"{duty}_leader"] = await leadership.leader() or "none"
+            except Exception as exc:
+                info[f"{duty}_leader"] = f"unknown ({type(exc).__name__})"
+        return info
