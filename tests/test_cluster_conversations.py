@@ -20,13 +20,14 @@ from typing import Any
 
 import pytest
 import yaml
+from sqlalchemy.engine import make_url
 
 from bots.app import App
 from bots.config import load_config
 from bots.gateway import QUEUED_TEXT
 from tests.fakes.telegram import FakeTelegram
 from tests.support.cluster import RoundRobinProxy
-from tests.support.crash import CrashLLM, answer_for, bot_view
+from tests.support.crash import CrashLLM, TcpProxy, answer_for, bot_view, wait_noted, with_port
 from tests.support.stack import deep_merge, parley_config
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.postgres]
@@ -43,10 +44,13 @@ def _free_port() -> int:
 class Replicas:
     """N in-process replicas behind a round-robin proxy."""
 
-    def __init__(self, apps: list[App], proxy: RoundRobinProxy, backends: list[str]) -> None:
+    def __init__(
+        self, apps: list[App], proxy: RoundRobinProxy, backends: list[str], databases: list[TcpProxy]
+    ) -> None:
         self.apps = apps
         self.proxy = proxy
         self.backends = backends
+        self.databases = databases  # each replica reaches PostgreSQL through its own TCP proxy
 
     def deliver_next_to(self, index: int) -> None:
         """The next webhook delivery goes to replica `index` (the proxy takes them in turn)."""
@@ -73,6 +77,7 @@ async def start_replicas(
 ) -> AsyncIterator[Callable[..., Awaitable[tuple[Replicas, FakeTelegram, CrashLLM]]]]:
     started: list[App] = []
     proxies: list[RoundRobinProxy] = []
+    tcp_proxies: list[TcpProxy] = []
     llms: list[CrashLLM] = []
 
     async def start(count: int = 2, **overrides: Any) -> tuple[Replicas, FakeTelegram, CrashLLM]:
@@ -85,10 +90,15 @@ async def start_replicas(
         proxy = await RoundRobinProxy(backends).start()
         proxies.append(proxy)
         apps = []
+        databases = []
+        pg = make_url(postgres_url)
         for i, port in enumerate(ports):
+            database = await TcpProxy(pg.host or "127.0.0.1", pg.port or 5432).start()
+            tcp_proxies.append(database)
+            databases.append(database)
             config = parley_config(tmp_path, llm, telegram=tg)
             config = deep_merge(config, {
-                "store": postgres_url,
+                "store": with_port(postgres_url, database.port),
                 "access": {"allow_everyone": True},
                 "telegram": {
                     "mode": "webhook",
@@ -105,13 +115,17 @@ async def start_replicas(
             await app.start(app.platform_connectors())
             apps.append(app)
             await asyncio.sleep(1.1)  # TEMPORARY: every replica still calls setWebhook (1/s in the fake)
-        return Replicas(apps, proxy, backends), tg, llm
+        return Replicas(apps, proxy, backends, databases), tg, llm
 
     try:
         yield start
     finally:
+        for database in tcp_proxies:
+            await database.restore()
         for app in started:
             await app.stop()
+        for database in tcp_proxies:
+            await database.aclose()
         for proxy in proxies:
             await proxy.stop()
         for llm in llms:
@@ -186,3 +200,33 @@ async def test_interrupt_policy_reaches_the_turn_on_the_other_replica(start_repl
     assert shown[-1] == answer_for("second question") and shown.count(shown[-1]) == 1
     assert answer_for("first question") not in shown, "the first turn was interrupted"
     assert llm.turn_starts("first question") == 1 and llm.turn_starts("second question") == 1
+
+
+async def test_a_replica_cut_off_from_the_database_lets_go_and_another_completes_the_reply_once(
+    start_replicas, postgres_url: str
+) -> None:
+    replicas, tg, llm = await start_replicas(2)
+    user = tg.user(800, "Patient")
+    chat = tg.private_chat(user)
+    question = "a question asked just before the network split"
+    llm.hold(at=2)
+    tg.user_says(chat, user, question)
+    owner = await replicas.wait_owner(f"telegram:{chat.id}", tg)
+    await tg.wait_for(lambda: any(m.text.startswith("Answer to") for m in bot_view(tg, chat.id)), timeout=20)
+    first = bot_view(tg, chat.id)[0].id
+    await wait_noted(postgres_url, [first])  # the owner knows which message it shows (else: a new one)
+    await replicas.databases[owner].refuse()  # the owner's network to PostgreSQL is gone
+    cut_off = replicas.apps[owner].replica
+    assert cut_off is not None
+    await tg.wait_for(lambda: cut_off.queue.fenced, timeout=20, what="the cut-off replica to let go")
+    await tg.wait_for(lambda: llm.turn_starts(question) == 2, timeout=30, what="another replica to take over")
+    assert replicas.owner_of(f"telegram:{chat.id}") == 1 - owner
+    llm.release()
+    full = answer_for(question)
+    await tg.wait_for(lambda: any(m.text == full for m in bot_view(tg, chat.id)), timeout=30, what="the full reply")
+    await replicas.apps[1 - owner].gateway.settle_all()
+    shown = [m for m in bot_view(tg, chat.id) if not m.deleted]
+    assert [m.text for m in shown] == [full], "one complete reply, nothing else left"
+    assert shown[0].id == first, "completed in the message the person already saw"
+    await replicas.databases[owner].restore()
+    await tg.wait_for(lambda: not cut_off.queue.fenced, timeout=30, what="the replica to work again")

@@ -55,6 +55,7 @@ class _Owned:
     seen: set[int] = field(default_factory=set)  # inbox ids routed here while it is owned
     ready: bool = False  # what the store held when the job began has been routed
     closing: bool = False  # ending its job: new messages go to the next job
+    abandoned: bool = False  # let go of as if this replica had died (fenced)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one fetch of unseen messages at a time
 
 
@@ -83,7 +84,17 @@ class Conversations:
         """Listen for other replicas' announcements, then let the worker hand us conversations."""
         await self._listen()
         self._listening = asyncio.create_task(self._keep_listening(), name="cluster-listener")
-        self.queue.start(self.own)
+        self.queue.start(self.own, on_fence=self._let_go)
+
+    def _let_go(self, reason: str) -> None:
+        """Fenced (`ConversationQueue._watch_heartbeat`): drop every conversation as a crash would."""
+        cut = 0
+        for owned in list(self._owned.values()):
+            owned.closing = True
+            owned.abandoned = True
+            cut += self.gateway.abandon(owned.chat_key)
+        if cut:
+            log.warning("cluster: %d turns left for another replica to continue (%s)", cut, reason)
 
     async def close(self) -> None:
         self._closed = True
@@ -188,7 +199,7 @@ class Conversations:
 
     async def own(self, chat_key: str) -> None:
         """The job of a conversation: work on it here until it is idle."""
-        if not self.gateway.accepting or chat_key in self._owned:
+        if not self.gateway.accepting or chat_key in self._owned or self.queue.fenced:
             await self.queue.defer(chat_key)  # shutting down (or a duplicate job): for another replica
             return
         owned = self._owned[chat_key] = _Owned(chat_key)
@@ -201,6 +212,8 @@ class Conversations:
                 owned.ready = True
             while True:
                 await self.gateway.wait_chat_idle(chat_key)
+                if owned.abandoned:
+                    return  # the store may be unreachable; the next owner recovers everything
                 async with owned.lock:
                     owned.closing = True
                     rows = await self.gateway.store.unfinished_messages(chat_key=chat_key)
