@@ -120,6 +120,8 @@ class ConversationsHook(Protocol):
 
     async def arrived(self, inbounds: list[Inbound]) -> None: ...
 
+    async def forward_press(self, press: ButtonPress) -> bool: ...
+
 
 class Connector(Protocol):
     """A platform connection: receives messages for the gateway and offers its Outbox."""
@@ -381,6 +383,8 @@ class Gateway:
         """
         try:
             handled = await self.buttons.press(press)
+            if not handled and self.conversations is not None:
+                handled = await self.conversations.forward_press(press)  # a turn on another replica asked
         except Exception:
             log.exception("chat %s: a button press failed", press.chat.key)
             handled = False

@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 from bots.app import App
 from bots.config import load_config
 from bots.gateway import QUEUED_TEXT
+from tests.fakes.llm import Reply
 from tests.fakes.telegram import FakeTelegram
 from tests.support.cluster import RoundRobinProxy
 from tests.support.crash import CrashLLM, TcpProxy, answer_for, bot_view, wait_noted, with_port
@@ -230,3 +231,31 @@ async def test_a_replica_cut_off_from_the_database_lets_go_and_another_completes
     assert shown[0].id == first, "completed in the message the person already saw"
     await replicas.databases[owner].restore()
     await tg.wait_for(lambda: not cut_off.queue.fenced, timeout=30, what="the replica to work again")
+
+
+async def test_an_approval_pressed_through_another_replica_reaches_the_turn_that_asked(start_replicas) -> None:
+    replicas, tg, llm = await start_replicas(
+        2, tools={"policy": {"current_time": {"allow": "user", "approval": "always"}}}
+    )
+    user = tg.user(900, "Careful")
+    chat = tg.private_chat(user)
+    llm.script(Reply.tool_calls([("current_time", {})]), Reply.text("It is noon where you are."))
+    tg.user_says(chat, user, "what time is it?")
+    owner = await replicas.wait_owner(f"telegram:{chat.id}", tg)
+    asked = await tg.wait_for(
+        lambda: next((m for m in tg.messages(chat.id) if m.from_bot and m.has_buttons), None),
+        timeout=20, what="the approval question",
+    )
+    assert asked.text.startswith("🔐 Run current_time?")
+    other = replicas.backends[1 - owner]
+    before = replicas.proxy.forwarded[other]
+    replicas.deliver_next_to(1 - owner)
+    query = tg.user_presses(chat, user, asked.message_id, asked.buttons[0][1])
+    answer = await tg.wait_for(lambda: tg.callback_answers.get(query), timeout=20, what="the press answered")
+    assert answer.get("text") == "Approved."
+    await tg.wait_for(
+        lambda: any("It is noon where you are." in m.text for m in bot_view(tg, chat.id)), timeout=20,
+        what="the answer after the tool ran",
+    )
+    assert replicas.proxy.forwarded[other] == before + 1, "the press was delivered to the other replica"
+    assert llm.requests[-1].messages[-1]["role"] == "tool", "the tool ran: its result went to the model"

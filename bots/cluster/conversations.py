@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +36,9 @@ import asyncpg
 
 from bots.cluster.pg import PgTarget
 from bots.cluster.queue import ConversationQueue
-from bots.inbound import Inbound
+from bots.inbound import ButtonPress, Inbound
 from bots.inbound import from_json as inbound_from_json
+from bots.outbox import ChatRef
 
 if TYPE_CHECKING:
     from bots.gateway import Gateway
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 
 RECONNECT_AFTER = 1.0
 """Seconds between attempts to re-open the NOTIFY listener after it lost its connection."""
+PRESS_WAIT = 1.5
+"""Seconds a replica waits for the one working on a conversation to answer a button
+press passed to it (Discord wants a press acknowledged within 3 s)."""
 
 
 @dataclass(eq=False)
@@ -71,6 +76,7 @@ class Conversations:
         self._listener: asyncpg.Connection | None = None
         self._listening: asyncio.Task[None] | None = None
         self._pulls: set[asyncio.Task[None]] = set()
+        self._asked: dict[str, asyncio.Future[dict[str, Any]]] = {}  # presses passed on, by request id
         self._closed = False
 
     @property
@@ -117,6 +123,7 @@ class Conversations:
             settings["search_path"] = self.target.schema
         conn = await asyncpg.connect(self.target.url, server_settings=settings, timeout=10)
         await conn.add_listener(self.target.inbox_channel, self._on_notify)
+        await conn.add_listener(self.target.press_channel, self._on_press_notify)
         self._listener = conn
 
     async def _keep_listening(self) -> None:
@@ -150,11 +157,7 @@ class Conversations:
         for chat_key, inbox_id in elsewhere.items():
             try:
                 await self.queue.defer(chat_key)
-                await self.queue.app.connector.execute_query_async(
-                    "SELECT pg_notify(%(channel)s, %(payload)s)",
-                    channel=self.target.inbox_channel,
-                    payload=json.dumps({"chat": chat_key, "id": inbox_id}),
-                )
+                await self._notify(self.target.inbox_channel, {"chat": chat_key, "id": inbox_id})
             except Exception as exc:
                 # Stored: the sweep queues its conversation (`bots.cluster.queue.UNQUEUED_AFTER`).
                 log.warning("chat %s: could not queue the conversation (%s); the sweep will", chat_key, exc)
@@ -167,6 +170,84 @@ class Conversations:
         owned = self._owned.get(chat_key)
         if owned is not None and not owned.closing:
             self._pull_later(owned)
+
+    # ---- button presses for another replica's turn ---------------------------------------
+
+    async def forward_press(self, press: ButtonPress) -> bool:
+        """A press nothing here waits for (an approval asked by a turn on another replica):
+        pass it to the replica working on its conversation and answer it as that one says.
+        False: nobody took it (the caller answers "no longer waiting")."""
+        if press.chat.key in self._owned:
+            return False  # it is ours, and nothing waits for it
+        request = uuid.uuid4().hex
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._asked[request] = answer
+        chat = press.chat
+        try:
+            await self._notify(self.target.press_channel, {
+                "ask": request,
+                "chat": {"platform": chat.platform, "chat_id": chat.chat_id, "thread_id": chat.thread_id,
+                         "is_private": chat.is_private},
+                "user_id": press.user_id, "message_id": press.message_id, "data": press.data,
+                "username": press.username, "display_name": press.display_name,
+            })
+            reply = await asyncio.wait_for(answer, PRESS_WAIT)
+        except Exception as exc:
+            log.info("chat %s: a button press found no replica waiting for it (%s)", chat.key, type(exc).__name__)
+            return False
+        finally:
+            self._asked.pop(request, None)
+        if not reply.get("handled"):
+            return False
+        await press.answer(reply.get("text"), bool(reply.get("alert")))
+        return True
+
+    def _on_press_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            return
+        if "reply" in message:
+            answer = self._asked.get(str(message["reply"]))
+            if answer is not None and not answer.done():
+                answer.set_result(message)
+            return
+        try:
+            chat = ChatRef(**message["chat"])
+        except (KeyError, TypeError):
+            return
+        if chat.key in self._owned and "ask" in message:
+            task = asyncio.create_task(self._answer_press(chat, message), name=f"cluster-press:{chat.key}")
+            self._pulls.add(task)
+            task.add_done_callback(self._pulls.discard)
+
+    async def _answer_press(self, chat: ChatRef, message: dict[str, Any]) -> None:
+        """Handle a press passed on by another replica; tell it what to answer."""
+        said: dict[str, Any] = {}
+
+        async def answer(text: str | None, alert: bool) -> None:
+            said.update(text=text, alert=alert)
+
+        press = ButtonPress(
+            chat=chat, user_id=str(message.get("user_id")), message_id=str(message.get("message_id")),
+            data=str(message.get("data")), answer=answer, username=message.get("username"),
+            display_name=message.get("display_name"),
+        )
+        try:
+            handled = await self.gateway.buttons.press(press)
+        except Exception:
+            log.exception("chat %s: a button press passed on by another replica failed", chat.key)
+            handled, said = True, {"text": "Something went wrong; please try again.", "alert": True}
+        if handled:
+            try:
+                await self._notify(self.target.press_channel, {"reply": message["ask"], "handled": True, **said})
+            except Exception as exc:
+                log.warning("chat %s: could not answer a press passed on by another replica (%s)", chat.key, exc)
+
+    async def _notify(self, channel: str, payload: dict[str, Any]) -> None:
+        await self.queue.app.connector.execute_query_async(
+            "SELECT pg_notify(%(channel)s, %(payload)s)", channel=channel, payload=json.dumps(payload)
+        )
 
     def _pull_later(self, owned: _Owned) -> None:
         task = asyncio.create_task(self._pull(owned), name=f"cluster-pull:{owned.chat_key}")
