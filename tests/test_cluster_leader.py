@@ -135,7 +135,9 @@ async def test_a_leader_that_closes_hands_over_at_once(postgres_url: str, replic
     assert overlaps(group) == 0.0
 
 
-async def test_terminated_backend_steps_down_at_once_and_another_takes_over(postgres_url: str, replicas) -> None:  # noqa: ANN001
+async def test_terminated_backend_steps_down_at_once_and_another_takes_over(
+    postgres_url: str, replicas  # noqa: ANN001
+) -> None:
     # Production timing: another replica must lead within 10 s of the leader's connection ending.
     group = [replicas(f"r{i}", retry_every=2.0, check_every=2.0, check_timeout=1.5, server_timeout=6.0)
              for i in range(3)]  # fmt: skip

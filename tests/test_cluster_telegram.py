@@ -169,7 +169,9 @@ async def admin_kill(postgres_url: str, replica_id: str) -> int:
 # --------------------------------------------------------------------------- polling
 
 
-async def test_of_three_replicas_exactly_one_polls_and_every_message_arrives_once(cluster: Cluster, conflicts: Callable[[], int]) -> None:
+async def test_of_three_replicas_exactly_one_polls_and_every_message_arrives_once(
+    cluster: Cluster, conflicts: Callable[[], int]
+) -> None:
     for name in ("a", "b", "c"):
         cluster.connector(name)
     await asyncio.gather(*(cluster.start(n) for n in ("a", "b", "c")))
@@ -192,7 +194,9 @@ async def test_of_three_replicas_exactly_one_polls_and_every_message_arrives_onc
     assert "from b or c" in cluster.fake.bot_texts(chat.id)
 
 
-async def test_a_stopped_poller_hands_over_at_once_and_nothing_is_lost(cluster: Cluster, conflicts: Callable[[], int]) -> None:
+async def test_a_stopped_poller_hands_over_at_once_and_nothing_is_lost(
+    cluster: Cluster, conflicts: Callable[[], int]
+) -> None:
     for name in ("a", "b"):
         cluster.connector(name)
         await cluster.start(name)
@@ -373,7 +377,9 @@ async def test_a_webhook_changed_behind_the_clusters_back_is_set_again(cluster: 
     assert len(set_webhook_calls(fake)) == 2
 
 
-async def test_switching_the_cluster_to_polling_deletes_the_webhook_once_elected(cluster: Cluster, conflicts: Callable[[], int]) -> None:
+async def test_switching_the_cluster_to_polling_deletes_the_webhook_once_elected(
+    cluster: Cluster, conflicts: Callable[[], int]
+) -> None:
     fake = cluster.fake
     names = await start_webhook_replicas(cluster, hooks(2), "w")
     for name in names:
