@@ -12,7 +12,6 @@ kill -9, polling-leader and Redis drills run `parley run` as real processes
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -118,7 +117,6 @@ async def start_replicas(
             started.append(app)
             await app.start(app.platform_connectors())
             apps.append(app)
-            await asyncio.sleep(1.1)  # TEMPORARY: every replica still calls setWebhook (1/s in the fake)
         return Replicas(apps, proxy, backends, databases), tg, llm
 
     try:
