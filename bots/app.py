@@ -366,6 +366,9 @@ class App:
         await self._finish_turns(timeout, hurry)
         if self.replica is not None:
             await self.replica.close(FINALIZE_TIMEOUT)
+            from bots.logs import set_replica
+
+            set_replica(None)
         for connector in self.connectors:
             await self._close_connector(connector)
         if self.health is not None:
