@@ -160,7 +160,7 @@ async def test_three_replicas_answer_60_chats_of_3_messages_once_in_order_withou
 
 
 async def _sixty_chats(tmp_path: Path, postgres_url: str, redis_url: str, llm: CrashLLM, tg: Any, clusters: Any) -> None:
-    rig = clusters(tmp_path, llm, tg, postgres_url=postgres_url, redis_url=redis_url, replicas=3, fast=False)
+    rig = clusters(tmp_path, llm, tg, store_url=postgres_url, redis_url=redis_url, replicas=3, fast=False)
     await rig.start()
     start_429 = tg.count_429()  # (setWebhook at start is not part of the measurement)
 
@@ -212,7 +212,7 @@ async def test_stop_sent_through_another_replica_stops_the_running_turn(
     tmp_path: Path, postgres_url: str, redis_url: str, llm: CrashLLM, fast_telegram, clusters
 ) -> None:
     tg = fast_telegram
-    rig = clusters(tmp_path, llm, tg, postgres_url=postgres_url, redis_url=redis_url, replicas=3)
+    rig = clusters(tmp_path, llm, tg, store_url=postgres_url, redis_url=redis_url, replicas=3)
     await rig.start()
     owner, chat = owner_chat(tg)
     q = "tell me about glaciers"
@@ -262,7 +262,7 @@ async def test_kill_of_the_replica_running_a_turn_completes_the_reply_once_in_th
     tmp_path: Path, postgres_url: str, redis_url: str, llm: CrashLLM, fast_telegram, clusters
 ) -> None:
     tg = fast_telegram
-    rig = clusters(tmp_path, llm, tg, postgres_url=postgres_url, redis_url=redis_url, replicas=3)
+    rig = clusters(tmp_path, llm, tg, store_url=postgres_url, redis_url=redis_url, replicas=3)
     await rig.start()
     owner, chat = owner_chat(tg)
     q = "how do rivers form"
@@ -310,7 +310,7 @@ async def test_graceful_stop_of_a_replica_hands_its_queued_messages_to_the_other
     tmp_path: Path, postgres_url: str, redis_url: str, llm: CrashLLM, fast_telegram, clusters
 ) -> None:
     tg = fast_telegram
-    rig = clusters(tmp_path, llm, tg, postgres_url=postgres_url, redis_url=redis_url, replicas=3)
+    rig = clusters(tmp_path, llm, tg, store_url=postgres_url, redis_url=redis_url, replicas=3)
     await rig.start()
     chats = [tg.private_chat(tg.user(30_000 + i, f"U{i}")) for i in range(6)]
     first = {c.id: f"first question of chat {i}" for i, c in enumerate(chats)}
@@ -362,7 +362,7 @@ async def test_redis_gone_mid_run_degrades_the_budgets_and_loses_nothing(
     redis_proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379).start()
     proxied = f"redis://127.0.0.1:{redis_proxy.port}{parts.path or '/0'}"
     try:
-        rig = clusters(tmp_path, llm, tg, postgres_url=postgres_url, redis_url=proxied, replicas=3)
+        rig = clusters(tmp_path, llm, tg, store_url=postgres_url, redis_url=proxied, replicas=3)
         await rig.start()
         chats = [tg.private_chat(tg.user(40_000 + i, f"U{i}")) for i in range(9)]
         before = {c.id: f"before the outage, chat {i}" for i, c in enumerate(chats)}
@@ -402,12 +402,11 @@ async def test_polling_exactly_one_replica_polls_and_another_takes_over_after_ki
     tmp_path: Path, postgres_url: str, redis_url: str, llm: CrashLLM, fast_telegram, clusters
 ) -> None:
     tg = fast_telegram
-    rig = clusters(tmp_path, llm, tg, postgres_url=postgres_url, redis_url=redis_url, replicas=3, mode="polling")
+    rig = clusters(tmp_path, llm, tg, store_url=postgres_url, redis_url=redis_url, replicas=3, mode="polling")
     await rig.start()
-    polls = re.compile(r"this replica polls now")
 
     async def pollers() -> list[str]:
-        return [r.id for r in rig.running if any(polls.search(line) for line in r.rig.current.stderr)]
+        return rig.pollers()
 
     first = await wait_until(pollers, timeout=30, what="a replica polling")
     assert len(first) == 1, f"replicas polling: {first}\n{rig.logs()}"

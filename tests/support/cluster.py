@@ -116,6 +116,7 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------- replicas
 
 
+POLLS = re.compile(r"telegram: this replica polls now")
 _STARTING_JOB = re.compile(r"replica=(?P<replica>\S+?)[\] ].*Starting job \S+?\[(?P<job>\d+)\]\(chat_key='(?P<chat>[^']*)'\)")
 
 
@@ -157,20 +158,26 @@ class ClusterRig:
         llm: Any,
         telegram: Any,
         *,
-        postgres_url: str,
-        redis_url: str,
+        store_url: str,
+        redis_url: str | None = None,
         replicas: int = 3,
         mode: str = "webhook",
         lease_timeout: float = 3.0,
         fast: bool = True,
+        cluster: bool = True,
+        job_logs: bool = True,
         overrides: Mapping[str, Any] | None = None,
     ) -> None:
         assert mode in ("webhook", "polling")
+        assert cluster or replicas == 1, "without cluster mode there is one process"
+        assert not cluster or redis_url, "cluster mode needs a Redis URL"
         self.tmp_path = tmp_path
         self.llm = llm
         self.tg = telegram
-        self.postgres_url = postgres_url
+        self.store_url = store_url
         self.redis_url = redis_url
+        self.cluster = cluster
+        self.job_logs = job_logs
         self.mode = mode
         self.lease_timeout = lease_timeout
         self.fast = fast
@@ -189,19 +196,22 @@ class ClusterRig:
 
     def config_for(self, replica: ClusterReplica) -> dict[str, Any]:
         base = parley_config(self.tmp_path, self.llm, telegram=self.tg, fast=self.fast)
-        config = crash_config(base, self.postgres_url)
+        config = crash_config(base, self.store_url)
         over: dict[str, Any] = {
             "access": {"allow_everyone": True},
-            "cluster": {
+            "metrics": {"listen": f"127.0.0.1:{replica.metrics_port}"},
+            "logging": {"level": "INFO"},
+        }
+        if self.cluster:
+            over["cluster"] = {
                 "enabled": True,
                 "redis_url": self.redis_url,
                 "replica_id": replica.id,
                 "lease_timeout": self.lease_timeout,
-            },
-            "metrics": {"listen": f"127.0.0.1:{replica.metrics_port}"},
+            }
+        if self.cluster and self.job_logs:
             # procrastinate's "Starting job ...(chat_key=...)" line says which replica owns a conversation.
-            "logging": {"level": "INFO", "loggers": {"procrastinate.worker": "INFO"}},
-        }
+            over["logging"]["loggers"] = {"procrastinate.worker": "INFO"}
         if self.mode == "webhook":
             over["telegram"] = {
                 "mode": "webhook",
@@ -320,14 +330,13 @@ class ClusterRig:
 
         return await wait_until(owner, timeout=timeout, what=f"a replica working on {chat_key}\n{self.logs()}")
 
-    def pollers(self, since: int = 0) -> set[str]:
-        """Replicas whose getUpdates calls the fake answered, among calls from index `since` on.
+    def pollers(self) -> list[str]:
+        """Running replicas whose current process said it polls Telegram ("telegram: this replica polls now").
 
-        The fake cannot tell replicas apart, so this reads the replicas' own logs: a
-        replica that polls logs "telegram: connected ... (polling)" and, with the leader
-        work, that it polls. Tests use `tg.calls_to("getUpdates")` for the counting.
+        The fake cannot tell replicas apart, so this reads the replicas' own logs; the
+        fake's getUpdates calls (409s: two pollers at once) tell the rest.
         """
-        return {r.id for r in self.running if any("polling" in line for line in r.log_lines()[since:])}
+        return [r.id for r in self.running if any(POLLS.search(line) for line in r.rig.current.stderr)]
 
     def log_text(self, i: int) -> str:
         return "\n".join(self.replicas[i].log_lines())
