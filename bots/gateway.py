@@ -120,6 +120,8 @@ class ConversationsHook(Protocol):
 
     async def arrived(self, inbounds: list[Inbound]) -> None: ...
 
+    async def forward_press(self, press: ButtonPress) -> bool: ...
+
 
 class Connector(Protocol):
     """A platform connection: receives messages for the gateway and offers its Outbox."""
@@ -299,6 +301,9 @@ class Gateway:
         # working on their conversation instead of straight to this process's lanes.
         self.conversations: ConversationsHook | None = None
         self.cluster_status: Callable[[], Awaitable[dict[str, Any]]] | None = None  # for /status
+        # Conversations this replica let go of as if it had died (`abandon`): nothing of
+        # theirs is started, finalized or written here until this replica owns them again.
+        self._abandoned: set[str] = set()
         self._accepting = True
         self._seen_users: dict[str, tuple[str | None, str | None]] = {}  # skip rewriting unchanged names
         self._next_prune: float | None = None  # first message: prune at once
@@ -378,6 +383,8 @@ class Gateway:
         """
         try:
             handled = await self.buttons.press(press)
+            if not handled and self.conversations is not None:
+                handled = await self.conversations.forward_press(press)  # a turn on another replica asked
         except Exception:
             log.exception("chat %s: a button press failed", press.chat.key)
             handled = False
@@ -472,6 +479,8 @@ class Gateway:
 
     async def _route_durably(self, inbound: Inbound) -> None:
         """Route a stored message; while the store is down, wait for it (the message is safe)."""
+        if inbound.chat.key in self._abandoned:
+            return  # another replica answers it
         await self._while_store_down(self._route, inbound)
 
     async def _while_store_down(self, step: Callable[[Inbound], Awaitable[None]], inbound: Inbound) -> None:
@@ -745,6 +754,8 @@ class Gateway:
             self._settle(inbound, "answered")
 
     async def _submit(self, inbound: Inbound) -> None:
+        if inbound.chat.key in self._abandoned:
+            return  # another replica answers it
         settings = await self.store.chat_settings(inbound.chat.key)
         policy = settings.busy_policy or self.defaults.busy_policy
         if policy == "interrupt" and self.session_key(inbound) != inbound.chat.key:
@@ -1240,7 +1251,13 @@ class Gateway:
 
     async def _abandon(self, inbound: Inbound, reply: LiveReply, turn_id: int, meter: UsageMeter) -> None:
         """The process is going down mid-turn: finalize what is visible, marked stopped,
-        and book what the turn's model calls used up to the cut (the provider billed it)."""
+        and book what the turn's model calls used up to the cut (the provider billed it).
+
+        A conversation this replica abandoned (`abandon`) is left exactly as a crash
+        leaves it: the replica taking it over continues the reply in the same message."""
+        if inbound.chat.key in self._abandoned:
+            await reply.aclose()
+            return
         try:
             await asyncio.wait_for(reply.finish(interrupted=True), timeout=10)
         except (asyncio.TimeoutError, Exception):
@@ -1445,6 +1462,23 @@ class Gateway:
             self._dispatch(inbound)
         return rows
 
+    def abandon(self, chat_key: str) -> int:
+        """Cluster mode: let go of a conversation as if this process had died; returns the
+        turns cut off.
+
+        For a replica that lost the database (or its heartbeat) long enough that another
+        may be taking the conversation over: its turn is cancelled mid-stream with nothing
+        finalized or written, its queued messages are left in the inbox, and nothing of it
+        starts here again until this replica owns it anew (`take_over`). The next owner
+        finds what a crash would have left, and completes the reply once.
+        """
+        self._abandoned.add(chat_key)
+        running = self.lanes.is_busy(chat_key)
+        for inbound in self.lanes.abandon(chat_key):
+            self._in_lanes.difference_update(inbound.inbox_ids)
+            self._forget_parts(inbound)
+        return int(running)
+
     async def take_over(self, chat_key: str, rows: list[InboxRow]) -> None:
         """Cluster mode: this replica begins working on a conversation; `rows` are its unfinished messages.
 
@@ -1453,6 +1487,7 @@ class Gateway:
         continues in the message the chat already shows, the crash-loop and age limits
         apply. Otherwise they are new messages, routed as they came.
         """
+        self._abandoned.discard(chat_key)
         if any(r.status == INBOX_RUNNING or r.attempts or r.reply for r in rows):
             stale = await self.store.mark_stale_turns(status="error", chat_key=chat_key)
             log.info(

@@ -183,6 +183,22 @@ class Lanes:
             lane.interrupt.set()
         return running, dropped
 
+    def abandon(self, key: str) -> list[Inbound]:
+        """Forget a lane as a dying process would: its running turn is cancelled (not asked
+        to stop), its queued messages are dropped without a word; returns them.
+
+        Cluster mode, when this replica must assume another has taken the conversation
+        over (it lost the database): nothing is finalized, the next owner recovers it.
+        """
+        lane = self._lanes.get(key)
+        if lane is None:
+            return []
+        thrown = lane.drain()
+        lane.merge_next = False
+        if lane.running is not None:
+            lane.running.cancel()
+        return thrown
+
     def drop_queued(self, key: str, user_key: str) -> int:
         """Throw away one sender's waiting messages in a lane (their /stop); returns how many.
 

@@ -373,6 +373,26 @@ def test_env_reference_must_name_a_variable(tmp_path: Path) -> None:
         pytest.param("telegram: {tokn: x}\n", "telegram.tokn", "unknown key (did you mean 'token'?)", id="unknown-key"),
         pytest.param("flavour: vanilla\n", "flavour", "unknown key", id="unknown-top-level-key"),
         pytest.param(
+            "cluster: {enabled: true, redis_url: 'redis://127.0.0.1:6379/0'}\n",
+            "cluster.enabled",
+            "needs a PostgreSQL store (store: postgresql://...): the replicas share their message queue, locks and "
+            "history through it, and a SQLite file belongs to one process",
+            id="cluster-on-sqlite",
+        ),
+        pytest.param(
+            "store: postgresql://parley@db/parley\ncluster: {enabled: true}\n",
+            "cluster.redis_url",
+            "required when cluster.enabled is true: the replicas share the platforms' rate budgets through Redis "
+            "(e.g. redis://127.0.0.1:6379/0)",
+            id="cluster-without-redis",
+        ),
+        pytest.param(
+            "store: postgresql://parley@db/parley\ncluster: {lease_timeout: 1}\n",
+            "cluster.lease_timeout",
+            "Input should be greater than or equal to 3 (got 1)",
+            id="cluster-lease-too-short",
+        ),
+        pytest.param(
             "metrics: {listen: '9464'}\n",
             "metrics.listen",
             "must be host:port, e.g. 127.0.0.1:9464 (0.0.0.0 listens on every interface), got '9464'",
@@ -713,3 +733,18 @@ async def test_a_bad_chain_exits_2_naming_the_key(tmp_path: Path) -> None:
     result = await run_cli(["check", "--config", str(path)], cwd=tmp_path)
     assert result.returncode == 2
     assert "fallback[0]: unknown model 'ghost'" in result.stderr
+
+
+def test_cluster_mode_reads_its_section_and_keeps_the_redis_password_out_of_logs(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "c.yaml",
+        "store: postgresql://parley:dbpass1234@db/parley\n"
+        "cluster: {enabled: true, redis_url: env:REDIS_URL, replica_id: web-1, lease_timeout: 10, concurrency: 50}\n",
+    )
+    settings = load_config(path, env={**BASE_ENV, "REDIS_URL": "redis://:r3disPassw0rd@cache:6379/2"}, env_file=None)
+    cluster = settings.cluster
+    assert (cluster.enabled, cluster.replica_id, cluster.lease_timeout, cluster.concurrency) == (True, "web-1", 10, 50)
+    assert cluster.redis_url is not None and cluster.redis_url.get_secret_value().endswith("@cache:6379/2")
+    assert "r3disPassw0rd" in settings.secrets() and "r3disPassw0rd" not in repr(settings)
+    default = load_config(write(tmp_path / "d.yaml", "provider: {api_key: x}\n"), env={}, env_file=None).cluster
+    assert (default.enabled, default.redis_url, default.lease_timeout, default.concurrency) == (False, None, 30, 100)

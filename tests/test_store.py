@@ -744,3 +744,51 @@ async def test_remember_user_follows_renames(clocked_store: Store, clock: FakeWa
     assert await store.find_user("telegram", "alice") == "telegram:2"
     with pytest.raises(ValueError):
         await store.remember_user("no-platform", "x", None)
+
+
+# ---------------------------------------------------------------- cluster mode (bots.cluster)
+
+
+async def test_one_conversations_unfinished_messages_and_those_since(store: Store) -> None:
+    [a, b, c] = await store.accept([msg("1"), msg("2", chat="telegram:6"), msg("3")])
+    assert [r.id for r in await store.unfinished_messages(chat_key="telegram:5")] == [a, c]
+    assert [r.id for r in await store.unfinished_messages(chat_key="telegram:5", after=a)] == [c]
+    assert [r.id for r in await store.unfinished_messages(chat_key="telegram:6")] == [b]
+    await store.finish_messages([a], "answered")
+    assert [r.id for r in await store.unfinished_messages(chat_key="telegram:5")] == [c]
+
+
+async def test_unfinished_chats_and_the_backlog_by_age(clocked_store: Store, clock: FakeWallClock) -> None:
+    store = clocked_store
+    assert await store.inbox_backlog() == (0, None)
+    [a] = await store.accept([msg("1", chat="telegram:7")])
+    clock.advance(timedelta(seconds=10))
+    [b, c] = await store.accept([msg("2", chat="telegram:5"), msg("3", chat="telegram:7")])
+    # Oldest first; only conversations whose messages are at least that old.
+    assert await store.unfinished_chats(older_than=timedelta(seconds=5)) == ["telegram:7"]
+    assert await store.unfinished_chats() == ["telegram:7", "telegram:5"]
+    assert await store.inbox_backlog() == (3, T0)
+    session = await store.current_session("telegram:7")
+    await store.begin_turn(session, user_message=USER, user_key="telegram:42", update_id="1", inbox_ids=[a])
+    assert await store.inbox_backlog() == (2, T0 + timedelta(seconds=10)), "a running message waits no more"
+    await store.finish_messages([b, c], "answered")
+    assert await store.unfinished_chats() == ["telegram:7"]
+
+
+async def test_stale_turns_of_one_conversation_only(store: Store) -> None:
+    here = await store.current_session("telegram:5")
+    per_user = await store.current_session("telegram:5#telegram:42")
+    lookalike = await store.current_session("telegram:50")
+    turns = [
+        await store.begin_turn(s, user_message=USER, user_key="telegram:42", update_id=None)
+        for s in (here, per_user, lookalike)
+    ]
+    assert await store.mark_stale_turns(chat_key="telegram:5") == 2
+    assert await store.running_turns() == [turns[2]], "another conversation's turn runs on"
+
+
+async def test_facts_the_replicas_share(store: Store) -> None:
+    assert await store.cluster_value("telegram.webhook") is None
+    await store.set_cluster_value("telegram.webhook", "abc")
+    await store.set_cluster_value("telegram.webhook", "def")
+    assert await store.cluster_value("telegram.webhook") == "def"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +36,9 @@ import asyncpg
 
 from bots.cluster.pg import PgTarget
 from bots.cluster.queue import ConversationQueue
-from bots.inbound import Inbound
+from bots.inbound import ButtonPress, Inbound
 from bots.inbound import from_json as inbound_from_json
+from bots.outbox import ChatRef
 
 if TYPE_CHECKING:
     from bots.gateway import Gateway
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 
 RECONNECT_AFTER = 1.0
 """Seconds between attempts to re-open the NOTIFY listener after it lost its connection."""
+PRESS_WAIT = 1.5
+"""Seconds a replica waits for the one working on a conversation to answer a button
+press passed to it (Discord wants a press acknowledged within 3 s)."""
 
 
 @dataclass(eq=False)
@@ -55,6 +60,7 @@ class _Owned:
     seen: set[int] = field(default_factory=set)  # inbox ids routed here while it is owned
     ready: bool = False  # what the store held when the job began has been routed
     closing: bool = False  # ending its job: new messages go to the next job
+    abandoned: bool = False  # let go of as if this replica had died (fenced)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one fetch of unseen messages at a time
 
 
@@ -70,6 +76,7 @@ class Conversations:
         self._listener: asyncpg.Connection | None = None
         self._listening: asyncio.Task[None] | None = None
         self._pulls: set[asyncio.Task[None]] = set()
+        self._asked: dict[str, asyncio.Future[dict[str, Any]]] = {}  # presses passed on, by request id
         self._closed = False
 
     @property
@@ -83,7 +90,17 @@ class Conversations:
         """Listen for other replicas' announcements, then let the worker hand us conversations."""
         await self._listen()
         self._listening = asyncio.create_task(self._keep_listening(), name="cluster-listener")
-        self.queue.start(self.own)
+        self.queue.start(self.own, on_fence=self._let_go)
+
+    def _let_go(self, reason: str) -> None:
+        """Fenced (`ConversationQueue._watch_heartbeat`): drop every conversation as a crash would."""
+        cut = 0
+        for owned in list(self._owned.values()):
+            owned.closing = True
+            owned.abandoned = True
+            cut += self.gateway.abandon(owned.chat_key)
+        if cut:
+            log.warning("cluster: %d turns left for another replica to continue (%s)", cut, reason)
 
     async def close(self) -> None:
         self._closed = True
@@ -106,6 +123,7 @@ class Conversations:
             settings["search_path"] = self.target.schema
         conn = await asyncpg.connect(self.target.url, server_settings=settings, timeout=10)
         await conn.add_listener(self.target.inbox_channel, self._on_notify)
+        await conn.add_listener(self.target.press_channel, self._on_press_notify)
         self._listener = conn
 
     async def _keep_listening(self) -> None:
@@ -139,11 +157,7 @@ class Conversations:
         for chat_key, inbox_id in elsewhere.items():
             try:
                 await self.queue.defer(chat_key)
-                await self.queue.app.connector.execute_query_async(
-                    "SELECT pg_notify(%(channel)s, %(payload)s)",
-                    channel=self.target.inbox_channel,
-                    payload=json.dumps({"chat": chat_key, "id": inbox_id}),
-                )
+                await self._notify(self.target.inbox_channel, {"chat": chat_key, "id": inbox_id})
             except Exception as exc:
                 # Stored: the sweep queues its conversation (`bots.cluster.queue.UNQUEUED_AFTER`).
                 log.warning("chat %s: could not queue the conversation (%s); the sweep will", chat_key, exc)
@@ -156,6 +170,84 @@ class Conversations:
         owned = self._owned.get(chat_key)
         if owned is not None and not owned.closing:
             self._pull_later(owned)
+
+    # ---- button presses for another replica's turn ---------------------------------------
+
+    async def forward_press(self, press: ButtonPress) -> bool:
+        """A press nothing here waits for (an approval asked by a turn on another replica):
+        pass it to the replica working on its conversation and answer it as that one says.
+        False: nobody took it (the caller answers "no longer waiting")."""
+        if press.chat.key in self._owned:
+            return False  # it is ours, and nothing waits for it
+        request = uuid.uuid4().hex
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._asked[request] = answer
+        chat = press.chat
+        try:
+            await self._notify(self.target.press_channel, {
+                "ask": request,
+                "chat": {"platform": chat.platform, "chat_id": chat.chat_id, "thread_id": chat.thread_id,
+                         "is_private": chat.is_private},
+                "user_id": press.user_id, "message_id": press.message_id, "data": press.data,
+                "username": press.username, "display_name": press.display_name,
+            })
+            reply = await asyncio.wait_for(answer, PRESS_WAIT)
+        except Exception as exc:
+            log.info("chat %s: a button press found no replica waiting for it (%s)", chat.key, type(exc).__name__)
+            return False
+        finally:
+            self._asked.pop(request, None)
+        if not reply.get("handled"):
+            return False
+        await press.answer(reply.get("text"), bool(reply.get("alert")))
+        return True
+
+    def _on_press_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            return
+        if "reply" in message:
+            answer = self._asked.get(str(message["reply"]))
+            if answer is not None and not answer.done():
+                answer.set_result(message)
+            return
+        try:
+            chat = ChatRef(**message["chat"])
+        except (KeyError, TypeError):
+            return
+        if chat.key in self._owned and "ask" in message:
+            task = asyncio.create_task(self._answer_press(chat, message), name=f"cluster-press:{chat.key}")
+            self._pulls.add(task)
+            task.add_done_callback(self._pulls.discard)
+
+    async def _answer_press(self, chat: ChatRef, message: dict[str, Any]) -> None:
+        """Handle a press passed on by another replica; tell it what to answer."""
+        said: dict[str, Any] = {}
+
+        async def answer(text: str | None, alert: bool) -> None:
+            said.update(text=text, alert=alert)
+
+        press = ButtonPress(
+            chat=chat, user_id=str(message.get("user_id")), message_id=str(message.get("message_id")),
+            data=str(message.get("data")), answer=answer, username=message.get("username"),
+            display_name=message.get("display_name"),
+        )
+        try:
+            handled = await self.gateway.buttons.press(press)
+        except Exception:
+            log.exception("chat %s: a button press passed on by another replica failed", chat.key)
+            handled, said = True, {"text": "Something went wrong; please try again.", "alert": True}
+        if handled:
+            try:
+                await self._notify(self.target.press_channel, {"reply": message["ask"], "handled": True, **said})
+            except Exception as exc:
+                log.warning("chat %s: could not answer a press passed on by another replica (%s)", chat.key, exc)
+
+    async def _notify(self, channel: str, payload: dict[str, Any]) -> None:
+        await self.queue.app.connector.execute_query_async(
+            "SELECT pg_notify(%(channel)s, %(payload)s)", channel=channel, payload=json.dumps(payload)
+        )
 
     def _pull_later(self, owned: _Owned) -> None:
         task = asyncio.create_task(self._pull(owned), name=f"cluster-pull:{owned.chat_key}")
@@ -188,7 +280,7 @@ class Conversations:
 
     async def own(self, chat_key: str) -> None:
         """The job of a conversation: work on it here until it is idle."""
-        if not self.gateway.accepting or chat_key in self._owned:
+        if not self.gateway.accepting or chat_key in self._owned or self.queue.fenced:
             await self.queue.defer(chat_key)  # shutting down (or a duplicate job): for another replica
             return
         owned = self._owned[chat_key] = _Owned(chat_key)
@@ -201,6 +293,8 @@ class Conversations:
                 owned.ready = True
             while True:
                 await self.gateway.wait_chat_idle(chat_key)
+                if owned.abandoned:
+                    return  # the store may be unreachable; the next owner recovers everything
                 async with owned.lock:
                     owned.closing = True
                     rows = await self.gateway.store.unfinished_messages(chat_key=chat_key)

@@ -39,6 +39,11 @@ class PgTarget:
         return f"parley.{what}:{self.schema or 'public'}"
 
     @property
+    def press_channel(self) -> str:
+        """The NOTIFY channel on which a button press is passed to the replica it is for."""
+        return f"parley_press_{self.schema or 'public'}"
+
+    @property
     def inbox_channel(self) -> str:
         """The NOTIFY channel on which replicas announce new messages of a conversation."""
         return f"parley_inbox_{self.schema or 'public'}"

@@ -29,6 +29,7 @@ from datetime import timedelta
 from procrastinate import App, PsycopgConnector
 from procrastinate import exceptions as pexc
 from procrastinate.jobs import Status
+from procrastinate.worker import Worker
 
 from bots.cluster.pg import PgTarget
 from bots.store import Store
@@ -44,6 +45,8 @@ UNQUEUED_AFTER = timedelta(seconds=3)
 """An unfinished message this old with no job for its conversation is re-queued."""
 
 Handler = Callable[[str], Awaitable[None]]
+WORKER_RESTART_MAX = 15.0
+"""Longest wait (seconds) before a worker that stopped on an error is started again."""
 
 
 class ConversationQueue:
@@ -76,10 +79,15 @@ class ConversationQueue:
             )
         )
         self._handler: Handler | None = None
+        self._on_fence: Callable[[str], None] | None = None
         self._task = self.app.task(name=TASK, queue=QUEUE)(self._run_job)
+        self._current: Worker | None = None
         self._worker: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._pulse: asyncio.Task[None] | None = None
+        self._stopping = False
         self._opened = False
+        self.fenced = False  # this replica's heartbeat is not known to be fresh: it works on nothing
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -104,36 +112,114 @@ class ConversationQueue:
                 await conn.execute(schema_sql)  # type: ignore[arg-type]
                 log.info("cluster: created procrastinate's tables")
 
-    def start(self, handler: Handler) -> None:
-        """Start this replica's worker (conversations run through `handler(chat_key)`) and the sweeps."""
+    def start(self, handler: Handler, *, on_fence: Callable[[str], None]) -> None:
+        """Start this replica's worker (conversations run through `handler(chat_key)`), the
+        sweeps and the heartbeat watch (`on_fence(reason)`: let go of every conversation)."""
         self._handler = handler
-        self._worker = asyncio.create_task(
-            self.app.run_worker_async(
+        self._on_fence = on_fence
+        self._worker = asyncio.create_task(self._work(), name="cluster-worker")
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="cluster-sweeper")
+        self._pulse = asyncio.create_task(self._watch_heartbeat(), name="cluster-heartbeat-watch")
+
+    async def _work(self) -> None:
+        """Run procrastinate's worker; one that stopped on an error (its heartbeat or
+        listener lost the database) is replaced by a new one, with back-off."""
+        delay = 1.0
+        while not self._stopping:
+            self._current = Worker(
+                self.app,
                 queues=[QUEUE],
                 name=self.replica_id,
                 concurrency=self.concurrency,
                 wait=True,
                 install_signal_handlers=False,
                 fetch_job_polling_interval=FETCH_POLL,
-                update_heartbeat_interval=max(1.0, self.lease_timeout / 3),
+                update_heartbeat_interval=max(1.0, self.lease_timeout / 6),
                 stalled_worker_timeout=self.lease_timeout,
                 delete_jobs="successful",
                 listen_notify=True,
-            ),
-            name="cluster-worker",
-        )
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="cluster-sweeper")
+            )
+            try:
+                await self._current.run()
+                if self._stopping:
+                    return
+                log.warning("cluster: the queue worker stopped; starting a new one in %.0fs", delay)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "cluster: the queue worker failed (%s: %s); starting a new one in %.0fs",
+                    type(exc).__name__, exc, delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, WORKER_RESTART_MAX)
+
+    async def _watch_heartbeat(self) -> None:
+        """Fence this replica when its own heartbeat may have gone stale.
+
+        Another replica takes a conversation over once this replica's heartbeat is
+        `lease_timeout` old. So when this replica cannot confirm a fresh heartbeat for
+        half of that (the database unreachable, the worker's heartbeat task dead), it
+        lets go of every conversation first -- as if it had died -- instead of answering
+        on while another replica answers the same messages.
+        """
+        interval = max(0.5, self.lease_timeout / 6)
+        loop = asyncio.get_running_loop()
+        confirmed = loop.time()
+        while True:
+            await asyncio.sleep(interval)
+            age = await self._heartbeat_age()
+            now = loop.time()
+            if age is not None and age < self.lease_timeout / 2:
+                confirmed = now - age
+                if self.fenced:
+                    self.fenced = False
+                    log.info("cluster: heartbeat confirmed again; taking conversations again")
+                continue
+            if not self.fenced and now - confirmed >= self.lease_timeout / 2:
+                self.fenced = True
+                reason = (
+                    f"cannot confirm this replica's heartbeat for {now - confirmed:.0f}s "
+                    f"({'no answer from PostgreSQL' if age is None else f'last one {age:.0f}s old'})"
+                )
+                log.error("cluster: %s; letting go of its conversations before another replica takes them over", reason)
+                if self._on_fence is not None:
+                    self._on_fence(reason)
+                if self._current is not None:
+                    self._current.stop()  # a new worker (and heartbeat) starts once it has stopped
+
+    async def _heartbeat_age(self) -> float | None:
+        """Seconds since this replica's worker last wrote its heartbeat; None when unknown."""
+        worker = self._current
+        if worker is None or worker.worker_id is None:
+            return 0.0 if worker is not None else None  # (re)starting: no conversation runs yet
+        try:
+            row = await asyncio.wait_for(
+                self.app.connector.execute_query_one_async(
+                    "SELECT extract(epoch FROM now() - last_heartbeat)::float AS age "
+                    "FROM procrastinate_workers WHERE id = %(id)s",
+                    id=worker.worker_id,
+                ),
+                timeout=max(1.0, self.lease_timeout / 6),
+            )
+        except Exception:
+            return None
+        if row is None:
+            return float("inf")  # pruned as stalled by another replica
+        return max(0.0, float(row["age"]))
 
     def stop_fetching(self) -> None:
         """Take no new conversations (shutdown); the ones running end as their chats go idle."""
-        if self._worker is not None and not self._worker.done():
-            self._worker.cancel()  # procrastinate: stop fetching, wait for the running jobs
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        self._stopping = True
+        if self._current is not None:
+            self._current.stop()  # procrastinate: stop fetching, wait for the running jobs
+        for task in (self._sweeper, self._pulse):
+            if task is not None:
+                task.cancel()
 
     async def close(self, timeout: float) -> None:
         """Wait up to `timeout` for the running conversation jobs, then close the connections."""
-        tasks = [t for t in (self._worker, self._sweeper) if t is not None]
+        tasks = [t for t in (self._worker, self._sweeper, self._pulse) if t is not None]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout)
             for task in pending:
