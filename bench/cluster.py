@@ -281,7 +281,9 @@ async def run_one(args: argparse.Namespace, name: str, *, replicas: int, cluster
             tmp, llm, tg, store_url=store_url, redis_url=redis_url if cluster else None, replicas=replicas,
             cluster=cluster, fast=False, job_logs=False, lease_timeout=args.lease_timeout,
             overrides={"access": {"allow_everyone": True, "user_rate": "off"}, "chat": {"queue_max": 5},
-                       "shutdown_timeout": 10},
+                       "shutdown_timeout": 10,
+                       **({"logging": {"loggers": {"procrastinate": args.procrastinate_log}}}
+                          if args.procrastinate_log else {})},
         )  # fmt: skip
         started = time.monotonic()
         await rig.start()
@@ -439,6 +441,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="a fresh schema is created in it and dropped afterwards")  # fmt: skip
     parser.add_argument("--redis-url", default=None,
                         help="an existing Redis (its counters include other clients); default: a private redis-server")
+    parser.add_argument("--procrastinate-log", default=None,
+                        help="a level for procrastinate's loggers (default: parley's own, INFO: 3 lines per job)")
     parser.add_argument("--dump", default=None, help="directory for every replica's log")
     args = parser.parse_args(argv)
     machine = machine_info()

@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 
 from bots.live_reply import STOPPED_MARKER
-from tests.support.cluster import ClusterRig, chat_key, redis_command
+from tests.support.cluster import STARTING_JOB, ClusterRig, chat_key, redis_command
 from tests.support.crash import (
     RESTART_PLACEHOLDER,
     CrashLLM,
@@ -373,15 +373,19 @@ async def test_redis_gone_mid_run_degrades_the_budgets_and_loses_nothing(
             await wait_replied(tg, c, [before[c.id]], timeout=60)
 
         await redis_proxy.refuse()  # Redis "goes away": connects refused, open connections cut
+        marks = {r.id: len(r.rig.current.stderr) for r in rig.running}
         for c in chats:
             tg.user_says(c, c.user, during[c.id])
         for c in chats:
             await wait_replied(tg, c, [before[c.id], during[c.id]], timeout=90)
 
-        # Every replica that sent something since says so, in its log and its /readyz details.
+        # Every replica that worked on a conversation since (so it drew on the budgets) says
+        # the budgets are degraded, in its log and in its /readyz details.
         degraded = re.compile(r"redis.*unreachable", re.IGNORECASE)
-        for r in rig.running:
-            await r.rig.current.wait_for_line(degraded, timeout=30)
+        workers = [r for r in rig.running if any(STARTING_JOB.search(line) for line in r.rig.current.stderr[marks[r.id]:])]
+        assert workers, f"no replica worked on a conversation during the outage\n{rig.logs()}"
+        for r in workers:
+            await r.rig.current.wait_for_line(degraded, timeout=30, after=marks[r.id])
             details = await rig.cluster_details(r.index)
             text = json.dumps(details).lower()
             assert "redis" in text and ("unreachable" in text or "local" in text), (

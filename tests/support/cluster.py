@@ -117,7 +117,7 @@ def free_port() -> int:
 
 
 POLLS = re.compile(r"telegram: this replica polls now")
-_STARTING_JOB = re.compile(r"replica=(?P<replica>\S+?)[\] ].*Starting job \S+?\[(?P<job>\d+)\]\(chat_key='(?P<chat>[^']*)'\)")
+STARTING_JOB = re.compile(r"replica=(?P<replica>\S+?)[\] ].*Starting job \S+?\[(?P<job>\d+)\]\(chat_key='(?P<chat>[^']*)'\)")
 
 
 @dataclass
@@ -310,7 +310,7 @@ class ClusterRig:
         found = []
         for replica in self.replicas:
             for line in replica.log_lines():
-                m = _STARTING_JOB.search(line)
+                m = STARTING_JOB.search(line)
                 if m and m["chat"] == chat_key:
                     found.append((int(m["job"]), m["replica"]))
         return found
