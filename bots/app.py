@@ -239,6 +239,7 @@ class App:
             connectors.append(
                 TelegramConnector(
                     s.telegram.token.get_secret_value(),
+                    shared_budgets=self.replica.budgets if self.replica is not None else None,
                     api_base=s.telegram.api_base,
                     webhook=webhook,
                     drafts=s.telegram.drafts,
@@ -259,6 +260,7 @@ class App:
             connectors.append(
                 DiscordConnector(
                     s.discord.token.get_secret_value(),
+                    shared_budgets=self.replica.budgets if self.replica is not None else None,
                     api_base=s.discord.api_base,
                     gateway_url=s.discord.gateway_url,
                     command_prefix=s.discord.command_prefix,

@@ -290,6 +290,8 @@ async def _checks(settings: Settings) -> list[Row]:
         ),
         attempt("tools", lambda: _probe_tools(settings)),
     ]
+    if settings.cluster.enabled:
+        probes.append(attempt("redis", lambda: _probe_redis(settings)))
     for server in settings.tools.mcp_servers:
         if server.enabled:
             probes.append(attempt(f"mcp:{server.name}", lambda server=server: _probe_mcp(server)))
@@ -305,6 +307,25 @@ async def _checks(settings: Settings) -> list[Row]:
     rows = [Row("config", PASS, str(settings.config_file or "no file: defaults + environment"))]
     rows.extend(await asyncio.gather(*probes))
     return rows + skipped
+
+
+async def _probe_redis(settings: Settings) -> str:
+    """Cluster mode: reach the Redis the replicas share their rate budgets through (a PING)."""
+    from coredis import Redis
+    from coredis.retry import NoRetryPolicy
+
+    from agent.urls import url_without_secrets
+
+    assert settings.cluster.redis_url is not None
+    url = settings.cluster.redis_url.get_secret_value()
+    client: Redis[bytes] = Redis.from_url(
+        url, connect_timeout=CHECK_TIMEOUT, stream_timeout=CHECK_TIMEOUT, retry_policy=NoRetryPolicy()
+    )
+    try:
+        await client.ping()
+    finally:
+        client.connection_pool.disconnect()
+    return f"{url_without_secrets(url)}: reachable (shared rate budgets)"
 
 
 async def _probe_store(settings: Settings) -> str:

@@ -120,6 +120,8 @@ NON_SETTING_ENV_VARS = frozenset(
         "PARLEY_TEST_POSTGRES_URL",  # the test suite's PostgreSQL server
         "PARLEY_REQUIRE_POSTGRES",  # the test suite fails, rather than skips, without it (CI)
         "PARLEY_CRASH_REPLY_TIMEOUT",  # how long the crash tests wait for a reply
+        "PARLEY_TEST_REDIS_URL",  # the test suite's Redis server
+        "PARLEY_REQUIRE_REDIS",  # the test suite fails, rather than skips, without it (CI)
     }
 )
 DEFAULT_CONFIG_FILE = "parley.yaml"

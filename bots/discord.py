@@ -66,6 +66,7 @@ from bots.outbox import Button, ChatRef, MessageRef, PlatformLimits
 from bots.pacing import Budget, Pacing, PacingPolicy
 
 if TYPE_CHECKING:
+    from bots.cluster.budgets import SharedBudgets
     from bots.gateway import Gateway
 
 log = logging.getLogger(__name__)
@@ -562,6 +563,7 @@ class DiscordConnector:
         max_ratelimit_timeout: float = 30.0,
         group_trigger: GroupTrigger = GroupTrigger(),
         backoff: Backoff = PLATFORM_BACKOFF,
+        shared_budgets: SharedBudgets | None = None,
     ) -> None:
         point_discord_at(api_base, gateway_url)
         self._token = token
@@ -588,7 +590,7 @@ class DiscordConnector:
         self.max_ratelimit_timeout = max_ratelimit_timeout
         self.tree = app_commands.CommandTree(self.client)
         self.outbox = DiscordOutbox(self.client, clock=clock)
-        self.pacing = Pacing(pacing, clock)
+        self.pacing = Pacing(pacing, clock, shared_budgets)  # shared: cluster mode (bots.cluster.budgets)
         self.drafts = False
         self._gateway: Gateway | None = None
         self._ready = asyncio.Event()

@@ -70,6 +70,8 @@ NOISY_LOGGERS: dict[str, tuple[int, int]] = {
     "discord": (logging.WARNING, logging.INFO),
     "aiosqlite": (logging.WARNING, logging.INFO),
     "websockets": (logging.WARNING, logging.INFO),
+    "coredis": (logging.WARNING, logging.NOTSET),
+    "procrastinate": (logging.WARNING, logging.INFO),
 }
 
 

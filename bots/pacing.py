@@ -25,6 +25,12 @@ before it goes: late calls never bunch up past the burst. And since a stalled lo
 also hold back calls that already left the Pacer, only `PacingPolicy.in_flight` calls
 per platform may be under way at once (`Pacer.sending`). `acquire` returns the moment
 the budget allowed the call, so `now - acquire()` is the event loop's delay (lateness).
+
+In cluster mode (several replicas) the bot's and the chats' budgets must hold for all
+replicas together, so a `Pacing` can be given shared budgets (`SharedChatBudget`, from
+`bots.cluster.budgets`): after its local grant a call also takes a token there, and a 429
+freezes the chat (or the bot) on every replica. Everything above still happens locally
+first; without shared budgets nothing changes.
 """
 
 from __future__ import annotations
@@ -36,10 +42,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bots.clock import REAL_CLOCK, Clock, TimerHandle
 from bots.outbox import ChatRef
+
+if TYPE_CHECKING:
+    from bots.cluster.budgets import SharedBudgets
 
 _EPS = 1e-9
 
@@ -247,13 +256,37 @@ class Limiter:
         self._arm()
 
 
-class Pacer:
-    """The budget of one chat, drawing from the platform-wide budget too."""
+class SharedChatBudget(Protocol):
+    """A chat's part of the budgets all replicas share (`bots.cluster.budgets.ChatBudget`)."""
 
-    def __init__(self, chat: Limiter, platform: Limiter, in_flight: asyncio.Semaphore | None = None) -> None:
+    async def admit(self, priority: Priority = Priority.FINAL) -> float:
+        """Wait for a shared token of the bot and of the chat; the seconds waited."""
+        ...
+
+    async def try_admit(self) -> bool:
+        """Take both shared tokens only if free now; never waits."""
+        ...
+
+    def freeze(self, seconds: float, *, scope: str = "chat") -> None:
+        """A 429: nothing goes to the chat (`scope="global"`: to the bot) on any replica for `seconds`."""
+        ...
+
+
+class Pacer:
+    """The budget of one chat, drawing from the platform-wide budget too (and, in cluster
+    mode, from the budgets shared by every replica: `shared`)."""
+
+    def __init__(
+        self,
+        chat: Limiter,
+        platform: Limiter,
+        in_flight: asyncio.Semaphore | None = None,
+        shared: SharedChatBudget | None = None,
+    ) -> None:
         self._chat = chat
         self._platform = platform
         self._in_flight = in_flight
+        self._shared = shared
 
     async def acquire(
         self, priority: Priority = Priority.FINAL, *, promote: asyncio.Future[Any] | None = None
@@ -292,6 +325,13 @@ class Pacer:
             priority = Priority.FINAL
         if not self._platform.try_take(priority):
             allowed = await self._platform.take(priority, promote=promote)
+        if self._shared is not None:
+            # The local grant came first, so priorities and coalescing hold as in one process;
+            # then the budgets every replica shares. A wait there is when the call was allowed.
+            if promote is not None and promote.done():
+                priority = Priority.FINAL
+            if await self._shared.admit(priority) > 0:
+                allowed = max(allowed, self._chat.clock.now())
         return allowed
 
     async def _release(self, allowed: float) -> float:
@@ -331,6 +371,14 @@ class Pacer:
         if not self._platform.try_take(Priority.BACKGROUND):
             yield False  # the chat token is spent; being conservative is the point
             return
+        if self._shared is not None:
+            if not await self._shared.try_admit():
+                yield False  # local tokens spent, as above
+                return
+            if self._in_flight is not None and self._in_flight.locked():  # taken while Redis answered
+                yield False
+                return
+            now = self._chat.clock.now()
         self._chat.released(now)
         self._platform.released(now)
         if self._in_flight is None:
@@ -340,8 +388,11 @@ class Pacer:
             yield True
 
     def pause(self, seconds: float, *, scope: str = "chat") -> None:
-        """Honour a 429: `scope="global"` pauses every chat of this platform."""
+        """Honour a 429: `scope="global"` pauses every chat of this platform (on every
+        replica, with shared budgets)."""
         (self._platform if scope == "global" else self._chat).pause(seconds)
+        if self._shared is not None:
+            self._shared.freeze(seconds, scope=scope)
 
     @property
     def paused_until(self) -> float:
@@ -375,12 +426,17 @@ class PacingPolicy:
 
 
 class Pacing:
-    """Hands out the one `Pacer` of each chat of a platform."""
+    """Hands out the one `Pacer` of each chat of a platform.
+
+    `shared`: in cluster mode, the budgets all replicas share (`bots.cluster.budgets`);
+    each Pacer then also draws from its chat's part of them, sized from `policy` too.
+    """
 
     _PRUNE_ABOVE = 4096
 
-    def __init__(self, policy: PacingPolicy, clock: Clock = REAL_CLOCK) -> None:
+    def __init__(self, policy: PacingPolicy, clock: Clock = REAL_CLOCK, shared: SharedBudgets | None = None) -> None:
         self.policy = policy
+        self.shared = shared
         self._clock = clock
         self._platform: Limiter | None = None
         self._in_flight = asyncio.Semaphore(policy.in_flight)
@@ -395,7 +451,8 @@ class Pacing:
                 self._prune()
             budget = self.policy.private if chat.is_private else self.policy.group
             reserve = min(self.policy.final_reserve, budget.burst - 1)
-            pacer = Pacer(Limiter(budget, self._clock, reserve=reserve), self._platform_limiter(), self._in_flight)
+            shared = None if self.shared is None else self.shared.chat(chat, self.policy)
+            pacer = Pacer(Limiter(budget, self._clock, reserve=reserve), self._platform_limiter(), self._in_flight, shared)
             self._chats[key] = pacer
         return pacer
 

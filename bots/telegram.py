@@ -95,6 +95,7 @@ from bots.render import text_length
 from bots.store import StoreError
 
 if TYPE_CHECKING:
+    from bots.cluster.budgets import SharedBudgets
     from bots.gateway import Gateway
 
 log = logging.getLogger(__name__)
@@ -326,9 +327,12 @@ class TelegramConnector:
         backoff: Backoff = PLATFORM_BACKOFF,
         store_backoff: Backoff = STORE_BACKOFF,
         max_photo_bytes: int = DOWNLOAD_LIMIT,
+        shared_budgets: SharedBudgets | None = None,
     ) -> None:
         """`max_photo_bytes`: of the sizes Telegram offers for a photo, the largest one
-        within this many bytes is the one reported (and later downloaded)."""
+        within this many bytes is the one reported (and later downloaded).
+        `shared_budgets`: in cluster mode, the outbound budgets every replica shares
+        (bots.cluster.budgets); every call then also draws from them."""
         base = api_base.rstrip("/")
         # Calls to chats and the long poll use separate connection pools (as PTB's
         # Application does), so a waiting getUpdates never holds up a reply.
@@ -340,7 +344,7 @@ class TelegramConnector:
             get_updates_request=HTTPXRequest(connection_pool_size=2),
         )
         self.outbox = TelegramOutbox(self._bot)
-        self.pacing = Pacing(pacing, clock)
+        self.pacing = Pacing(pacing, clock, shared_budgets)  # shared: cluster mode (bots.cluster.budgets)
         self.health = PlatformHealth(self.platform, clock=clock)
         self.drafts = drafts
         self._webhook = webhook

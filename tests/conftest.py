@@ -13,6 +13,7 @@ pytest_plugins = [
     "tests.fakes.telegram_fixtures",
     "tests.fakes.discord_fixtures",
     "tests.store_fixtures",
+    "tests.redis_fixtures",
 ]
 
 

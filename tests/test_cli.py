@@ -318,3 +318,19 @@ async def test_check_reaches_every_named_provider(tmp_path: Path, fake_llm) -> N
     assert table["provider:main"][0] == "FAIL" and table["provider:main"][1].endswith("-- check models[1].id")
     assert table["provider:spare"][0] == "FAIL"
     assert "is providers.spare.base_url (http://127.0.0.1:9/v1) right and reachable?" in table["provider:spare"][1]
+
+
+async def test_check_in_cluster_mode_reaches_redis(tmp_path: Path, fake_llm, postgres_url: str, redis_url: str) -> None:
+    config = parley_config(tmp_path, fake_llm, overrides={
+        "store": postgres_url,
+        "cluster": {"enabled": True, "redis_url": "env:REDIS_URL"},
+    })
+    path = write_config(tmp_path, config)
+    up = await run_cli(["check", "--config", str(path)], cwd=tmp_path, env={"REDIS_URL": redis_url})
+    assert rows(up)["redis"][0] == "PASS", up.output
+    dead = "redis://:r3disSecret99@127.0.0.1:9/0"  # nothing listens on port 9
+    down = await run_cli(["check", "--config", str(path)], cwd=tmp_path, env={"REDIS_URL": dead})
+    assert down.returncode == 1
+    verdict, detail = rows(down)["redis"]
+    assert verdict == "FAIL" and "Connect call failed" in detail, down.output
+    assert "r3disSecret99" not in down.output

@@ -74,7 +74,10 @@ class Replicas:
 
 @pytest.fixture
 async def start_replicas(
-    tmp_path: Path, postgres_url: str, make_fake_telegram: Callable[..., Awaitable[FakeTelegram]]
+    tmp_path: Path,
+    postgres_url: str,
+    redis_url: str,
+    make_fake_telegram: Callable[..., Awaitable[FakeTelegram]],
 ) -> AsyncIterator[Callable[..., Awaitable[tuple[Replicas, FakeTelegram, CrashLLM]]]]:
     started: list[App] = []
     proxies: list[RoundRobinProxy] = []
@@ -105,7 +108,7 @@ async def start_replicas(
                     "mode": "webhook",
                     "webhook": {"url": f"{proxy.url}/telegram", "secret_token": SECRET, "listen": f"127.0.0.1:{port}"},
                 },
-                "cluster": {"enabled": True, "redis_url": "redis://127.0.0.1:6379/0", "replica_id": f"r{i + 1}",
+                "cluster": {"enabled": True, "redis_url": redis_url, "replica_id": f"r{i + 1}",
                             "lease_timeout": 3},
             })
             config = deep_merge(config, overrides)

@@ -566,7 +566,8 @@ def test_every_parley_variable_the_project_uses_is_a_setting_or_listed_as_none()
     users = [
         *(path for path in REPO.glob("bots/**/*.py") if path.name != "config.py"),  # config.py quotes mistakes
         *REPO.glob("agent/**/*.py"), *REPO.glob("bench/**/*.py"), *REPO.glob("tests/support/*.py"),
-        REPO / "tests" / "store_fixtures.py", REPO / "tests" / "conftest.py", REPO / ".ci" / "run",
+        REPO / "tests" / "store_fixtures.py", REPO / "tests" / "redis_fixtures.py", REPO / "tests" / "conftest.py",
+        REPO / ".ci" / "run",
         REPO / "Dockerfile", REPO / "docker-compose.yml", *REPO.glob("deploy/*"), REPO / ".env.example",
     ]
     names = set()

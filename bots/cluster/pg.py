@@ -34,6 +34,13 @@ class PgTarget:
         """libpq `options` putting the schema first on the search_path ("" without one)."""
         return f"-c search_path={self.schema}" if self.schema else ""
 
+    @property
+    def scope(self) -> str:
+        """The database and schema, e.g. `parley/public`: what keys elsewhere (Redis) are scoped by."""
+        from sqlalchemy.engine import make_url
+
+        return f"{make_url(self.url).database or ''}/{self.schema or 'public'}"
+
     def name(self, what: str) -> str:
         """A database-wide name (lock, channel) for `what`, scoped to the schema."""
         return f"parley.{what}:{self.schema or 'public'}"

@@ -14,6 +14,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
+from bots.cluster.budgets import SharedBudgets
 from bots.cluster.conversations import Conversations
 from bots.cluster.pg import PgTarget
 from bots.cluster.queue import ConversationQueue
@@ -52,13 +53,26 @@ class Replica:
             on_takeover=lambda _chat: metrics.takeovers.inc(),
         )
         self.conversations = Conversations(gateway, self.queue, self.target, replica_id=self.id)
+        assert cluster.redis_url is not None  # (config: required when enabled)
+        self.budgets = SharedBudgets(
+            cluster.redis_url.get_secret_value(),
+            f"parley:{self.target.scope}:",
+            lambda: self.queue.live_replicas,
+            on_wait=self._count_wait,
+        )
         # Who does a duty only one replica may do (the Telegram poller): set by the app.
         self.leaders: dict[str, Any] = {}
         metrics.cluster_replicas.set_function(lambda: float(self.queue.live_replicas))
         metrics.cluster_conversations.set_function(lambda: float(self.conversations.owned))
 
+    def _count_wait(self, platform: str, seconds: float) -> None:
+        self.metrics.shared_budget_waits.labels(platform).inc()
+        self.metrics.shared_budget_wait_seconds.labels(platform).inc(seconds)
+
     async def open(self) -> None:
         await self.queue.open()
+        if not await self.budgets.probe():
+            log.warning("cluster: Redis is not reachable at start: %s", self.budgets.status())
         self.gateway.conversations = self.conversations
         log.info("cluster: replica %s joined (lease timeout %gs)", self.id, self.settings.cluster.lease_timeout)
 
@@ -75,6 +89,7 @@ class Replica:
     async def close(self, timeout: float) -> None:
         await self.queue.close(timeout)
         await self.conversations.close()
+        await self.budgets.aclose()
 
     async def status(self) -> dict[str, Any]:
         """This replica, the live replicas, the queue and the leaders: for /status and /readyz."""
@@ -87,6 +102,7 @@ class Replica:
             info.update({f"jobs_{k}": v for k, v in (await self.queue.stats()).items()})
         except Exception as exc:
             info["queue"] = f"unknown ({type(exc).__name__})"
+        info["budgets"] = self.budgets.status() or "shared through Redis"
         for duty, leadership in self.leaders.items():
             try:
                 info[f"{duty}_leader"] = await leadership.leader() or "none"
