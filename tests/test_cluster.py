@@ -19,15 +19,15 @@ a reply), the fake's 429 count, and the store where that says more.
 - Polling: exactly one replica polls; kill -9 it and another polls, messages sent
   meanwhile are answered once.
 
-PostgreSQL (`PARLEY_TEST_POSTGRES_URL`) and Redis (`PARLEY_TEST_REDIS_URL`) must run; the
-tests are skipped with the reason when they do not (failed under PARLEY_REQUIRE_POSTGRES /
-PARLEY_REQUIRE_REDIS, as in CI).
+PostgreSQL (`PARLEY_TEST_POSTGRES_URL`) and Redis (`PARLEY_TEST_REDIS_URL`, the
+`redis_url` fixture of tests/redis_fixtures.py) must run; the tests are skipped with the
+reason when they do not (failed under PARLEY_REQUIRE_POSTGRES / PARLEY_REQUIRE_REDIS, as in
+CI). Each test's Redis keys are scoped by its PostgreSQL schema (`parley:<scope>:`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 
 from bots.live_reply import STOPPED_MARKER
-from tests.support.cluster import STARTING_JOB, ClusterRig, chat_key, redis_command
+from tests.support.cluster import STARTING_JOB, ClusterRig, chat_key
 from tests.support.crash import (
     RESTART_PLACEHOLDER,
     CrashLLM,
@@ -56,32 +56,12 @@ from tests.support.crash import (
 )
 from tests.support.stack import OWNER_TG
 
-pytestmark = [pytest.mark.timeout(420), pytest.mark.postgres]
+pytestmark = [pytest.mark.timeout(420), pytest.mark.postgres, pytest.mark.redis]
 
 HOLD_AT = 3  # content events (of CrashLLM.chunk characters) shown before a held reply stops
-REDIS_URL_ENV = "PARLEY_TEST_REDIS_URL"
-REQUIRE_REDIS_ENV = "PARLEY_REQUIRE_REDIS"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 # ---------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-async def redis_url() -> str:
-    """The test Redis; skipped with the reason when unreachable (failed under PARLEY_REQUIRE_REDIS).
-
-    TODO: use tests/redis_fixtures.py (`redis_url`, `redis_prefix`) once it is on main.
-    """
-    url = os.environ.get(REDIS_URL_ENV, DEFAULT_REDIS_URL)
-    try:
-        assert await redis_command(url, "PING", timeout=2) == "PONG"
-    except Exception as exc:
-        message = f"Redis not reachable at {url} ({type(exc).__name__}: {exc}); set {REDIS_URL_ENV}"
-        if os.environ.get(REQUIRE_REDIS_ENV, "").strip().lower() not in ("", "0", "false", "no"):
-            pytest.fail(f"{message} -- required because {REQUIRE_REDIS_ENV} is set", pytrace=False)
-        pytest.skip(message)
-    return url
 
 
 @pytest.fixture
