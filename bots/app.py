@@ -236,20 +236,22 @@ class App:
                     secret_token=wh.secret_token.get_secret_value() if wh.secret_token else None,
                 )
             assert s.telegram.token is not None
-            connectors.append(
-                TelegramConnector(
-                    s.telegram.token.get_secret_value(),
-                    shared_budgets=self.replica.budgets if self.replica is not None else None,
-                    api_base=s.telegram.api_base,
-                    webhook=webhook,
-                    drafts=s.telegram.drafts,
-                    pacing=s.telegram.pacing.policy(),
-                    owners=frozenset(s.access.owners),
-                    group_trigger=GroupTrigger(s.telegram.group_trigger, dict(s.telegram.group_triggers)),
-                    # Of the sizes Telegram offers for a photo, the largest that parley takes.
-                    max_photo_bytes=min(s.media.max_image_bytes, DOWNLOAD_LIMIT),
-                )
+            telegram = TelegramConnector(
+                s.telegram.token.get_secret_value(),
+                api_base=s.telegram.api_base,
+                webhook=webhook,
+                drafts=s.telegram.drafts,
+                pacing=s.telegram.pacing.policy(),
+                owners=frozenset(s.access.owners),
+                group_trigger=GroupTrigger(s.telegram.group_trigger, dict(s.telegram.group_triggers)),
+                # Of the sizes Telegram offers for a photo, the largest that parley takes.
+                max_photo_bytes=min(s.media.max_image_bytes, DOWNLOAD_LIMIT),
+                shared_budgets=self.replica.budgets if self.replica is not None else None,
+                cluster=self.replica.member() if self.replica is not None else None,
             )
+            if self.replica is not None and webhook is None:
+                self.replica.leaders["telegram_poller"] = telegram.poller  # one replica polls: which
+            connectors.append(telegram)
         if s.discord.enabled:
             from bots.discord import DiscordConnector
 

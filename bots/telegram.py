@@ -96,6 +96,8 @@ from bots.store import StoreError
 
 if TYPE_CHECKING:
     from bots.cluster.budgets import SharedBudgets
+    from bots.cluster.leader import Leadership
+    from bots.cluster.member import ClusterMember
     from bots.gateway import Gateway
 
 log = logging.getLogger(__name__)
@@ -281,6 +283,21 @@ SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 STOP_TIMEOUT = 10.0
 """Seconds `stop_receiving` waits for a batch being handed to the gateway before cancelling it."""
 
+POLLING_DUTY = "telegram-polling"
+"""The cluster duty of the one replica that polls (see `bots.cluster.leader`)."""
+
+WEBHOOK_FACT = "telegram.webhook"
+"""`cluster_state` name (with the bot id) of the fingerprint of the webhook settings last set."""
+
+_SET_WEBHOOK_ATTEMPTS = 3  # setWebhook is limited to once a second: flood control is waited out, twice
+
+
+def webhook_fingerprint(options: WebhookOptions) -> str:
+    """What `setWebhook` was asked to set, as a digest the replicas can compare (holds no secret)."""
+    from bots.cluster.member import fingerprint
+
+    return fingerprint(options.url, options.secret_token or "", sorted(ALLOWED_UPDATES))
+
 
 def token_rejected(exc: TelegramError) -> str:
     """The one line for the operator when the Bot API refuses the token after start."""
@@ -308,6 +325,20 @@ class TelegramConnector:
 
     Button presses (callback queries) are no messages: they go to `Gateway.on_button` at
     once, each in a task of its own, and are acknowledged with the batch they came in.
+
+    Cluster mode (`cluster`, one `ClusterMember` per replica): every replica connects and
+    sends (the turns it runs reply through its outbox), but receiving changes.
+
+    - Polling: Telegram lets one bot have one getUpdates at a time (a second one is
+      answered 409), so only the replica elected for `POLLING_DUTY` polls: it deletes the
+      webhook and polls from the first unacknowledged update; when deposed it stops at
+      once, and what it had not acknowledged is fetched again by the next leader (the
+      store recognises updates it already has). The others are connected and healthy,
+      just not polling.
+    - Webhook: every replica serves the endpoint (a load balancer spreads Telegram's
+      deliveries), and `setWebhook` is called once for the cluster, under a cluster-wide
+      lock, only when the settings differ from those recorded (a fingerprint in
+      `cluster_state`, never the secret) or from what getWebhookInfo reports.
     """
 
     platform = "telegram"
@@ -328,11 +359,13 @@ class TelegramConnector:
         store_backoff: Backoff = STORE_BACKOFF,
         max_photo_bytes: int = DOWNLOAD_LIMIT,
         shared_budgets: SharedBudgets | None = None,
+        cluster: ClusterMember | None = None,
     ) -> None:
         """`max_photo_bytes`: of the sizes Telegram offers for a photo, the largest one
         within this many bytes is the one reported (and later downloaded).
         `shared_budgets`: in cluster mode, the outbound budgets every replica shares
-        (bots.cluster.budgets); every call then also draws from them."""
+        (bots.cluster.budgets); every call then also draws from them. `cluster`: this
+        replica, in cluster mode (None: one process, receiving on its own)."""
         base = api_base.rstrip("/")
         # Calls to chats and the long poll use separate connection pools (as PTB's
         # Application does), so a waiting getUpdates never holds up a reply.
@@ -364,7 +397,10 @@ class TelegramConnector:
         self._press_tasks: set[asyncio.Task[None]] = set()
         self._files: httpx.AsyncClient | None = None  # downloads, opened on first use
         # Receiving state.
-        self._stopping = asyncio.Event()
+        self._cluster = cluster
+        self._leadership: Leadership | None = None  # cluster polling: competing for POLLING_DUTY
+        self._stopping = asyncio.Event()  # receiving stops for good
+        self._halt = asyncio.Event()  # the poller must stop (stopping, or no longer the cluster's poller)
         self._poller: asyncio.Task[None] | None = None
         self._long_polling = False  # the poller waits on getUpdates (safe to cancel: nothing taken yet)
         self._offset: int | None = None  # the next getUpdates offset: every update below it is stored
@@ -375,40 +411,105 @@ class TelegramConnector:
     def connected(self) -> bool:
         return self._running
 
+    @property
+    def polling(self) -> bool:
+        """This process polls Telegram right now (in a cluster: it is the elected poller)."""
+        return self._poller is not None
+
+    async def poller(self) -> str | None:
+        """For /status and /readyz in a cluster: the replica id that polls Telegram now (None:
+        none, or webhook mode, or not a cluster)."""
+        if self._cluster is None or self._webhook is not None:
+            return None
+        if self._leadership is not None and self._leadership.is_leader:
+            return self._cluster.replica_id
+        return await self._cluster.leader_of(POLLING_DUTY)
+
     async def start(self, gateway: "Gateway") -> None:
         self._gateway = gateway
         self._stopping.clear()
+        self._halt.clear()
         await self._bot.initialize()  # getMe: fails fast on a bad token
         self._bot_id, self._username = self._bot.id, (self._bot.username or "")
         await self._register_commands(gateway.commands.all())
         if self._webhook is not None:
             await self._start_webhook(self._webhook)
-        else:
+        elif self._cluster is None:
             await self._bot.delete_webhook()  # getUpdates refuses to work while a webhook is set
             self._poller = asyncio.create_task(self._poll(), name="telegram-polling")
+        else:  # polls once elected (`_lead`); until then it only sends
+            self._leadership = self._cluster.leadership(POLLING_DUTY, on_elected=self._lead, on_deposed=self._step_down)
+            self._leadership.start()
         self._running = True
-        log.info("telegram: connected as @%s (%s)", self._username, "webhook" if self._webhook else "polling")
+        mode = "webhook" if self._webhook else "polling" if self._cluster is None else "polling when elected"
+        log.info("telegram: connected as @%s (%s)", self._username, mode)
 
     async def stop_receiving(self) -> None:
         """Stop polling (or the webhook): unread updates stay on Telegram's side for next time.
 
         A long poll in flight is cancelled (it had taken nothing yet); a batch being
-        handed to the gateway is allowed to finish, then acknowledged.
+        handed to the gateway is allowed to finish, then acknowledged. In a cluster this
+        replica also leaves the election, so another one takes over polling at once.
         """
         self._stopping.set()
-        poller, self._poller = self._poller, None
-        if poller is not None:
-            if self._long_polling:
-                poller.cancel()
-            _, pending = await asyncio.wait({poller}, timeout=STOP_TIMEOUT)
-            if pending:
-                log.warning("telegram: handing received messages over took longer than %gs; cancelled", STOP_TIMEOUT)
-                poller.cancel()
-            await asyncio.gather(poller, return_exceptions=True)
-            await self._acknowledge()
+        self._halt.set()
+        leadership, self._leadership = self._leadership, None
+        if leadership is not None:
+            await leadership.aclose()  # deposes this replica: `_step_down` stops the poller
+        await self._stop_poller()
         runner, self._webhook_runner = self._webhook_runner, None
         if runner is not None:
             await runner.cleanup()  # lets requests in flight finish; later ones are redelivered
+
+    async def _stop_poller(self) -> None:
+        """Stop the poller (`_halt` is set): cancel a long poll, let a hand-over finish, acknowledge."""
+        poller, self._poller = self._poller, None
+        if poller is None:
+            return
+        if self._long_polling:
+            poller.cancel()
+        _, pending = await asyncio.wait({poller}, timeout=STOP_TIMEOUT)
+        if pending:
+            log.warning("telegram: handing received messages over took longer than %gs; cancelled", STOP_TIMEOUT)
+            poller.cancel()
+        await asyncio.gather(poller, return_exceptions=True)
+        await self._acknowledge()
+
+    async def _lead(self) -> None:
+        """Elected the cluster's poller: poll from the first update no one acknowledged."""
+        if self._stopping.is_set():
+            return
+        self._halt.clear()
+        self._offset = self._confirmed = None  # what an earlier term acknowledged is long gone
+        self._poller = asyncio.create_task(self._poll_as_leader(), name="telegram-polling")
+
+    async def _step_down(self) -> None:
+        """No longer the cluster's poller: stop polling now (another replica may start soon)."""
+        self._halt.set()
+        await self._stop_poller()
+        self.health.ok()  # polling failures were the leader's; a replica that only sends is fine
+
+    async def _poll_as_leader(self) -> None:
+        """deleteWebhook (retried until it works: getUpdates is refused while a webhook is set), then poll."""
+        delays = self._backoff.delays()
+        while not self._halt.is_set():
+            try:
+                await self._bot.delete_webhook()
+                break
+            except InvalidToken as exc:
+                self.health.fatal(token_rejected(exc))
+                return
+            except TelegramError as exc:
+                delay = next(delays)
+                if self.health.failing("deleteWebhook", describe_poll_error(exc)):
+                    log.warning("telegram: deleteWebhook failed (%s); retrying in %.1fs", describe_poll_error(exc),
+                                delay)  # fmt: skip
+                if await self._pause(delay):
+                    return
+        else:
+            return
+        log.info("telegram: this replica polls now")
+        await self._poll()
 
     async def stop(self) -> None:
         """Close everything; call after the gateway has finished its turns."""
@@ -450,7 +551,7 @@ class TelegramConnector:
         """
         try:
             delays = self._backoff.delays()
-            while not self._stopping.is_set():
+            while not self._halt.is_set():
                 updates = await self._fetch()
                 if isinstance(updates, InvalidToken):
                     self.health.fatal(token_rejected(updates))
@@ -562,9 +663,9 @@ class TelegramConnector:
         return inbounds
 
     async def _pause(self, seconds: float) -> bool:
-        """Wait `seconds`, or less when receiving stops. True: stopping."""
+        """Wait `seconds`, or less when polling stops. True: stopping."""
         try:
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            await asyncio.wait_for(self._halt.wait(), seconds)
         except TimeoutError:
             return False
         return True
@@ -594,13 +695,45 @@ class TelegramConnector:
         await runner.setup()
         try:
             await web.TCPSite(runner, options.listen, options.port).start()
-            await self._bot.set_webhook(
-                url=options.url, secret_token=options.secret_token, allowed_updates=ALLOWED_UPDATES
-            )
+            if self._cluster is None:
+                await self._bot.set_webhook(
+                    url=options.url, secret_token=options.secret_token, allowed_updates=ALLOWED_UPDATES
+                )
+            else:
+                await self._set_webhook_once(self._cluster, options)
         except BaseException:
             await runner.cleanup()
             raise
         self._webhook_runner = runner
+
+    async def _set_webhook_once(self, cluster: ClusterMember, options: WebhookOptions) -> None:
+        """setWebhook once for the cluster: only when the wanted settings differ from those
+        the cluster recorded, or Telegram reports another URL (someone changed it, or a
+        replica in polling mode deleted it). Replicas starting together take turns."""
+        wanted = webhook_fingerprint(options)
+
+        async def in_place() -> bool:
+            info = await self._bot.get_webhook_info()
+            return info.url == options.url
+
+        async def apply() -> None:
+            for attempt in range(1, _SET_WEBHOOK_ATTEMPTS + 1):
+                try:
+                    await self._bot.set_webhook(
+                        url=options.url, secret_token=options.secret_token, allowed_updates=ALLOWED_UPDATES
+                    )
+                    return
+                except RetryAfter as exc:  # at most one setWebhook a second, per bot
+                    wait = translate_error(exc)
+                    if attempt == _SET_WEBHOOK_ATTEMPTS or not isinstance(wait, RateLimited):
+                        raise
+                    await asyncio.sleep(wait.retry_after)
+
+        name = f"{WEBHOOK_FACT}:{self._bot_id}"
+        if await cluster.once(name, wanted, in_place=in_place, apply=apply):
+            log.info("telegram: this replica pointed the webhook at the new settings, for the cluster")
+        else:
+            log.info("telegram: the webhook is already set as configured (by the cluster)")
 
     async def _on_webhook(self, request: web.Request) -> web.Response:
         """One update from Telegram: 200 once stored, 503 when the store failed (Telegram retries).

@@ -12,13 +12,15 @@ kill -9, polling-leader and Redis drills run `parley run` as real processes
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import re
+
 import pytest
+from aiohttp import ClientSession
 import yaml
 from sqlalchemy.engine import make_url
 
@@ -118,7 +120,6 @@ async def start_replicas(
             started.append(app)
             await app.start(app.platform_connectors())
             apps.append(app)
-            await asyncio.sleep(1.1)  # TEMPORARY: every replica still calls setWebhook (1/s in the fake)
         return Replicas(apps, proxy, backends, databases), tg, llm
 
     try:
@@ -262,3 +263,29 @@ async def test_an_approval_pressed_through_another_replica_reaches_the_turn_that
     )
     assert replicas.proxy.forwarded[other] == before + 1, "the press was delivered to the other replica"
     assert llm.requests[-1].messages[-1]["role"] == "tool", "the tool ran: its result went to the model"
+
+
+async def test_readyz_and_status_show_the_cluster(start_replicas) -> None:
+    replicas, tg, llm = await start_replicas(2, metrics={"listen": "127.0.0.1:0"})
+    for app in replicas.apps:
+        assert app.replica is not None
+        await app.replica.queue.sweep()  # count the live replicas now rather than at the next sweep
+    async with ClientSession() as http:
+        for i, app in enumerate(replicas.apps):
+            assert app.health is not None
+            async with http.get(f"http://127.0.0.1:{app.health.port}/readyz") as answer:
+                body = await answer.json()
+            assert answer.status == 200 and body["ready"] is True, body
+            cluster = body["cluster"]
+            assert cluster["replica"] == f"r{i + 1}" and cluster["live_replicas"] == 2
+            assert cluster["budgets"] == "shared through Redis"
+            assert {"waiting_messages", "oldest_waiting_seconds", "jobs_waiting", "jobs_running"} <= set(cluster)
+    owner = tg.user(1, "Owner")  # access.owners in the test config
+    chat = tg.private_chat(owner)
+    tg.user_says(chat, owner, "/status")
+    status = await tg.wait_for(
+        lambda: next((t for t in tg.bot_texts(chat.id) if "Cluster:" in t), None), timeout=20, what="/status"
+    )
+    assert re.search(r"Cluster: replica r[12] of 2 live replicas; 1 conversation here", status), status
+    # The one message waiting is the /status command itself (finished once answered).
+    assert "queue: 1 message waiting" in status and "shared budgets: shared through Redis" in status

@@ -73,6 +73,25 @@ async def test_json_lines_carry_platform_chat_and_turn_inside_turn_context(out: 
     ]
 
 
+def test_a_replica_stamps_every_line_with_its_id(out: io.StringIO) -> None:
+    from bots.logs import set_replica
+
+    setup_logging("INFO", "text", stream=out)
+    try:
+        log.info("before the replica knows its id")
+        set_replica("web-2")
+        with turn_context(platform="telegram", chat=9):
+            log.info("in a turn")
+        setup_logging("INFO", "json", stream=out)
+        log.info("as json")
+    finally:
+        set_replica(None)
+    first, second, third = lines(out)
+    assert "replica=" not in first
+    assert "[replica=web-2 telegram chat=9] in a turn" in second
+    assert json.loads(third)["replica"] == "web-2"
+
+
 def test_json_lines_include_extra_fields_and_tracebacks(out: io.StringIO) -> None:
     setup_logging("INFO", "json", stream=out)
     try:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from bots.cluster.pg import PgTarget
+from bots.cluster.pg import PgTarget, connect
 from bots.cluster.queue import ConversationQueue
 from bots.inbound import ButtonPress, Inbound
 from bots.inbound import from_json as inbound_from_json
@@ -118,10 +118,7 @@ class Conversations:
                 listener.terminate()
 
     async def _listen(self) -> None:
-        settings = {"application_name": f"parley:{self.replica_id}"}
-        if self.target.schema:
-            settings["search_path"] = self.target.schema
-        conn = await asyncpg.connect(self.target.url, server_settings=settings, timeout=10)
+        conn = await connect(self.target, self.replica_id)
         await conn.add_listener(self.target.inbox_channel, self._on_notify)
         await conn.add_listener(self.target.press_channel, self._on_press_notify)
         self._listener = conn

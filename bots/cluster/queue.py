@@ -31,7 +31,7 @@ from procrastinate import exceptions as pexc
 from procrastinate.jobs import Status
 from procrastinate.worker import Worker
 
-from bots.cluster.pg import PgTarget
+from bots.cluster.pg import PgTarget, application_name
 from bots.store import Store
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,10 @@ class ConversationQueue:
         self.app = App(
             connector=PsycopgConnector(
                 conninfo=target.url,
-                kwargs={"options": target.options, "application_name": f"parley:{replica_id}"},
+                kwargs={
+                    **({"options": target.options} if target.options else {}),
+                    "application_name": application_name(replica_id),
+                },
                 min_size=1,
                 max_size=max(4, min(20, concurrency // 10 + 2)),
             )
@@ -100,7 +103,7 @@ class ConversationQueue:
     async def _ensure_schema(self) -> None:
         """procrastinate's schema, applied by the first replica; the others wait on the lock, then find it."""
         connector = self.app.connector
-        lock = f"parley.procrastinate-schema:{self.target.schema or ''}"
+        lock = self.target.lock_name("once", "procrastinate-schema")
         async with connector.pool.connection() as conn:  # type: ignore[attr-defined]
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (lock,))

@@ -12,11 +12,13 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from bots.cluster.budgets import SharedBudgets
 from bots.cluster.conversations import Conversations
-from bots.cluster.pg import PgTarget
+from bots.cluster.member import ClusterMember
+from bots.cluster.pg import pg_target
 from bots.cluster.queue import ConversationQueue
 
 if TYPE_CHECKING:
@@ -43,7 +45,7 @@ class Replica:
         self.store = store
         self.gateway = gateway
         self.metrics = metrics
-        self.target = PgTarget.from_store_url(settings.store.get_secret_value())
+        self.target = pg_target(settings.store.get_secret_value())
         self.queue = ConversationQueue(
             self.target,
             store,
@@ -60,10 +62,14 @@ class Replica:
             lambda: self.queue.live_replicas,
             on_wait=self._count_wait,
         )
-        # Who does a duty only one replica may do (the Telegram poller): set by the app.
-        self.leaders: dict[str, Any] = {}
+        # Who does a duty only one replica may do, by duty (the Telegram poller): set by the app.
+        self.leaders: dict[str, Callable[[], Awaitable[str | None]]] = {}
         metrics.cluster_replicas.set_function(lambda: float(self.queue.live_replicas))
         metrics.cluster_conversations.set_function(lambda: float(self.conversations.owned))
+
+    def member(self) -> ClusterMember:
+        """What a connector needs to be one replica of several (the Telegram poller, setWebhook once)."""
+        return ClusterMember(url=self.settings.store.get_secret_value(), replica_id=self.id, facts=self.store)
 
     def _count_wait(self, platform: str, seconds: float) -> None:
         self.metrics.shared_budget_waits.labels(platform).inc()
@@ -103,9 +109,9 @@ class Replica:
         except Exception as exc:
             info["queue"] = f"unknown ({type(exc).__name__})"
         info["budgets"] = self.budgets.status() or "shared through Redis"
-        for duty, leadership in self.leaders.items():
+        for duty, leader in self.leaders.items():
             try:
-                info[f"{duty}_leader"] = await leadership.leader() or "none"
+                info[f"{duty}_leader"] = await leader() or "none"
             except Exception as exc:
                 info[f"{duty}_leader"] = f"unknown ({type(exc).__name__})"
         return info
