@@ -237,19 +237,8 @@ class ClusterRig:
     async def start_replica(self, i: int, *, timeout: float = 60.0) -> None:
         replica = self.replicas[i]
         assert not replica.running, f"{replica.id} runs already"
-        if self.mode == "webhook":
-            await self._webhook_settable()
         replica.rig.config = self.config_for(replica)
         await replica.rig.start(timeout=timeout)
-
-    async def _webhook_settable(self) -> None:
-        # TODO(cluster leader/setWebhook-once): remove. Until setWebhook is called once per
-        # cluster, every replica calls it at start, and the fake (like Telegram) refuses a
-        # second setWebhook within 1 s with a 429 -- which would fail that replica's start
-        # and count as a 429. The fake's own deadline is known: wait exactly until it passed.
-        remaining = getattr(self.tg, "_next_set_webhook", 0.0) - self.tg.clock()
-        if remaining > 0:
-            await asyncio.sleep(remaining + 0.05)
 
     async def kill(self, i: int) -> None:
         """SIGKILL replica i (no handler runs; its heartbeat just stops)."""
