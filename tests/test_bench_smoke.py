@@ -291,3 +291,82 @@ async def test_failover_benchmark_runs() -> None:
     # The stall is only left after the 5 s first-token clock (a lower bound, not a speed judgement).
     assert result["failover"]["stall_30s_timeout_5s"]["first_token_ms"] >= 5000
     has_fields(result["steady"], "single_cpu_us_per_token", "chain_cpu_us_per_token", "chain_over_single")
+
+
+async def test_cluster_benchmark_runs(postgres_url: str) -> None:
+    import shutil
+
+    from sqlalchemy.engine import make_url
+
+    if shutil.which("redis-server") is None:  # the benchmark runs a private Redis to count its commands
+        pytest.skip("redis-server is not installed")
+    base = make_url(postgres_url)
+    base = base.set(query={k: v for k, v in base.query.items() if k != "schema"}).render_as_string(hide_password=False)
+    result = await run_script(
+        "bench/cluster.py", "--chats", "3", "--replicas", "1,2", "--single", "sqlite,postgres", "--words", "12",
+        "--postgres-url", base, "--timeout", "60",
+        timeout=240.0,
+    )  # fmt: skip
+    has_fields(result, "bench", "params", "targets", "results", "wall_s", "machine")
+    has_fields(result["machine"], *MACHINE)
+    assert [r["config"] for r in result["results"]] == ["single-sqlite", "single-postgres", "cluster-1", "cluster-2"]
+    for one in result["results"]:
+        has_fields(
+            one, "config", "mode", "store", "replicas", "chats", "timed_out", "wall_s", "lost", "duplicated",
+            "http_429", "queue_wait_s", "tokens", "cpu_s", "cpu_s_per_1k_tokens", "cpu_s_per_1k_tokens_per_replica",
+            "pg_round_trips_per_turn", "redis_commands_per_turn", "replica_exit_codes", "parley_errors",
+        )  # fmt: skip
+        has_fields(one["queue_wait_s"], "p50", "p99", "p99_bucket_ms")
+        assert one["chats"] == 3 and one["timed_out"] is False
+        assert is_number(one["cpu_s_per_1k_tokens"])
+        assert len(one["cpu_s_per_1k_tokens_per_replica"]) == one["replicas"]
+    by = {r["config"]: r for r in result["results"]}
+    assert by["single-sqlite"]["pg_round_trips_per_turn"] is None
+    assert is_number(by["single-postgres"]["pg_round_trips_per_turn"]) and by["single-postgres"]["pg_round_trips"] > 0
+    assert is_number(by["cluster-2"]["redis_commands_per_turn"])
+    assert is_number(by["cluster-2"]["cpu_ratio_vs_single_postgres"])
+
+
+def test_postgres_round_trips_are_counted_from_sync_and_query_messages() -> None:
+    """The counting proxy of bench/cluster.py reads the frontend protocol right."""
+    from bench.cluster import PgRoundTrips
+
+    async def scenario() -> tuple[int, int]:
+        received = bytearray()
+
+        async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(65536):
+                received.extend(data)
+            writer.close()
+
+        upstream = await asyncio.start_server(server, "127.0.0.1", 0)
+        proxy = await PgRoundTrips("127.0.0.1", upstream.sockets[0].getsockname()[1]).start()
+        _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+
+        def msg(kind: bytes, body: bytes) -> bytes:
+            return kind + (len(body) + 4).to_bytes(4, "big") + body
+
+        ssl_request = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
+        startup = b"\x00\x03\x00\x00user\x00postgres\x00\x00"
+        payload = (
+            ssl_request + (len(startup) + 4).to_bytes(4, "big") + startup
+            + msg(b"Q", b"SELECT 1\x00")                                     # simple query: 1
+            + msg(b"P", b"\x00SELECT $1\x00\x00\x00") + msg(b"B", b"\x00" * 10) + msg(b"E", b"\x00\x00\x00\x00\x00")
+            + msg(b"S", b"")                                                 # extended: 1
+            + msg(b"X", b"")
+        )  # fmt: skip
+        writer.write(payload)
+        await writer.drain()
+        writer.close()
+        for _ in range(200):
+            if len(received) == len(payload):
+                break
+            await asyncio.sleep(0.01)
+        trips = proxy.round_trips
+        await proxy.aclose()
+        upstream.close()
+        return trips, len(received) - len(payload)
+
+    trips, missing = asyncio.run(scenario())
+    assert trips == 2
+    assert missing == 0, "the proxy must forward every byte"
