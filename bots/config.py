@@ -1215,7 +1215,7 @@ class ClusterSettings(_Section):
     lease_timeout: Annotated[float, Field(ge=3)] = 30.0
     # Conversations this replica runs at once (its procrastinate worker's concurrency);
     # more wait in the queue for any replica.
-    concurrency: int = Field(default=100, ge=1, le=10_000)
+    concurrency: int = Field(default=500, ge=1, le=10_000)
 
     def _cross_check(self) -> list[tuple[str, str]]:
         if self.enabled and self.redis_url is None:

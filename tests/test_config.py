@@ -748,4 +748,4 @@ def test_cluster_mode_reads_its_section_and_keeps_the_redis_password_out_of_logs
     assert cluster.redis_url is not None and cluster.redis_url.get_secret_value().endswith("@cache:6379/2")
     assert "r3disPassw0rd" in settings.secrets() and "r3disPassw0rd" not in repr(settings)
     default = load_config(write(tmp_path / "d.yaml", "provider: {api_key: x}\n"), env={}, env_file=None).cluster
-    assert (default.enabled, default.redis_url, default.lease_timeout, default.concurrency) == (False, None, 30, 100)
+    assert (default.enabled, default.redis_url, default.lease_timeout, default.concurrency) == (False, None, 30, 500)

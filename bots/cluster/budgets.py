@@ -49,6 +49,7 @@ import heapq
 import itertools
 import logging
 import math
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -78,6 +79,11 @@ PROBE_EVERY = 3.0
 _T = TypeVar("_T")
 _MIN_SLEEP = 0.001  # a refused call whose window already moved on tries again after this
 _FORGET_FROZEN_ABOVE = 4096  # freezes this replica remembers before it drops the ended ones
+FREEZE_RECHECK = 0.25
+"""Seconds a replica trusts what it last read of the shared freezes of a chat (and of the
+bot) before reading them from Redis again. A 429 is rare once budgets are shared; reading
+both freeze keys before every call was a third of all Redis round trips. A freeze this
+replica set itself applies at once; one set by another replica, within this long."""
 
 # Sets the freeze only if it ends later than the one already there: a short chat freeze
 # must not cut a long one short. ARGV: the end (epoch ms), the expiry (ms).
@@ -228,6 +234,7 @@ class SharedBudgets:
         self._freeze_script = self._redis.register_script(_FREEZE_SCRIPT)
         self._platforms: dict[str, _Platform] = {}
         self._frozen: dict[str, float] = {}  # freeze key -> end (epoch s), as this replica knows it
+        self._freeze_read: dict[str, float] = {}  # freeze key -> loop time it was last read from Redis
         self._down: str | None = None  # why Redis is not used right now; None while it is
         self._probe: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -376,25 +383,40 @@ class SharedBudgets:
     async def _frozen_until(self, platform: str, chat_key: str, *, shared: bool) -> float:
         """The end (epoch s) of the later of the bot's and the chat's freeze; 0 if none."""
         keys = [self._freeze_key(platform, None), self._freeze_key(platform, chat_key)]
-        until = max(self._frozen.get(keys[0], 0.0), self._frozen.get(keys[1], 0.0))
-        if shared:
-            values = await self._call(self._redis.mget(keys))
-            for value in values:
-                if value is not None:
-                    until = max(until, float(value) / 1000.0)
-        return until
+        now = time.monotonic()
+        stale = [k for k in keys if now - self._freeze_read.get(k, -FREEZE_RECHECK) >= FREEZE_RECHECK]
+        if shared and stale:
+            values = await self._call(self._redis.mget(stale))
+            if len(self._freeze_read) > _FORGET_FROZEN_ABOVE:
+                self._freeze_read = {k: t for k, t in self._freeze_read.items() if now - t < FREEZE_RECHECK}
+            for key, value in zip(stale, values):
+                self._freeze_read[key] = now
+                if value is not None and float(value) / 1000.0 > self._frozen.get(key, 0.0):
+                    self._frozen[key] = float(value) / 1000.0
+        return max(self._frozen.get(keys[0], 0.0), self._frozen.get(keys[1], 0.0))
 
     async def _sleep_until(self, until: float) -> float:
         delay = max(_MIN_SLEEP, until - time.time())
         await asyncio.sleep(delay)
         return delay
 
-    async def _sleep_for_window(self, limiter: MovingWindowRateLimiter, item: RateLimitItem, *ids: str, shared: bool) -> float:
-        """Sleep until the oldest call in the window leaves it (a place is free then)."""
+    async def _sleep_for_window(
+        self, limiter: MovingWindowRateLimiter, item: RateLimitItem, *ids: str, shared: bool, spread: bool = False
+    ) -> float:
+        """Sleep until the oldest call in the window leaves it (a place is free then).
+
+        `spread` (the bot's budget, which every replica draws from at once): the waiting
+        calls of the other replicas would wake at that same moment and race for the one
+        place, the losers asking Redis again and again. So each replica wakes at a random
+        point of the next `share` places' worth of time instead: they take turns at the pace
+        the budget allows, each asking about once per place. (A chat's calls come from the
+        one replica working on its conversation: nobody to race.)
+        """
         if shared:
             stats = await self._call(limiter.get_window_stats(item, *ids))
-        else:
-            stats = await limiter.get_window_stats(item, *ids)
+            jitter = (self.share - 1) * item.get_expiry() / item.amount if spread else 0.0
+            return await self._sleep_until(stats.reset_time + random.uniform(0.0, jitter))
+        stats = await limiter.get_window_stats(item, *ids)
         return await self._sleep_until(stats.reset_time)
 
     async def _hit(self, limiter: MovingWindowRateLimiter, item: RateLimitItem, *ids: str, shared: bool) -> bool:
@@ -420,7 +442,7 @@ class SharedBudgets:
             return slept
         async with turnstile.turn(priority):
             while not await self._hit(limiter, items.bot, platform, "bot", shared=shared):
-                slept += await self._sleep_for_window(limiter, items.bot, platform, "bot", shared=shared)
+                slept += await self._sleep_for_window(limiter, items.bot, platform, "bot", shared=shared, spread=True)
         return max(slept, _MIN_SLEEP)  # it queued behind this replica's other calls: a wait
 
     async def _try_admit(self, plat: _Platform, platform: str, chat_key: str, private: bool, *, shared: bool) -> bool:

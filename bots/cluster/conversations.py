@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RECONNECT_AFTER = 1.0
+RECONNECT_AFTER = 2.0
 """Seconds between attempts to re-open the NOTIFY listener after it lost its connection."""
 PRESS_WAIT = 1.5
 """Seconds a replica waits for the one working on a conversation to answer a button

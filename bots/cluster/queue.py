@@ -25,6 +25,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Any
 
 from procrastinate import App, PsycopgConnector
 from procrastinate import exceptions as pexc
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 TASK = "parley.conversation"
 QUEUE = "parley"
-FETCH_POLL = 1.0
+FETCH_POLL = 2.0
 """Seconds between a worker's polls for jobs it was not woken for (a job whose lock
 was freed by another job ending is found by this poll; new jobs wake workers at once)."""
 UNQUEUED_AFTER = timedelta(seconds=3)
@@ -47,6 +48,13 @@ UNQUEUED_AFTER = timedelta(seconds=3)
 Handler = Callable[[str], Awaitable[None]]
 WORKER_RESTART_MAX = 15.0
 """Longest wait (seconds) before a worker that stopped on an error is started again."""
+
+
+async def _autocommit(conn: Any) -> None:
+    """Pool connections in autocommit: every procrastinate query is one statement (a
+    function call), so the BEGIN and COMMIT psycopg would wrap it in are two round trips
+    for nothing."""
+    await conn.set_autocommit(True)
 
 
 class ConversationQueue:
@@ -77,6 +85,7 @@ class ConversationQueue:
                     **({"options": target.options} if target.options else {}),
                     "application_name": application_name(replica_id),
                 },
+                configure=_autocommit,
                 min_size=1,
                 max_size=max(4, min(20, concurrency // 10 + 2)),
             )
