@@ -191,10 +191,11 @@ class Soak:
                 )
                 if first_seen is None:
                     continue
-                if any(q.t_sent < k.t_kill < first_seen for k in self.kills):
+                restarts = [k.t_restart for k in self.kills if q.t_sent < k.t_kill < first_seen and k.t_restart < first_seen]
+                # (A kill between the last edit leaving and the fake recording it is no interruption.)
+                if restarts:
                     interrupted += 1
-                    restart = max(k.t_restart for k in self.kills if k.t_restart < first_seen)
-                    recovery.append(first_seen - restart)
+                    recovery.append(first_seen - max(restarts))
                 for m in complete:
                     versions = [text for (_, text, _) in m.edits]
                     if answer in versions and versions.index(answer) < len(versions) - 1:
