@@ -66,15 +66,6 @@ HOLD_AT = 3  # content events (of CrashLLM.chunk characters) shown before a held
 
 
 @pytest.fixture
-async def llm() -> AsyncIterator[CrashLLM]:
-    async with CrashLLM() as fake:
-        try:
-            yield fake
-        finally:
-            fake.release()
-
-
-@pytest.fixture
 async def rigs() -> AsyncIterator[Callable[[Path, dict[str, Any]], Rig]]:
     made: list[Rig] = []
 

@@ -53,15 +53,6 @@ HOLD_AT = 3
 
 
 @pytest.fixture
-async def llm() -> AsyncIterator[CrashLLM]:
-    async with CrashLLM() as fake:
-        try:
-            yield fake
-        finally:
-            fake.release()
-
-
-@pytest.fixture
 async def proxy(postgres_url: str) -> AsyncIterator[TcpProxy]:
     url = make_url(postgres_url)
     p = await TcpProxy(url.host or "127.0.0.1", url.port or 5432).start()

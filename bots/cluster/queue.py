@@ -77,7 +77,6 @@ class ConversationQueue:
         self.concurrency = concurrency
         self.on_takeover = on_takeover
         self.live_replicas = 1  # replicas with a fresh worker heartbeat, as of the last sweep
-        self.pg_ok_at: float | None = None  # loop time of the last sweep that reached PostgreSQL
         self.app = App(
             connector=PsycopgConnector(
                 conninfo=target.url,
@@ -288,7 +287,6 @@ class ConversationQueue:
             if await self.defer(chat_key):
                 log.info("cluster: conversation %s had unfinished messages and no job; queued", chat_key)
         self.live_replicas = await self._count_live_replicas()
-        self.pg_ok_at = asyncio.get_running_loop().time()
 
     async def _unqueued_chats(self) -> list[str]:
         chats = await self.store.unfinished_chats(older_than=UNQUEUED_AFTER)

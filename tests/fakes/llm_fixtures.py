@@ -9,6 +9,9 @@
 - `fake_llm`: a started `FakeLLM` on a free 127.0.0.1 port (function-scoped, like the loop).
 - `fake_llm_config`: `fake_llm.config()` — a ProviderConfig pointing at it with short
   timeouts and `max_retries=0`.
+- `llm`: a started `CrashLLM` (tests/support/crash.py: every question answered with
+  `answer_for(question)`, replies that can be held), released after the test -- the crash,
+  outage and cluster tests' provider.
 - `recording_events`: a `RecordingEvents` (a `TurnEvents` that records every callback and
   lets a test `await events.wait_for(predicate)` instead of sleeping).
 """
@@ -98,6 +101,17 @@ class RecordingEvents(NullEvents):
 async def fake_llm() -> AsyncIterator[FakeLLM]:
     async with FakeLLM() as fake:
         yield fake
+
+
+@pytest.fixture
+async def llm() -> AsyncIterator[Any]:
+    from tests.support.crash import CrashLLM
+
+    async with CrashLLM() as fake:
+        try:
+            yield fake
+        finally:
+            fake.release()
 
 
 @pytest.fixture
